@@ -1,0 +1,860 @@
+"""Check a COCO detection set against its image folder; list every problem; write a repaired copy.
+
+``validate_coco`` is also the trainer's pre-flight check, so this module must not import torch and
+its public names (``validate_coco``, ``ValidationReport``, ``Problem``) keep their signatures.
+
+Errors make the set unusable or wrong for training (missing images, boxes in the wrong frame,
+ambiguous ids); warnings deserve a look (boxes past the edge, unused classes); infos are facts
+(negatives, crowd boxes). Every message names the record and says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+from ..fileio import MAX_IMAGE_PIXELS, UnsafePathError
+from .common import (
+    CocoError,
+    display_path,
+    find_image,
+    image_dir_for,
+    linked_out_path,
+    list_image_files,
+    normalize_name,
+    parse_bbox,
+    placeholder_category_ids,
+    positive_size,
+    safe_image_path,
+)
+
+# A box may run this many pixels past the image edge before it is reported (float rounding).
+EDGE_TOLERANCE = 0.5
+# The xyxy-stored-as-xywh pattern: at least this share of boxes run past the edge ...
+XYXY_MIN_PAST_SHARE = 0.1
+# ... while at least this share has w > x and h > y and would fit inside the image as x2, y2.
+XYXY_MIN_PATTERN_SHARE = 0.9
+
+_EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
+_EXTENSIONS_OF_FORMAT = {
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
+    "PNG": {".png"},
+    "BMP": {".bmp"},
+    "WEBP": {".webp"},
+    "TIFF": {".tif", ".tiff"},
+    "GIF": {".gif"},
+    "MPO": {".jpg", ".jpeg", ".mpo"},  # phone cameras write MPO (JPEG + preview) as .jpg
+}
+
+
+@dataclass
+class Problem:
+    """One finding; ``kind`` is a stable machine-readable tag, ``message`` says what to do."""
+
+    kind: str
+    message: str
+    image_id: Any = None
+    ann_id: Any = None
+    file_name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ImageProbe:
+    """What the file behind one image record looks like."""
+
+    status: str  # ok | bad_record | unsafe | missing | unreadable | too_large
+    path: Path | None = None
+    size: tuple[int, int] | None = None  # (width, height) as displayed, EXIF rotation applied
+    raw_size: tuple[int, int] | None = None  # (width, height) as stored in the file
+    orientation: int = 1
+    format: str | None = None
+    detail: str = ""
+    maybe_truncated: bool = False
+
+
+@dataclass
+class ValidationReport:
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    infos: list[Problem] = field(default_factory=list)
+    annotations_path: Path | None = None
+    images_dir: Path | None = None
+    decoded: bool = False
+    num_images: int = 0
+    num_annotations: int = 0
+    num_categories: int = 0
+    images_found: int = 0
+    # The parsed JSON and one probe per ``images[]`` entry (same order), for ``fix_coco``.
+    data: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    probes: list[ImageProbe] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def ok(self) -> bool:
+        """No errors (warnings and infos allowed)."""
+        return not self.errors
+
+    def error(self, kind: str, message: str, **record: Any) -> None:
+        self.errors.append(Problem(kind, message, **record))
+
+    def warn(self, kind: str, message: str, **record: Any) -> None:
+        self.warnings.append(Problem(kind, message, **record))
+
+    def info(self, kind: str, message: str, **record: Any) -> None:
+        self.infos.append(Problem(kind, message, **record))
+
+    def kinds(self) -> Counter[str]:
+        return Counter(p.kind for p in self.errors + self.warnings + self.infos)
+
+    def summary(self) -> str:
+        verdict = "OK" if self.ok else "NOT USABLE as is"
+        return (f"{len(self.errors)} errors, {len(self.warnings)} warnings, {len(self.infos)} "
+                f"infos: {verdict}")
+
+    def format(self, limit: int | None = 10) -> str:
+        """Human-readable report; at most ``limit`` lines per kind (None: all)."""
+        where = display_path(self.annotations_path) if self.annotations_path else "<data>"
+        lines = [f"{where} (images: {display_path(self.images_dir) if self.images_dir else '?'})"]
+        if self.data is not None:
+            lines.append(f"  {self.num_images} images listed ({self.images_found} found"
+                         f"{', decoded' if self.decoded else ''}), {self.num_annotations} "
+                         f"annotations, {self.num_categories} categories")
+        for title, problems in (("ERRORS", self.errors), ("WARNINGS", self.warnings),
+                                ("INFO", self.infos)):
+            lines.append(f"{title} ({len(problems)})")
+            by_kind: dict[str, list[Problem]] = defaultdict(list)
+            for p in problems:
+                by_kind[p.kind].append(p)
+            for kind, group in by_kind.items():
+                lines.append(f"  [{kind}] x{len(group)}")
+                shown = group if limit is None else group[:limit]
+                lines.extend(f"    - {p.message}" for p in shown)
+                if len(group) > len(shown):
+                    lines.append(f"    ... and {len(group) - len(shown)} more {kind} "
+                                 "(--all shows them, --json writes them)")
+        lines.append(f"summary: {self.summary()}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "annotations": str(self.annotations_path) if self.annotations_path else None,
+            "images_dir": str(self.images_dir) if self.images_dir else None,
+            "decoded": self.decoded,
+            "ok": self.ok,
+            "counts": {"images": self.num_images, "images_found": self.images_found,
+                       "annotations": self.num_annotations, "categories": self.num_categories,
+                       "errors": len(self.errors), "warnings": len(self.warnings),
+                       "infos": len(self.infos)},
+            "errors": [p.to_dict() for p in self.errors],
+            "warnings": [p.to_dict() for p in self.warnings],
+            "infos": [p.to_dict() for p in self.infos],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# image files
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Pillow raises on truncated files only while LOAD_TRUNCATED_IMAGES is False."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
+    """A complete JPEG ends with FFD9 (some writers append a few bytes after it)."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - tail))
+        return b"\xff\xd9" in f.read()
+
+
+def probe_image(path: Path, decode: bool = False) -> ImageProbe:
+    """Read an image's header (and with ``decode`` its pixels) without raising."""
+    if not path.is_file():
+        return ImageProbe("missing", path)
+    try:
+        with _strict_truncation(), Image.open(path) as im:
+            raw = im.size
+            fmt = im.format
+            try:
+                orientation = int(im.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+            except Exception:  # a broken EXIF block is not a broken image
+                orientation = 1
+            if decode:
+                im.load()
+    except Image.DecompressionBombError as e:
+        return ImageProbe("too_large", path, detail=str(e))
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on corrupt data
+        return ImageProbe("unreadable", path, detail=f"{type(e).__name__}: {e}")
+    size = (raw[1], raw[0]) if orientation in _TRANSPOSING_ORIENTATIONS else raw
+    probe = ImageProbe("ok", path, size, raw, orientation, fmt)
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        probe.status = "too_large"
+        probe.detail = f"{size[0]}x{size[1]} is over the {MAX_IMAGE_PIXELS:,} pixel limit"
+    elif not decode and fmt == "JPEG":
+        probe.maybe_truncated = not _jpeg_has_end_marker(path)
+    return probe
+
+
+# --------------------------------------------------------------------------------------------
+# boxes
+
+
+def box_position(box: tuple[float, float, float, float], width: float, height: float,
+                 tolerance: float = EDGE_TOLERANCE) -> tuple[str, float]:
+    """('inside' | 'past' | 'outside', overshoot in px) of a finite xywh box with w, h > 0."""
+    x, y, w, h = box
+    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
+        return "outside", math.inf
+    over = max(-x, -y, x + w - width, y + h - height, 0.0)
+    return ("past" if over > tolerance else "inside"), over
+
+
+def clip_box(box: tuple[float, float, float, float], width: float,
+             height: float) -> tuple[float, float, float, float]:
+    x, y, w, h = box
+    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    return x1, y1, x2 - x1, y2 - y1
+
+
+def _fmt_box(box: Any) -> str:
+    try:
+        return "[" + ", ".join(f"{float(v):g}" for v in box) + "]"
+    except (TypeError, ValueError):
+        return repr(box)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_coco(annotations_path: str | Path, images_dir: str | Path | None = None,
+                  decode: bool = False, *, progress: bool = True) -> ValidationReport:
+    """Check a COCO file and its images; never raises for bad data (it is all in the report).
+
+    ``images_dir`` defaults to ``images/`` beside the JSON, else the JSON's folder. With ``decode``
+    every image is fully decoded (slow; catches truncated files), else only headers are read.
+    """
+    path = Path(annotations_path)
+    report = ValidationReport(annotations_path=path, images_dir=image_dir_for(path, images_dir),
+                              decoded=decode)
+    if not path.is_file():
+        report.error("file_missing", f"{path}: annotation file not found")
+        return report
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        report.error("json_invalid", f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                                     f"{e.msg}); re-export the labels")
+        return report
+    except UnicodeDecodeError as e:
+        report.error("json_invalid", f"{path}: not UTF-8 text ({e}); is this a JSON file?")
+        return report
+    return validate_data(data, report.images_dir, decode, annotations_path=path,
+                         progress=progress, report=report)
+
+
+def validate_data(data: Any, images_dir: str | Path, decode: bool = False, *,
+                  annotations_path: str | Path | None = None, progress: bool = True,
+                  report: ValidationReport | None = None) -> ValidationReport:
+    """``validate_coco`` on an already parsed COCO dict."""
+    if report is None:
+        report = ValidationReport(
+            annotations_path=Path(annotations_path) if annotations_path else None,
+            images_dir=Path(images_dir).resolve(), decoded=decode)
+    if not isinstance(data, dict):
+        report.error("json_invalid", "the top level must be an object with 'images', "
+                                     "'annotations' and 'categories'; is this a COCO file?")
+        return report
+    lists: dict[str, list[Any]] = {}
+    for key in ("images", "annotations", "categories"):
+        value = data.get(key)
+        if isinstance(value, list):
+            lists[key] = value
+            continue
+        lists[key] = []
+        if key == "annotations" and value is None:
+            report.warn("missing_key", "no 'annotations' list: every image is read as a negative "
+                                       "(no boxes); was the export cut short?")
+        elif value is None:
+            report.error("missing_key", f"no '{key}' list at the top level; is this a COCO "
+                                        "detection file?")
+        else:
+            report.error("missing_key", f"'{key}' is a {type(value).__name__}, not a list")
+    report.data = data
+    report.num_images = len(lists["images"])
+    report.num_annotations = len(lists["annotations"])
+    report.num_categories = len(lists["categories"])
+
+    cat_ids = _check_categories(report, lists["categories"])
+    images_by_id = _check_images(report, lists["images"], progress)
+    _check_unlisted(report, lists["images"])
+    _check_annotations(report, lists["annotations"], images_by_id, cat_ids)
+    return report
+
+
+def _check_categories(report: ValidationReport, categories: list[Any]) -> dict[Any, str]:
+    """Category records; returns id -> name of every category with an id."""
+    if not categories and report.data is not None and isinstance(report.data.get("categories"), list):
+        report.error("no_categories", "the 'categories' list is empty; a detector needs at least "
+                                      "one class")
+    names: dict[Any, str] = {}
+    by_name: dict[str, Any] = {}
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict) or "id" not in cat:
+            report.error("bad_record", f"categories[{i}] has no id: {str(cat)[:80]}; give it a "
+                                       "unique integer id (--fix drops it)")
+            continue
+        cid, name = cat["id"], cat.get("name")
+        if not isinstance(name, str) or not name.strip():
+            report.error("bad_record", f"category id {cid} has no name; name it (--fix calls it "
+                                       f"'category_{cid}')")
+            name = f"category_{cid}"
+        if cid in names:
+            same = normalize_name(names[cid]) == normalize_name(name)
+            action = ("--fix drops the repeated record" if same else
+                      "--fix renumbers the later one; its boxes cannot be told apart and stay "
+                      "with the first")
+            report.error("duplicate_category_id",
+                         f"category id {cid} is used twice ({names[cid]!r} and {name!r}); boxes "
+                         f"with category_id {cid} are ambiguous; give each a unique id ({action})")
+            continue
+        names[cid] = name
+        key = normalize_name(name)
+        if key in by_name:
+            first = by_name[key]
+            report.error("duplicate_category_name",
+                         f"categories {first} {names[first]!r} and {cid} {name!r} have the same "
+                         f"name; the trainer refuses duplicate names (--fix merges {cid} into "
+                         f"{first})")
+        else:
+            by_name[key] = cid
+    return names
+
+
+def _check_images(report: ValidationReport, images: list[Any],
+                  progress: bool) -> dict[Any, ImageProbe]:
+    """Image records and files; returns id -> probe of the first record of each id."""
+    assert report.images_dir is not None
+    image_dir = report.images_dir
+    if not image_dir.is_dir():
+        report.error("images_dir_missing", f"image folder {image_dir} not found; pass --images DIR")
+    by_id: dict[Any, ImageProbe] = {}
+    seen_names: dict[str, Any] = {}
+    found = 0
+    for i, rec in enumerate(tqdm(images, desc="images", unit="img", disable=not progress,
+                                 leave=False)):
+        if not isinstance(rec, dict) or "id" not in rec:
+            report.error("bad_record", f"images[{i}] has no id: {str(rec)[:80]}; give it a unique "
+                                       "integer id (--fix drops it)")
+            report.probes.append(ImageProbe("bad_record"))
+            continue
+        image_id, name = rec["id"], rec.get("file_name")
+        rid: dict[str, Any] = {"image_id": image_id, "file_name": name if isinstance(name, str)
+                               else None}
+        label = f"image id {image_id} ({name})"
+        if image_id in by_id:
+            first = images[_first_index(images, image_id)]
+            same = first.get("file_name") == name
+            report.error("duplicate_image_id",
+                         f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
+                         "boxes with this image_id are ambiguous; give each image a unique id "
+                         + ("(--fix drops the repeated record)" if same else
+                            "(--fix renumbers the later one; it keeps no boxes: re-label it)"),
+                         **rid)
+        if not isinstance(name, str) or not name.strip():
+            report.error("bad_record", f"image id {image_id} has no file_name (--fix drops it)",
+                         **rid)
+            report.probes.append(ImageProbe("bad_record"))
+            by_id.setdefault(image_id, report.probes[-1])
+            continue
+        try:
+            path = safe_image_path(image_dir, name, image_id)
+        except UnsafePathError as e:
+            linked = linked_out_path(image_dir, name)
+            if linked is None:
+                report.error("unsafe_path", f"{e}. Name images relative to the image folder and "
+                                            "keep them inside it (--fix drops the record)", **rid)
+                report.probes.append(ImageProbe("unsafe", detail=str(e)))
+                by_id.setdefault(image_id, report.probes[-1])
+                continue
+            report.error("symlink_outside",
+                         f"{label}: a symbolic link to {linked.resolve()}, outside the image "
+                         "folder; the trainer refuses it (fileio.resolve_inside follows links). "
+                         "Copy the images in (tools/convert.py without --link; tools/merge.py "
+                         "hard-links); --fix keeps the record", **rid)
+            path = linked
+        key = str(path)
+        if key in seen_names:
+            report.warn("duplicate_file_name",
+                        f"{label}: the same file is also listed as image id {seen_names[key]}; "
+                        "one photo twice can land in both train and val; remove one record",
+                        **rid)
+        else:
+            seen_names[key] = image_id
+        probe = probe_image(path, report.decoded)
+        report.probes.append(probe)
+        by_id.setdefault(image_id, probe)
+        _report_probe(report, rec, probe, label, rid)
+        if probe.status in ("ok", "too_large", "unreadable"):
+            found += 1
+    report.images_found = found
+    if images and found == 0 and image_dir.is_dir():
+        report.errors.insert(0, Problem(
+            "wrong_image_dir", f"none of the {len(images)} listed images is in {image_dir}; is "
+                               "that the right image folder? (pass --images DIR)"))
+    return by_id
+
+
+def _first_index(images: list[Any], image_id: Any) -> int:
+    return next(i for i, r in enumerate(images) if isinstance(r, dict) and r.get("id") == image_id)
+
+
+def _report_probe(report: ValidationReport, rec: dict[str, Any], probe: ImageProbe, label: str,
+                  rid: dict[str, Any]) -> None:
+    where = display_path(report.images_dir) if report.images_dir else "the image folder"
+    if probe.status == "missing":
+        report.error("missing_image", f"{label}: listed but not found in {where}; restore the file "
+                                      "or remove the record (--fix drops it and its boxes)", **rid)
+        return
+    if probe.status == "unreadable":
+        report.error("unreadable_image", f"{label}: cannot be read ({probe.detail}); re-export or "
+                                         "re-download it (--fix drops it and its boxes)", **rid)
+        return
+    if probe.status == "too_large":
+        report.error("image_too_large", f"{label}: {probe.detail or 'too large'}; downscale it and "
+                                        "its boxes (--fix drops it)", **rid)
+        return
+    assert probe.size is not None and probe.raw_size is not None
+    width, height = probe.size
+    stored = positive_size(rec)
+    if stored is None:
+        report.error("bad_image_size",
+                     f"{label}: width/height missing or not positive ({rec.get('width')!r} x "
+                     f"{rec.get('height')!r}); the file is {width}x{height} (--fix sets it)", **rid)
+    elif stored != probe.size:
+        if probe.orientation in _TRANSPOSING_ORIENTATIONS and stored == probe.raw_size:
+            report.error(
+                "size_mismatch",
+                f"{label}: the JSON stores the raw, un-rotated size {stored[0]}x{stored[1]}, but "
+                f"EXIF orientation {probe.orientation} turns it by 90 degrees: it is displayed and "
+                f"trained as {width}x{height}. Boxes drawn on the un-rotated image are in the wrong "
+                f"frame: check with tools/show.py --ids {rec.get('id')} (--fix sets the displayed "
+                "size but does not rotate boxes)", **rid)
+        else:
+            report.error(
+                "size_mismatch",
+                f"{label}: the JSON says {stored[0]}x{stored[1]} but the file is {width}x{height}"
+                f"{' as displayed (EXIF rotation applied)' if probe.orientation != 1 else ''}; "
+                "boxes may belong to another copy of the image (--fix sets the size from the file; "
+                "check the boxes with tools/show.py)", **rid)
+    if probe.orientation not in (1, 0) and (stored is None or stored == probe.size):
+        report.info("exif_orientation",
+                    f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
+                    "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF", **rid)
+    if probe.maybe_truncated:
+        report.warn("maybe_truncated", f"{label}: the JPEG has no end marker, it may be truncated; "
+                                       "run with --decode to check it", **rid)
+    suffix = Path(str(rec.get("file_name"))).suffix.lower()
+    allowed = _EXTENSIONS_OF_FORMAT.get(probe.format or "")
+    if allowed is not None and suffix not in allowed:
+        report.info("wrong_extension", f"{label}: the file is {probe.format} despite its "
+                                       f"'{suffix}' name (readable, but confusing)", **rid)
+
+
+def _sibling_listed(report: ValidationReport) -> tuple[set[str], list[str]]:
+    """Files listed by other COCO files in the same folder sharing the image folder (splits)."""
+    listed: set[str] = set()
+    names: list[str] = []
+    path = report.annotations_path
+    if path is None or report.images_dir is None:
+        return listed, names
+    for other in sorted(path.resolve().parent.glob("*.json")):
+        if other == path.resolve() or other.stat().st_size > 200_000_000:
+            continue
+        try:
+            with open(other, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            continue
+        before = len(listed)
+        for rec in data["images"]:
+            if isinstance(rec, dict) and isinstance(rec.get("file_name"), str):
+                with contextlib.suppress(UnsafePathError):
+                    listed.add(str(find_image(report.images_dir, rec["file_name"])))
+        if len(listed) > before:
+            names.append(other.name)
+    return listed, names
+
+
+def _check_unlisted(report: ValidationReport, images: list[Any]) -> None:
+    if report.images_dir is None or not report.images_dir.is_dir():
+        return
+    listed = {str(p.path) for p in report.probes if p.path is not None}
+    unlisted = [p for p in list_image_files(report.images_dir) if str(p) not in listed]
+    if not unlisted:
+        return
+    sibling, sibling_names = _sibling_listed(report)
+    by_sibling = [p for p in unlisted if str(p) in sibling]
+    if by_sibling:
+        report.info("listed_by_sibling",
+                    f"{len(by_sibling)} files of the image folder are listed by "
+                    f"{', '.join(sibling_names)} beside this file (splits sharing the folder)")
+    for p in unlisted:
+        if str(p) in sibling:
+            continue
+        rel = p.relative_to(report.images_dir).as_posix()
+        report.warn("unlisted_image", f"{rel}: in the image folder but not listed; label it or "
+                                      "move it out (it is not used)", file_name=rel)
+
+
+def _check_annotations(report: ValidationReport, annotations: list[Any],
+                       images_by_id: dict[Any, ImageProbe], cat_names: dict[Any, str]) -> None:
+    images = report.data.get("images", []) if report.data else []
+    records = {}
+    for rec in images if isinstance(images, list) else []:
+        if isinstance(rec, dict) and "id" in rec:
+            records.setdefault(rec["id"], rec)
+    boxes_per_image: Counter[Any] = Counter()
+    boxes_per_cat: Counter[Any] = Counter()
+    seen_ids: set[Any] = set()
+    crowd = 0
+    frame_boxes: list[tuple[tuple[float, float, float, float], int, int]] = []
+    known = ", ".join(str(c) for c in list(cat_names)[:20])
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            report.error("bad_record", f"annotations[{i}] is not an object: {str(ann)[:80]} "
+                                       "(--fix drops it)")
+            continue
+        ann_id, image_id = ann.get("id"), ann.get("image_id")
+        rec = records.get(image_id)
+        name = rec.get("file_name") if rec else None
+        rid = {"image_id": image_id, "ann_id": ann_id,
+               "file_name": name if isinstance(name, str) else None}
+        label = f"annotation {ann_id} (image {image_id}{', ' + str(name) if name else ''})"
+        if "id" not in ann:
+            report.error("bad_record", f"annotations[{i}] (image {image_id}) has no id "
+                                       "(--fix gives it one)", **rid)
+        elif ann_id in seen_ids:
+            report.error("duplicate_ann_id", f"{label}: annotation id {ann_id} is used more than "
+                                             "once; give each box a unique id (--fix renumbers)",
+                         **rid)
+        seen_ids.add(ann_id)
+        if rec is None:
+            report.error("unknown_image_id", f"{label}: image_id {image_id!r} is not in 'images' "
+                                             "(--fix drops the box)", **rid)
+            continue
+        boxes_per_image[image_id] += 1
+        cid = ann.get("category_id")
+        if cid not in cat_names:
+            report.error("unknown_category", f"{label}: category_id {cid!r} is not in "
+                                             f"'categories' (known: {known}); correct the id or "
+                                             "add the category (--fix drops the box)", **rid)
+        else:
+            boxes_per_cat[cid] += 1
+        if ann.get("iscrowd"):
+            crowd += 1
+        box = parse_bbox(ann.get("bbox"))
+        if box is None:
+            report.error("bad_bbox", f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
+                                     "[x, y, width, height] (--fix drops it)", **rid)
+            continue
+        if not all(math.isfinite(v) for v in box):
+            report.error("box_nan", f"{label}: bbox {_fmt_box(box)} has NaN/infinite values "
+                                    "(--fix drops it)", **rid)
+            continue
+        if box[2] <= 0 or box[3] <= 0:
+            report.error("box_empty", f"{label}: bbox {_fmt_box(box)} has zero or negative "
+                                      "width/height (--fix drops it)", **rid)
+            continue
+        area = ann.get("area")
+        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+            report.warn("missing_area", f"{label}: no usable 'area' (COCO evaluation needs it; "
+                                        "--fix sets width*height)", **rid)
+        frame = _frame_of(images_by_id.get(image_id), rec)
+        if frame is None:
+            continue
+        width, height = frame
+        frame_boxes.append((box, width, height))
+        where, over = box_position(box, width, height)
+        if where == "outside":
+            report.error("box_outside", f"{label}: bbox {_fmt_box(box)} lies entirely outside "
+                                        f"the {width}x{height} image (--fix drops it)", **rid)
+        elif where == "past":
+            report.warn("box_past_edge", f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
+                                         f"the edge of the {width}x{height} image (--fix clips it)",
+                        **rid)
+    _check_xyxy(report, frame_boxes)
+    if crowd:
+        report.info("crowd_boxes", f"{crowd} iscrowd boxes: left out of training, used as "
+                                   "'ignore' regions by COCO evaluation")
+    placeholders = placeholder_category_ids(report.data or {})
+    for cid, cname in cat_names.items():
+        if boxes_per_cat[cid]:
+            continue
+        if cid in placeholders:
+            report.warn("empty_category", f"category {cid} {cname!r} has no boxes and is the "
+                                          "supercategory of all the others: Roboflow's placeholder; "
+                                          "drop it (--fix does)")
+        else:
+            report.warn("empty_category", f"category {cid} {cname!r} has no boxes: the model gets "
+                                          "a class it never sees; drop it unless another set adds "
+                                          "boxes")
+    for image_id, rec in records.items():
+        if not boxes_per_image[image_id]:
+            probe = images_by_id.get(image_id)
+            if probe is not None and probe.status != "ok":
+                continue
+            report.info("negative", f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
+                                    "trained as a negative (background only); label it if it "
+                                    "shows objects", image_id=image_id,
+                        file_name=rec.get("file_name"))
+
+
+def _frame_of(probe: ImageProbe | None, rec: dict[str, Any]) -> tuple[int, int] | None:
+    """The size boxes are checked against: the file's displayed size, else the JSON's."""
+    if probe is not None and probe.size is not None:
+        return probe.size
+    return positive_size(rec)
+
+
+def _check_xyxy(report: ValidationReport,
+                boxes: list[tuple[tuple[float, float, float, float], int, int]]) -> None:
+    """Boxes stored as [x1, y1, x2, y2]: x + w runs past the edge for many, while w > x, h > y
+    and (w, h) read as a corner falls inside the image for nearly all of them."""
+    if not boxes:
+        return
+    n = len(boxes)
+    past = sum(1 for (x, y, w, h), W, H in boxes
+               if x + w > W + EDGE_TOLERANCE or y + h > H + EDGE_TOLERANCE)
+    pattern = sum(1 for (x, y, w, h), W, H in boxes
+                  if w > x and h > y and w <= W + EDGE_TOLERANCE and h <= H + EDGE_TOLERANCE)
+    if past >= 2 and past >= XYXY_MIN_PAST_SHARE * n and pattern >= XYXY_MIN_PATTERN_SHARE * n:
+        report.warn("bbox_looks_xyxy",
+                    f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
+                    "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
+                    "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
+                    "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)")
+
+
+# --------------------------------------------------------------------------------------------
+# repair
+
+
+@dataclass
+class FixResult:
+    data: dict[str, Any]
+    changes: list[str]
+    dropped_images: int = 0
+    dropped_annotations: int = 0
+
+
+def fix_coco(report: ValidationReport, *, xyxy: bool = False) -> FixResult:
+    """A repaired copy of the validated data; ``changes`` lists every change made.
+
+    Drops image records that are unsafe, missing, unreadable or too large (and their boxes);
+    sets width/height from the file; keeps the first of repeated ids and renumbers the others;
+    merges categories of the same name; drops Roboflow's placeholder category; drops boxes that
+    are malformed, NaN, empty, entirely outside the image or of an unknown image/category; clips
+    boxes past the edge; fills a missing ``area``. With ``xyxy`` every bbox is first read as
+    [x1, y1, x2, y2] and converted. The input is not modified.
+    """
+    if report.data is None or not isinstance(report.data, dict):
+        raise CocoError("cannot repair: the file is not a readable COCO JSON object "
+                        f"({report.errors[0].message if report.errors else 'no data'})")
+    src = report.data
+    if not isinstance(src.get("images"), list) or not isinstance(src.get("categories"), list):
+        raise CocoError("cannot repair: the file has no 'images' or 'categories' list")
+    data = copy.deepcopy(src)
+    changes: list[str] = []
+    categories, cat_remap = _fix_categories(data, src, changes)
+    images, sizes, dropped_images = _fix_images(data, report, changes)
+    annotations, dropped_anns = _fix_annotations(data, sizes, {c["id"] for c in categories},
+                                                 cat_remap, xyxy, changes)
+    data["categories"], data["images"], data["annotations"] = categories, images, annotations
+    return FixResult(data, changes, dropped_images, dropped_anns)
+
+
+def _next_id(records: list[Any]) -> Iterator[int]:
+    ints = [r["id"] for r in records if isinstance(r, dict) and isinstance(r.get("id"), int)
+            and not isinstance(r.get("id"), bool)]
+    start = max(ints, default=0) + 1
+    while True:
+        yield start
+        start += 1
+
+
+def _fix_categories(data: dict[str, Any], src: dict[str, Any],
+                    changes: list[str]) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
+    placeholders = placeholder_category_ids(src)
+    new_ids = _next_id(data["categories"])
+    kept: list[dict[str, Any]] = []
+    by_id: dict[Any, dict[str, Any]] = {}
+    by_name: dict[str, dict[str, Any]] = {}
+    remap: dict[Any, Any] = {}
+    used = Counter(a.get("category_id") for a in data.get("annotations") or []
+                   if isinstance(a, dict))
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or "id" not in cat:
+            changes.append(f"dropped categories[{i}]: no id")
+            continue
+        if cat["id"] in placeholders:
+            changes.append(f"dropped category {cat['id']} {cat.get('name')!r}: Roboflow's "
+                           "placeholder superclass, no boxes")
+            continue
+        if not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            cat["name"] = f"category_{cat['id']}"
+            changes.append(f"category {cat['id']}: no name, named {cat['name']!r}")
+        key = normalize_name(cat["name"])
+        if cat["id"] in by_id:
+            first = by_id[cat["id"]]
+            if normalize_name(first["name"]) == key:
+                changes.append(f"dropped repeated category record {cat['id']} {cat['name']!r}")
+                continue
+            old, cat["id"] = cat["id"], next(new_ids)
+            changes.append(f"category {cat['name']!r}: id {old} was also {first['name']!r}; "
+                           f"renumbered to {cat['id']} (boxes with category_id {old} stay "
+                           f"{first['name']!r}: re-label this class)")
+        if key in by_name:
+            first = by_name[key]
+            remap[cat["id"]] = first["id"]
+            changes.append(f"merged category {cat['id']} {cat['name']!r} into {first['id']} "
+                           f"{first['name']!r} ({used[cat['id']]} boxes moved)")
+            continue
+        by_id[cat["id"]] = cat
+        by_name[key] = cat
+        kept.append(cat)
+    return kept, remap
+
+
+def _fix_images(data: dict[str, Any], report: ValidationReport,
+                changes: list[str]) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]],
+                                             int]:
+    new_ids = _next_id(data["images"])
+    kept: list[dict[str, Any]] = []
+    sizes: dict[Any, tuple[int, int]] = {}
+    names: dict[Any, Any] = {}
+    dropped = 0
+    reasons = {"bad_record": "no id or file_name", "unsafe": "file_name escapes the image folder",
+               "missing": "file not found", "unreadable": "file cannot be read",
+               "too_large": "image too large"}
+    for i, rec in enumerate(data["images"]):
+        probe = report.probes[i] if i < len(report.probes) else ImageProbe("bad_record")
+        label = (f"image id {rec.get('id')} ({rec.get('file_name')})" if isinstance(rec, dict)
+                 else f"images[{i}]")
+        if probe.status != "ok":
+            changes.append(f"dropped {label}: {reasons.get(probe.status, probe.status)}")
+            dropped += 1
+            continue
+        assert probe.size is not None
+        if positive_size(rec) != probe.size:
+            changes.append(f"{label}: width x height {rec.get('width')} x {rec.get('height')} -> "
+                           f"{probe.size[0]} x {probe.size[1]} (from the file)")
+            rec["width"], rec["height"] = probe.size
+        if rec["id"] in sizes:
+            if names[rec["id"]] == rec.get("file_name"):
+                changes.append(f"dropped repeated record of {label}")
+                dropped += 1
+                continue
+            old, rec["id"] = rec["id"], next(new_ids)
+            changes.append(f"{label}: id {old} was also {names[old]!r}; renumbered to "
+                           f"{rec['id']}; its boxes cannot be told apart and stay with "
+                           f"{names[old]!r}: re-label it")
+        sizes[rec["id"]] = probe.size
+        names[rec["id"]] = rec.get("file_name")
+        kept.append(rec)
+    return kept, sizes, dropped
+
+
+def _fix_annotations(data: dict[str, Any], sizes: dict[Any, tuple[int, int]], cat_ids: set[Any],
+                     cat_remap: dict[Any, Any], xyxy: bool,
+                     changes: list[str]) -> tuple[list[dict[str, Any]], int]:
+    anns = data.get("annotations")
+    anns = anns if isinstance(anns, list) else []
+    new_ids = _next_id(anns)
+    kept: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    dropped = 0
+    for i, ann in enumerate(anns):
+        if not isinstance(ann, dict):
+            changes.append(f"dropped annotations[{i}]: not an object")
+            dropped += 1
+            continue
+        label = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
+        reason = None
+        size = sizes.get(ann.get("image_id"))
+        cid = cat_remap.get(ann.get("category_id"), ann.get("category_id"))
+        box = parse_bbox(ann.get("bbox"))
+        if size is None:
+            reason = "its image is not in the fixed set"
+        elif cid not in cat_ids:
+            reason = f"unknown category_id {ann.get('category_id')!r}"
+        elif box is None:
+            reason = f"malformed bbox {ann.get('bbox')!r}"
+        elif not all(math.isfinite(v) for v in box):
+            reason = f"NaN/infinite bbox {_fmt_box(box)}"
+        if reason is None and box is not None and xyxy:
+            x1, y1, x2, y2 = box
+            converted = (min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1))
+            changes.append(f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> "
+                           f"{_fmt_box(converted)}")
+            box = converted
+            ann["bbox"] = list(box)
+            ann["area"] = box[2] * box[3]
+        if reason is None and box is not None and (box[2] <= 0 or box[3] <= 0):
+            reason = f"zero or negative width/height {_fmt_box(box)}"
+        if reason is None and box is not None and size is not None:
+            where, _ = box_position(box, *size)
+            if where == "outside":
+                reason = f"bbox {_fmt_box(box)} entirely outside the {size[0]}x{size[1]} image"
+            elif where == "past":
+                clipped = clip_box(box, *size)
+                changes.append(f"{label}: bbox {_fmt_box(box)} clipped to {_fmt_box(clipped)}")
+                box = clipped
+                ann["bbox"] = [round(v, 2) for v in box]
+                box = parse_bbox(ann["bbox"])
+                if box is None or box[2] <= 0 or box[3] <= 0:
+                    reason = "nothing left after clipping"
+                elif isinstance(ann.get("area"), (int, float)):
+                    ann["area"] = min(float(ann["area"]), box[2] * box[3])
+        if reason is not None:
+            changes.append(f"dropped {label}: {reason}")
+            dropped += 1
+            continue
+        assert box is not None
+        if cid != ann.get("category_id"):
+            ann["category_id"] = cid
+        area = ann.get("area")
+        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+            ann["area"] = box[2] * box[3]
+            changes.append(f"{label}: area set to {ann['area']:g} (width*height)")
+        if "id" not in ann or ann["id"] in seen:
+            old, ann["id"] = ann.get("id"), next(new_ids)
+            changes.append(f"{label}: id {old!r} {'missing' if old is None else 'repeated'}; "
+                           f"renumbered to {ann['id']}")
+        seen.add(ann["id"])
+        kept.append(ann)
+    return kept, dropped

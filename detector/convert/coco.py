@@ -1,0 +1,172 @@
+"""COCO JSON: plain COCO, CVAT's "COCO 1.0", Roboflow's ``_annotations.coco.json``.
+
+Re-validated and renumbered: categories get contiguous 1-based ids in the file's order (COCO's
+91-id numbering becomes 1..80), images and annotations get fresh 1-based ids. ``iscrowd``,
+``area`` and ``segmentation`` are kept. Dropped, with a reason: Roboflow's placeholder category
+(a category with no annotation that is another category's ``supercategory``, e.g.
+``{"id": 0, "name": "z"}``), images listed but absent on disk, annotations naming an unknown
+image or category. Images are looked up beside the JSON, in ``images/`` beside it or its
+parent folder, and in ``images/<split>`` for ``instances_<split>.json`` (or ``--images``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .common import (
+    Box,
+    ConversionError,
+    ImageEntry,
+    ImageFinder,
+    ReadContext,
+    ReadResult,
+    Skipped,
+    load_json,
+    number,
+)
+from .detect import source_files
+
+
+def _candidate_roots(json_path: Path) -> list[Path]:
+    here, up = json_path.parent, json_path.parent.parent
+    split = json_path.stem.removeprefix("instances_")
+    return [here, here / "images", up / "images" / split, up / split, up / "images", up]
+
+
+def _pick_root(json_path: Path, names: list[str], given: Path | None) -> list[Path]:
+    """The candidate folder holding the most of the listed images (first one on ties)."""
+    if given:
+        return [given]
+    best, best_hits = None, -1
+    for root in _candidate_roots(json_path):
+        if not root.is_dir():
+            continue
+        hits = 0
+        for n in names:
+            rel = n.replace("\\", "/")
+            if rel and not rel.startswith("/") and ".." not in rel.split("/") and (root / rel).is_file():
+                hits += 1
+        if hits > best_hits:
+            best, best_hits = root, hits
+    return [best] if best is not None else []
+
+
+def _require(rec: Any, keys: tuple[str, ...], path: Path, what: str) -> None:
+    if not isinstance(rec, dict):
+        raise ConversionError(f"{path}: {what}: expected an object, got {str(rec)[:80]!r}")
+    missing = [k for k in keys if k not in rec]
+    if missing:
+        raise ConversionError(f"{path}: {what}: missing {', '.join(missing)}")
+
+
+def read_coco(ctx: ReadContext) -> ReadResult:
+    (path,) = source_files(ctx.src, "coco", single=True, what="COCO JSON")
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: top level must be an object with images/annotations/categories")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ConversionError(f"{path}: missing the '{key}' list; is this a COCO file?")
+    anns = data.get("annotations", [])
+    if not isinstance(anns, list):
+        raise ConversionError(f"{path}: 'annotations' must be a list")
+
+    # Categories, in file order.
+    cat_name: dict[Any, str] = {}
+    order: list[str] = []
+    supercat: dict[str, str] = {}
+    for i, c in enumerate(data["categories"]):
+        _require(c, ("id", "name"), path, f"categories[{i}]")
+        if c["id"] in cat_name:
+            raise ConversionError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
+        name = str(c["name"])
+        cat_name[c["id"]] = name
+        if name not in order:
+            order.append(name)
+        supercat.setdefault(name, str(c.get("supercategory") or ""))
+    used_ids = {a.get("category_id") for a in anns if isinstance(a, dict)}
+    notes = []
+    dropped = set()
+    for cid, name in list(cat_name.items()):
+        is_parent = any(str(c.get("supercategory")) == name and c["id"] != cid
+                        for c in data["categories"])
+        if cid not in used_ids and is_parent:
+            del cat_name[cid]
+            order.remove(name)
+            dropped.add(name)
+            notes.append(f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
+                         "annotations, only the supercategory of other categories (Roboflow)")
+    for name in order:
+        if supercat.get(name) in dropped:
+            supercat[name] = ""
+    dupes = len(data["categories"]) - len(dropped) - len(order)
+    if dupes:
+        notes.append(f"{dupes} categories share a name with an earlier one; merged by name")
+
+    # Images.
+    for i, im in enumerate(data["images"]):
+        _require(im, ("id", "file_name"), path, f"images[{i}]")
+        if not isinstance(im["file_name"], str):
+            raise ConversionError(f"{path}: images[{i}]: file_name must be a string")
+    roots = _pick_root(path, [im["file_name"] for im in data["images"]], ctx.images)
+    finder = ImageFinder(roots)
+    result = ReadResult(images=[], categories=order, sources=[path], image_roots=finder.roots,
+                        notes=notes, supercategories=supercat)
+    by_id: dict[Any, ImageEntry | None] = {}
+    missing: list[tuple[str, str, Any]] = []
+    for i, im in enumerate(data["images"]):
+        record = f"image id {im['id']} {im['file_name']!r}"
+        if im["id"] in by_id:
+            raise ConversionError(f"{path}: images[{i}]: duplicate image id {im['id']}")
+        img_path = finder.find(im["file_name"], path, record)
+        if img_path is None:
+            by_id[im["id"]] = None
+            missing.append((record, im["file_name"], im["id"]))
+            continue
+        declared = None
+        if isinstance(im.get("width"), int | float) and isinstance(im.get("height"), int | float):
+            declared = (int(im["width"]), int(im["height"]))
+        entry = ImageEntry(img_path, path, record, [], declared)
+        by_id[im["id"]] = entry
+        result.images.append(entry)
+
+    # Annotations.
+    lost: dict[Any, int] = {}
+    for i, a in enumerate(anns):
+        _require(a, ("image_id", "category_id", "bbox"), path, f"annotations[{i}]")
+        record = f"annotation id {a.get('id', f'#{i}')}"
+        bbox = a["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4:
+            raise ConversionError(f"{path}: {record}: bbox must be [x, y, width, height], got "
+                                  f"{str(bbox)[:80]}")
+        x, y, w, h = (number(v, path, record, "bbox value") for v in bbox)
+        if a["image_id"] not in by_id:
+            result.skipped.append(Skipped(str(path), record,
+                                          f"unknown image id {a['image_id']!r}"))
+            continue
+        if a["category_id"] not in cat_name:
+            result.skipped.append(Skipped(str(path), record,
+                                          f"unknown category id {a['category_id']!r}"))
+            continue
+        entry = by_id[a["image_id"]]
+        if entry is None:
+            lost[a["image_id"]] = lost.get(a["image_id"], 0) + 1
+            continue
+        area = a.get("area")
+        area = float(area) if isinstance(area, int | float) and not isinstance(area, bool) else None
+        entry.boxes.append(Box(cat_name[a["category_id"]], x, y, x + w, y + h, record,
+                               iscrowd=int(bool(a.get("iscrowd", 0))), area=area,
+                               segmentation=a.get("segmentation")))
+    for record, _name, image_id in missing:
+        result.skipped.append(Skipped(
+            str(path), record, f"image file not found in {finder.describe()}; its "
+            f"{lost.get(image_id, 0)} boxes skipped"))
+    if missing:
+        result.notes.append(f"{len(missing)} of {len(data['images'])} listed images are not on disk "
+                            f"({sum(lost.values())} boxes on them skipped)")
+    crowd = sum(b.iscrowd for e in result.images for b in e.boxes)
+    if crowd:
+        result.notes.append(f"{crowd} iscrowd annotations kept with iscrowd=1 (ignored in training, "
+                            "'ignore' regions in evaluation)")
+    return result

@@ -1,0 +1,312 @@
+"""Data stage: a COCO-format set as (image tensor, target) pairs for torchvision detectors.
+
+Boxes are converted from COCO xywh to xyxy, clamped to the image and dropped when empty (with a
+logged count); images without boxes are kept as negatives; iscrowd boxes are left out of
+training (COCOeval still uses them as "ignore" regions at evaluation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+
+from .config import AugmentConfig, DataConfig
+from .fileio import ImageReadError, read_image_rgb, resolve_inside
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """The COCO file or its images are unusable; the message names the file and the record."""
+
+
+def default_image_dir(annotations: str | Path) -> Path:
+    """``images/`` beside the JSON when it exists (tools/convert.py layout), else the JSON's folder."""
+    parent = Path(annotations).resolve().parent
+    return parent / "images" if (parent / "images").is_dir() else parent
+
+
+@dataclass
+class CocoSet:
+    """A parsed COCO file: pycocotools index plus the class mapping the model uses."""
+
+    annotations_path: Path
+    image_dir: Path
+    coco: COCO
+    image_ids: list[int]
+    class_names: list[str]
+    category_ids: list[int]  # COCO category id of model label i + 1
+    dropped_boxes: int = 0
+    crowd_boxes: int = 0
+    boxes: dict[int, np.ndarray] = field(default_factory=dict)  # image id -> [N,4] xyxy
+    labels: dict[int, np.ndarray] = field(default_factory=dict)  # image id -> [N] model labels
+
+    @property
+    def label_of_category(self) -> dict[int, int]:
+        return {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+
+    def image_info(self, image_id: int) -> dict[str, Any]:
+        return self.coco.imgs[image_id]
+
+    def image_path(self, image_id: int) -> Path:
+        info = self.coco.imgs[image_id]
+        return resolve_inside(self.image_dir, str(info["file_name"]), f"image id {image_id} file_name")
+
+
+def load_coco(annotations: str | Path, image_dir: str | Path | None = None,
+              class_names: list[str] | None = None) -> CocoSet:
+    """Parse and check a COCO file; ``class_names`` forces the class order (e.g. val = train)."""
+    path = Path(annotations)
+    if not path.is_file():
+        raise DatasetError(f"{path}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: top level must be a JSON object with images/annotations/categories")
+    for key in ("images", "categories"):
+        if not isinstance(raw.get(key), list):
+            raise DatasetError(f"{path}: missing the '{key}' list; is this a COCO detection file?")
+    raw.setdefault("annotations", [])
+    _check_unique_ids(raw, path)
+    coco = COCO()
+    coco.dataset = raw
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+
+    categories = raw["categories"]
+    if class_names is None:
+        names = [str(c["name"]) for c in categories]
+        ids = [int(c["id"]) for c in categories]
+    else:
+        by_name = {str(c["name"]): int(c["id"]) for c in categories}
+        missing = [n for n in class_names if n not in by_name]
+        if len(missing) == len(class_names):
+            raise DatasetError(
+                f"{path}: none of the model's classes {class_names} is in this file "
+                f"(it has {sorted(by_name)}); evaluate on a set with the same class names"
+            )
+        if missing:
+            log.warning("%s: no category %s: their AP is not measured on this set", path, missing)
+        # A class absent from the file gets an id no annotation uses, so its detections count
+        # for nothing instead of being credited to another class.
+        unused = min([0, *by_name.values()]) - 1
+        names, ids = list(class_names), []
+        for name in class_names:
+            ids.append(by_name.get(name, unused))
+            unused -= name not in by_name
+    if not names:
+        raise DatasetError(f"{path}: no categories; a detector needs at least one class")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{path}: duplicate category names {names}; merge them first (tools/merge.py)")
+
+    image_dir = Path(image_dir) if image_dir else default_image_dir(path)
+    if not image_dir.is_dir():
+        raise DatasetError(f"{path}: image folder {image_dir} not found (set data.*_images)")
+    cset = CocoSet(path, image_dir, coco, sorted(coco.imgs), names, ids)
+    _collect_boxes(cset)
+    return cset
+
+
+def _check_unique_ids(raw: dict[str, Any], path: Path) -> None:
+    for key in ("images", "annotations", "categories"):
+        seen: set[Any] = set()
+        for record in raw[key]:
+            if not isinstance(record, dict) or "id" not in record:
+                raise DatasetError(f"{path}: a record in '{key}' has no id: {str(record)[:120]}")
+            if record["id"] in seen:
+                raise DatasetError(
+                    f"{path}: duplicate {key[:-1]} id {record['id']}; renumber with "
+                    "tools/validate.py --fix"
+                )
+            seen.add(record["id"])
+
+
+def _collect_boxes(cset: CocoSet) -> None:
+    """Per-image xyxy boxes and model labels, clamped; empty boxes dropped and counted."""
+    label_of = cset.label_of_category
+    known = {int(c["id"]) for c in cset.coco.dataset["categories"]}
+    for image_id in cset.image_ids:
+        info = cset.coco.imgs[image_id]
+        width, height = float(info.get("width", 0)), float(info.get("height", 0))
+        if width <= 0 or height <= 0:
+            raise DatasetError(
+                f"{cset.annotations_path}: image id {image_id} ({info.get('file_name')}) has no "
+                "valid width/height; run tools/validate.py --fix to read them from the file"
+            )
+        boxes, labels = [], []
+        for ann in cset.coco.imgToAnns.get(image_id, []):
+            if ann.get("iscrowd", 0):
+                cset.crowd_boxes += 1
+                continue
+            category = int(ann["category_id"])
+            if category not in known:
+                raise DatasetError(
+                    f"{cset.annotations_path}: annotation id {ann['id']} has category_id {category} "
+                    f"which is not in 'categories' (ids {sorted(known)})"
+                )
+            if category not in label_of:
+                continue  # a class not trained on (val set with extra classes)
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4:
+                raise DatasetError(f"{cset.annotations_path}: annotation id {ann['id']} bbox must be [x, y, w, h]")
+            x, y, w, h = (float(v) for v in bbox)
+            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+            x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 - x1 < 1e-3 or y2 - y1 < 1e-3:
+                cset.dropped_boxes += 1
+                log.debug("annotation %s: empty after clamping to the image, dropped", ann["id"])
+                continue
+            boxes.append((x1, y1, x2, y2))
+            labels.append(label_of[category])
+        cset.boxes[image_id] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        cset.labels[image_id] = np.asarray(labels, dtype=np.int64)
+    if cset.dropped_boxes:
+        log.warning("%s: dropped %d boxes of zero area after clamping to the image",
+                    cset.annotations_path, cset.dropped_boxes)
+
+
+def build_augmentation(cfg: AugmentConfig) -> A.Compose | None:
+    """A bbox-safe albumentations pipeline from the config; None when all are off."""
+    transforms: list[A.BasicTransform] = []
+    if cfg.crop > 0:
+        transforms.append(A.BBoxSafeRandomCrop(erosion_rate=0.0, p=cfg.crop))
+    if cfg.scale > 0:
+        transforms.append(A.Affine(scale=(cfg.scale_min, cfg.scale_max), p=cfg.scale))
+    if cfg.hflip > 0:
+        transforms.append(A.HorizontalFlip(p=cfg.hflip))
+    if cfg.brightness_contrast > 0:
+        transforms.append(A.RandomBrightnessContrast(p=cfg.brightness_contrast))
+    if cfg.hue_saturation > 0:
+        transforms.append(A.HueSaturationValue(p=cfg.hue_saturation))
+    if cfg.blur > 0:
+        transforms.append(A.Blur(blur_limit=(3, 5), p=cfg.blur))
+    if not transforms:
+        return None
+    return A.Compose(
+        transforms,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"],
+                                 min_visibility=cfg.min_visibility, clip=True),
+    )
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """(CHW float image in [0, 1], target) pairs; augmentation seeded per (seed, epoch, index).
+
+    Per-sample seeding makes a run reproducible whatever the number of workers, and lets a
+    resumed run see exactly the images an uninterrupted one would have seen.
+    """
+
+    def __init__(self, cset: CocoSet, augment: A.Compose | None = None, seed: int = 0):
+        self.cset = cset
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.cset.image_ids)
+
+    def load_image(self, image_id: int) -> np.ndarray:
+        path = self.cset.image_path(image_id)
+        image = read_image_rgb(path)
+        info = self.cset.image_info(image_id)
+        height, width = image.shape[:2]
+        if (width, height) != (int(info["width"]), int(info["height"])):
+            hint = (
+                " The file's EXIF orientation rotates it: the labels were made on the raw, "
+                "unrotated pixels or the stored size is stale."
+                if (height, width) == (int(info["width"]), int(info["height"])) else ""
+            )
+            raise ImageReadError(
+                f"{path}: image is {width}x{height} but {self.cset.annotations_path.name} says "
+                f"{info['width']}x{info['height']} (image id {image_id}).{hint} Check the boxes, "
+                "then run tools/validate.py --fix to correct the sizes."
+            )
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image_id = self.cset.image_ids[index]
+        image = self.load_image(image_id)
+        boxes = self.cset.boxes[image_id]
+        labels = self.cset.labels[image_id]
+        if self.augment is not None:
+            self.augment.set_random_seed(sample_seed(self.seed, self.epoch, index))
+            out = self.augment(image=image, bboxes=boxes, labels=labels)
+            image = out["image"]
+            boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        target = {
+            "boxes": torch.from_numpy(boxes.copy()),
+            "labels": torch.from_numpy(labels.copy()),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+        }
+        return tensor, target
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + index) % (2**32)
+
+
+def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list, list]:
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch): resumable."""
+    generator = torch.Generator().manual_seed(seed * 7919 + epoch)
+    order = torch.randperm(num_images, generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+
+
+def make_loader(dataset: DetectionDataset, batches: list[list[int]] | None, batch_size: int,
+                num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over explicit batches (training) or in order (evaluation)."""
+    common: dict[str, Any] = {
+        "num_workers": num_workers,
+        "collate_fn": collate,
+        "pin_memory": torch.cuda.is_available(),
+    }
+    if num_workers > 0:
+        common["persistent_workers"] = False  # workers must see the new epoch number
+    if batches is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+
+
+def describe(cset: CocoSet) -> str:
+    num_boxes = sum(len(b) for b in cset.boxes.values())
+    negatives = sum(1 for b in cset.boxes.values() if len(b) == 0)
+    return (f"{cset.annotations_path}: {len(cset.image_ids)} images ({negatives} without boxes), "
+            f"{num_boxes} boxes, {len(cset.class_names)} classes")
+
+
+def iter_images(cset: CocoSet) -> Iterator[tuple[int, Path]]:
+    for image_id in cset.image_ids:
+        yield image_id, cset.image_path(image_id)
+
+
+def data_sets(cfg: DataConfig) -> tuple[CocoSet, CocoSet | None]:
+    """Train and (optional) val sets; val takes the train class order."""
+    if not cfg.train_annotations:
+        raise DatasetError("data.train_annotations: not set; point it at a COCO JSON file")
+    train = load_coco(cfg.train_annotations, cfg.train_images)
+    val = None
+    if cfg.val_annotations:
+        val = load_coco(cfg.val_annotations, cfg.val_images, class_names=train.class_names)
+    return train, val

@@ -1,0 +1,444 @@
+"""Model stage: build a torchvision Faster R-CNN, load its weights, freeze it, save/load checkpoints.
+
+Weights never come from anywhere but the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or a
+file the user names; when a file is missing offline the error says which file and where it goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import faster_rcnn as tv_frcnn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from .config import ModelConfig
+from .fileio import atomic_write_with
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "detector-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class WeightsError(RuntimeError):
+    """Weights are missing, corrupt, of another architecture, or unsafe to load."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    builder: Any  # torchvision builder function, or None for our own
+    coco_weights: Any  # torchvision weights enum member, or None
+    backbone_weights: Any  # ImageNet weights enum member of the backbone
+    backbone_prefix: str  # classification state_dict prefix that maps onto backbone.body
+
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    "fasterrcnn_resnet50_fpn": ArchSpec(
+        tv_frcnn.fasterrcnn_resnet50_fpn,
+        tv_frcnn.FasterRCNN_ResNet50_FPN_Weights.COCO_V1,
+        torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+        "",
+    ),
+    "fasterrcnn_resnet50_fpn_v2": ArchSpec(
+        tv_frcnn.fasterrcnn_resnet50_fpn_v2,
+        tv_frcnn.FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+        torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+        "",
+    ),
+    "fasterrcnn_mobilenet_v3_large_fpn": ArchSpec(
+        tv_frcnn.fasterrcnn_mobilenet_v3_large_fpn,
+        tv_frcnn.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1,
+        torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        "features.",
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ArchSpec(
+        tv_frcnn.fasterrcnn_mobilenet_v3_large_320_fpn,
+        tv_frcnn.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1,
+        torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        "features.",
+    ),
+    "fasterrcnn_mobilenet_v2_fpn": ArchSpec(
+        None,
+        None,
+        torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
+        "features.",
+    ),
+}
+
+# torch.hub names files "<name>-<first hex digits of sha256>.<ext>".
+_HUB_HASH = re.compile(r"-([a-f0-9]{6,})\.")
+
+
+# --------------------------------------------------------------------------------------------
+# Weight files
+# --------------------------------------------------------------------------------------------
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_hub_hash(path: Path) -> None:
+    """Refuse a file whose sha256 does not start with the hex digits in its hub-style name."""
+    match = _HUB_HASH.search(path.name)
+    if match is None:
+        return
+    expected = match.group(1)
+    actual = _sha256(path)
+    if not actual.startswith(expected):
+        raise WeightsError(
+            f"{path}: sha256 {actual[:16]}... does not match the {expected} in its name; the file is "
+            "corrupt or not the one torchvision publishes. Delete it and copy the right file again."
+        )
+
+
+def resolve_hub_weights(weights_enum: Any, what: str) -> Path:
+    """Find a torchvision weights file in the hub cache, downloading it if the network allows."""
+    url = weights_enum.url
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    cache_dir = hub_checkpoint_dir()
+    path = cache_dir / filename
+    if not path.is_file() and os.environ.get("DETECTOR_OFFLINE", "") not in ("1", "true", "yes"):
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            log.info("downloading %s to %s", url, path)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=None, progress=True)
+        except Exception as e:  # no network, proxy, DNS, HTTP error: all end the same way
+            log.debug("download failed: %s", e)
+    if not path.is_file():
+        raise WeightsError(
+            f"{what}: weights file {filename} is not in the torch hub cache and cannot be downloaded "
+            f"here (offline?).\n  Put the file at: {path}\n  (get it on a connected machine from {url}; "
+            f"set TORCH_HOME to use another cache folder), or set the weights to a local file path, "
+            f"or to 'none' to start from random weights."
+        )
+    check_hub_hash(path)
+    return path
+
+
+def _torch_load(path: str | Path) -> Any:
+    """torch.load restricted to tensors and plain containers: a pickle payload never executes."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: weights file not found") from None
+    except pickle.UnpicklingError as e:
+        raise WeightsError(
+            f"{path}: refused to load: the file contains Python objects other than tensors and "
+            f"plain containers, which could run code when unpickled ({str(e).splitlines()[0]}). "
+            "Only load checkpoints written by this pipeline or torchvision state_dicts."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}") from None
+
+
+def _resolve_weights_path(text: str, what: str) -> Path:
+    path = Path(os.path.expanduser(text))
+    if not path.is_file():
+        raise WeightsError(f"{what}: {path} is not a file ('coco', 'imagenet' and 'none' are the other choices)")
+    check_hub_hash(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d holding the same statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen.weight.copy_(child.weight.detach())
+            frozen.bias.copy_(child.bias.detach())
+            frozen.running_mean.copy_(child.running_mean)
+            frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            frozen_batchnorm(child)
+    return module
+
+
+def _mobilenet_v2_fpn(num_classes: int, **kwargs: Any) -> FasterRCNN:
+    """MobileNetV2 features + FPN on the two last stages, as torchvision builds MobileNetV3-FPN."""
+    features = torchvision.models.mobilenet_v2().features
+    stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)]
+    stage_indices.append(len(features) - 1)
+    returned = [len(stage_indices) - 2, len(stage_indices) - 1]
+    return_layers = {str(stage_indices[k]): str(v) for v, k in enumerate(returned)}
+    in_channels = [features[stage_indices[k]].out_channels for k in returned]
+    backbone = BackboneWithFPN(
+        features, return_layers, in_channels, 256, extra_blocks=LastLevelMaxPool()
+    )
+    anchor_sizes = ((32, 64, 128, 256, 512),) * 3
+    aspect_ratios = ((0.5, 1.0, 2.0),) * 3
+    kwargs.setdefault("rpn_score_thresh", 0.05)
+    return FasterRCNN(
+        backbone,
+        num_classes,
+        rpn_anchor_generator=AnchorGenerator(anchor_sizes, aspect_ratios),
+        **kwargs,
+    )
+
+
+def _build_arch(arch: str, num_classes: int, box_score_thresh: float, detections_per_img: int,
+                **extra: Any) -> FasterRCNN:
+    spec = ARCH_SPECS[arch]
+    kwargs = {"box_score_thresh": box_score_thresh, "box_detections_per_img": detections_per_img, **extra}
+    if spec.builder is None:
+        return _mobilenet_v2_fpn(num_classes, **kwargs)
+    return spec.builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+
+
+def _load_backbone_classifier_weights(model: FasterRCNN, spec: ArchSpec, path: Path) -> None:
+    """Load an ImageNet classification state_dict into the detector's backbone body, strictly."""
+    state = _torch_load(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a classification state_dict (name -> tensor)")
+    body = model.backbone.body
+    wanted = set(body.state_dict().keys())
+    mapped, unexpected = {}, []
+    for key, value in state.items():
+        if spec.backbone_prefix and not key.startswith(spec.backbone_prefix):
+            continue  # the classifier head
+        short = key[len(spec.backbone_prefix):]
+        if short in wanted or short.endswith("num_batches_tracked"):
+            mapped[short] = value
+        elif not spec.backbone_prefix and short.startswith("fc."):
+            continue  # ResNet's classifier head
+        else:
+            unexpected.append(key)
+    missing = sorted(k for k in wanted if k not in mapped)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: not a backbone file for this architecture: {len(missing)} backbone tensors "
+            f"missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    try:
+        body.load_state_dict(mapped, strict=False)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: backbone tensor shapes do not match: {e}") from None
+
+
+def replace_predictor(model: FasterRCNN, num_classes: int) -> None:
+    """A fresh box predictor for ``num_classes`` (background included)."""
+    in_features = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = tv_frcnn.FastRCNNPredictor(in_features, num_classes)
+
+
+def is_pipeline_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def _num_classes_in(state: dict[str, torch.Tensor], path: Path) -> int:
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if key not in state:
+        raise WeightsError(f"{path}: not a Faster R-CNN state_dict (no {key})")
+    return int(state[key].shape[0])
+
+
+@dataclass
+class BuildInfo:
+    """What build_model did, for the log and the checkpoint."""
+
+    weights_source: str
+    predictor_replaced: bool
+    start_checkpoint_classes: list[str] | None = None
+
+
+def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, BuildInfo]:
+    """Build ``cfg.arch`` for ``class_names`` (background is added), load weights, freeze.
+
+    The backbone uses FrozenBatchNorm2d whenever it starts from trained weights or is frozen,
+    as torchvision does for fine-tuning (batches of a few images give useless BN statistics).
+    """
+    if cfg.arch not in ARCH_SPECS:
+        raise WeightsError(f"model.arch: unknown architecture {cfg.arch!r}; one of {', '.join(ARCH_SPECS)}")
+    spec = ARCH_SPECS[cfg.arch]
+    num_classes = len(class_names) + 1
+    sampling = {"box_batch_size_per_image": cfg.box_batch_size_per_image,
+                "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image}
+    weights = cfg.weights.strip()
+    pretrained = weights.lower() != "none" or cfg.weights_backbone.lower() != "none"
+
+    if weights.lower() == "coco":
+        if spec.coco_weights is None:
+            raise WeightsError(
+                f"model.weights: no COCO detector weights exist for {cfg.arch}; use "
+                "weights: none with weights_backbone: imagenet, or a checkpoint path"
+            )
+        path = resolve_hub_weights(spec.coco_weights, f"model.weights=coco ({cfg.arch})")
+        state = _torch_load(path)
+        model = _build_arch(cfg.arch, _num_classes_in(state, path), cfg.score_threshold, cfg.detections_per_image,
+                            **sampling)
+        frozen_batchnorm(model.backbone)
+        _load_strict(model, state, path)
+        replace_predictor(model, num_classes)
+        info = BuildInfo(f"coco:{path}", True)
+    elif weights.lower() == "none":
+        model = _build_arch(cfg.arch, num_classes, cfg.score_threshold, cfg.detections_per_image,
+                            **sampling)
+        if pretrained or cfg.freeze_backbone:
+            frozen_batchnorm(model.backbone)
+        source = "random"
+        backbone_weights = cfg.weights_backbone.strip()
+        if backbone_weights.lower() == "imagenet":
+            path = resolve_hub_weights(spec.backbone_weights, f"model.weights_backbone=imagenet ({cfg.arch})")
+            _load_backbone_classifier_weights(model, spec, path)
+            source = f"imagenet:{path}"
+        elif backbone_weights.lower() != "none":
+            path = _resolve_weights_path(backbone_weights, "model.weights_backbone")
+            _load_backbone_classifier_weights(model, spec, path)
+            source = f"backbone:{path}"
+        info = BuildInfo(source, False)
+    else:
+        path = _resolve_weights_path(weights, "model.weights")
+        obj = _torch_load(path)
+        previous_classes = None
+        if is_pipeline_checkpoint(obj):
+            if obj["arch"] != cfg.arch:
+                raise WeightsError(
+                    f"{path}: checkpoint is a {obj['arch']} but model.arch is {cfg.arch}; set "
+                    f"model.arch={obj['arch']}"
+                )
+            state = obj["model"]
+            previous_classes = list(obj["class_names"])
+        elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state = obj
+        else:
+            raise WeightsError(f"{path}: neither a state_dict nor a checkpoint written by detector")
+        model = _build_arch(cfg.arch, _num_classes_in(state, path), cfg.score_threshold, cfg.detections_per_image,
+                            **sampling)
+        frozen_batchnorm(model.backbone)
+        _load_strict(model, state, path)
+        same_classes = previous_classes == list(class_names)
+        if not same_classes:
+            replace_predictor(model, num_classes)
+        info = BuildInfo(f"file:{path}", not same_classes, previous_classes)
+
+    if cfg.min_size is not None:
+        model.transform.min_size = (cfg.min_size,)
+    if cfg.max_size is not None:
+        model.transform.max_size = cfg.max_size
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    if cfg.freeze_rpn:
+        for p in model.rpn.parameters():
+            p.requires_grad_(False)
+    log.info(
+        "model %s, %d classes + background, weights %s%s", cfg.arch, len(class_names),
+        info.weights_source, ", new box predictor" if info.predictor_replaced else "",
+    )
+    return model, info
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"{path}: weights do not fit the architecture: {str(e)[:600]}") from None
+
+
+def freeze_backbone(model: FasterRCNN) -> None:
+    """Backbone body + FPN: no gradients. Its BatchNorms are FrozenBatchNorm2d already."""
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+
+
+def backbone_blocks(model: FasterRCNN) -> list[nn.Module]:
+    """The body's top-level blocks that hold parameters, input side first."""
+    return [m for m in model.backbone.body.children() if any(True for _ in m.parameters())]
+
+
+def unfreeze_last_blocks(model: FasterRCNN, count: int) -> list[nn.Parameter]:
+    """Make the last ``count`` body blocks and the FPN trainable; return the new parameters."""
+    params: list[nn.Parameter] = []
+    modules = [*backbone_blocks(model)[-count:], model.backbone.fpn]
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad:
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Write atomically: serialise to memory, then temp file + fsync + rename.
+
+    A crash or a full disk mid-write leaves the previous file at ``path`` untouched.
+    """
+    checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **checkpoint}
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    try:
+        atomic_write_with(path, lambda f: f.write(buffer.getbuffer()))
+    except OSError as e:
+        raise OSError(
+            e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous file there, "
+            "if any, is intact"
+        ) from e
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by this pipeline (weights_only: no code runs)."""
+    obj = _torch_load(path)
+    if not is_pipeline_checkpoint(obj):
+        raise WeightsError(f"{path}: not a checkpoint written by detector (no format tag)")
+    if obj.get("version", 0) > CHECKPOINT_VERSION:
+        raise WeightsError(f"{path}: checkpoint version {obj['version']} is newer than this detector")
+    return obj
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN:
+    """Rebuild the exact model a checkpoint holds, in eval mode on the CPU."""
+    model_cfg = checkpoint.get("config", {}).get("model", {})
+    model = _build_arch(
+        checkpoint["arch"],
+        len(checkpoint["class_names"]) + 1,
+        float(model_cfg.get("score_threshold", 0.05)),
+        int(model_cfg.get("detections_per_image", 100)),
+    )
+    frozen_batchnorm(model.backbone)
+    _load_strict(model, checkpoint["model"], Path(checkpoint.get("path", "checkpoint")))
+    if model_cfg.get("min_size") is not None:
+        model.transform.min_size = (int(model_cfg["min_size"]),)
+    if model_cfg.get("max_size") is not None:
+        model.transform.max_size = int(model_cfg["max_size"])
+    return model.eval()
+
+
+def load_model(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
+    """(model in eval mode, checkpoint dict) from a checkpoint file written by this pipeline."""
+    checkpoint = load_checkpoint(path)
+    checkpoint["path"] = str(path)
+    return model_from_checkpoint(checkpoint), checkpoint

@@ -1,0 +1,554 @@
+"""Train stage: the frozen-backbone fine-tuning loop, checkpoints, resume and the time budget.
+
+Flat on purpose, in the style of torchvision's references/detection: one function sets the run
+up, one trains an epoch, one ties them together. Everything a resumed run needs to continue
+bit-for-bit (model, optimizer, scheduler, scaler, RNG, position in the epoch) is in ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import io
+import logging
+import math
+import random
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from .config import Config, config_from_dict, parse_clock
+from .data import (
+    CocoSet,
+    DetectionDataset,
+    build_augmentation,
+    data_sets,
+    describe,
+    epoch_batches,
+    make_loader,
+)
+from .evaluate import Metrics, evaluate, format_metrics
+from .fileio import atomic_write_text
+from .model import BuildInfo, build_model, load_checkpoint, save_checkpoint, unfreeze_last_blocks
+
+log = logging.getLogger(__name__)
+
+LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, nothing to train); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    """Progress counters saved in every checkpoint."""
+
+    epoch: int = 0  # the epoch being (or next to be) trained, 0-based
+    iteration: int = 0  # next batch index inside that epoch
+    step: int = 0  # optimizer steps taken
+    best_map: float = -1.0
+    best_epoch: int = -1
+    evals_since_best: int = 0
+    unfrozen: bool = False
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_map: float
+    best_epoch: int
+    epochs_done: int
+    stop_reason: str
+    final_metrics: Metrics | None = None
+    seconds: float = 0.0
+    images_seen: int = 0
+
+
+@dataclass
+class StopFlags:
+    """Set by signal handlers, read between batches."""
+
+    signal_name: str | None = None
+    deadline: float | None = None  # time.time() value
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return device
+
+
+def compute_deadline(cfg: Config, start: float) -> float | None:
+    """The earliest of start + max_hours and the next occurrence of ``until`` (local time)."""
+    deadlines = []
+    if cfg.train.max_hours is not None:
+        deadlines.append(start + cfg.train.max_hours * 3600.0)
+    if cfg.train.until is not None:
+        hours, minutes = parse_clock(cfg.train.until)
+        now = dt.datetime.fromtimestamp(start)
+        target = now.replace(hour=hours, minute=minutes, second=0, microsecond=0)
+        if target <= now:
+            target += dt.timedelta(days=1)
+        deadlines.append(target.timestamp())
+    return min(deadlines) if deadlines else None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+def make_lr_lambda(cfg: Config, steps_per_epoch: int, total_steps: int):
+    """Linear warmup, then cosine to zero or steps at the milestone epochs."""
+    warmup = min(cfg.train.warmup_iters, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            alpha = step / max(warmup, 1)
+            return cfg.train.warmup_factor * (1 - alpha) + alpha
+        if cfg.train.scheduler == "cosine":
+            progress = (step - warmup) / max(total_steps - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        epoch = step // max(steps_per_epoch, 1)
+        return cfg.train.gamma ** sum(1 for m in cfg.train.milestones if epoch >= m)
+
+    return factor
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, later_params: list[torch.nn.Parameter]):
+    """Group 0: what trains now; group 1 (if any): what the unfreeze phase adds, at a lower lr.
+
+    Frozen parameters never get a gradient, and torch optimizers skip parameters whose grad is
+    None, so group 1 stays untouched until the unfreeze phase switches requires_grad on.
+    """
+    later_ids = {id(p) for p in later_params}
+    trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in later_ids]
+    if not trainable:
+        raise TrainingError("nothing to train: every parameter is frozen (check model.freeze_*)")
+    groups = [{"params": trainable, "lr": cfg.train.lr}]
+    if later_params:
+        groups.append({"params": later_params, "lr": cfg.train.lr * cfg.train.unfreeze.lr_scale})
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
+                               weight_decay=cfg.train.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def set_train_mode(model: torch.nn.Module, cfg: Config, unfrozen: bool) -> None:
+    """Train mode for what trains; frozen parts stay in eval mode (BN statistics, dropout)."""
+    model.train()
+    if cfg.model.freeze_backbone and not unfrozen:
+        model.backbone.eval()
+    if cfg.model.freeze_rpn:
+        model.rpn.eval()
+        model.rpn.training = True  # the RPN must still produce training-mode proposal counts
+
+
+def unfreeze_candidates(model: torch.nn.Module, cfg: Config) -> list[torch.nn.Parameter]:
+    """Parameters the unfreeze phase will train: last backbone blocks + FPN (frozen for now)."""
+    if cfg.train.unfreeze.epochs == 0 or not cfg.model.freeze_backbone:
+        return []
+    params = unfreeze_last_blocks(model, cfg.train.unfreeze.backbone_blocks)
+    for p in params:
+        p.requires_grad_(False)
+    return params
+
+
+def _checkpoint(model, cfg: Config, cset: CocoSet, state: TrainState, optimizer=None, scheduler=None,
+                scaler=None, metrics: Metrics | None = None, info: BuildInfo | None = None) -> dict[str, Any]:
+    checkpoint: dict[str, Any] = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": cfg.model.arch,
+        "class_names": list(cset.class_names),
+        "category_ids": list(cset.category_ids),
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        "state": state.__dict__.copy(),
+        "saved_at": time.time(),
+    }
+    if metrics is not None:
+        checkpoint["metrics"] = {**metrics.as_row(), "per_class_ap": metrics.per_class_ap}
+    if info is not None:
+        checkpoint["weights_source"] = info.weights_source
+    if optimizer is not None:
+        checkpoint["optimizer"] = optimizer.state_dict()
+        checkpoint["scheduler"] = scheduler.state_dict()
+        checkpoint["scaler"] = scaler.state_dict() if scaler is not None else None
+        checkpoint["rng"] = rng_state()
+    return checkpoint
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """``<out_dir>/<name>``, or ``<name>-2``, ``-3``... if taken: a run never overwrites another."""
+    base = Path(cfg.train.out_dir) / (cfg.train.name or "run")
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def resolve_resume(resume: str | Path) -> Path:
+    """``--resume`` accepts a checkpoint file or a run folder (its last.pt)."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise TrainingError(f"cannot resume: {path} not found (give the run folder or its last.pt)")
+    return path
+
+
+def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train (or resume) a run; returns where it went and how it ended."""
+    start_time = time.time()
+    resume_checkpoint = None
+    if resume is not None:
+        resume_path = resolve_resume(resume)
+        resume_checkpoint = load_checkpoint(resume_path)
+        # The run continues with the configuration it started with; only the budget may change.
+        saved = config_from_dict(resume_checkpoint["config"])
+        saved.train.max_hours, saved.train.until = cfg.train.max_hours, cfg.train.until
+        cfg = saved
+        run_dir = resume_path.parent
+        log.info("resuming %s at epoch %d, batch %d", resume_path,
+                 resume_checkpoint["state"]["epoch"] + 1, resume_checkpoint["state"]["iteration"])
+    elif run_dir is None:
+        run_dir = new_run_dir(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("detector").addHandler(file_log)
+    try:
+        return _train(cfg, run_dir, resume_checkpoint, start_time, progress)
+    finally:
+        logging.getLogger("detector").removeHandler(file_log)
+        file_log.close()
+
+
+def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None, start_time: float,
+           progress: bool) -> TrainResult:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    seed_everything(cfg.train.seed)
+    device = select_device(cfg.train.device)
+
+    train_set, val_set = data_sets(cfg.data)
+    log.info("train: %s", describe(train_set))
+    if val_set is not None:
+        log.info("val: %s", describe(val_set))
+    if cfg.data.preflight:
+        from .preflight import preflight  # reads every image once; stops with the full list
+
+        preflight(train_set, val_set)
+
+    model, info = build_model(cfg.model, train_set.class_names)
+    later_params = unfreeze_candidates(model, cfg)
+    model.to(device)
+    optimizer = build_optimizer(cfg, model, later_params)
+    dataset = DetectionDataset(train_set, build_augmentation(cfg.augment), seed=cfg.train.seed)
+    batches_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.accumulate)
+    total_epochs = cfg.train.epochs + cfg.train.unfreeze.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, make_lr_lambda(cfg, steps_per_epoch, total_epochs * steps_per_epoch)
+    )
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    state = TrainState()
+    rows = read_metrics_csv(run_dir / "metrics.csv")
+    if resume_checkpoint is not None:
+        model.load_state_dict(resume_checkpoint["model"])
+        state = TrainState(**resume_checkpoint["state"])
+        if state.unfrozen:
+            for p in later_params:
+                p.requires_grad_(True)
+        optimizer.load_state_dict(resume_checkpoint["optimizer"])
+        scheduler.load_state_dict(resume_checkpoint["scheduler"])
+        if scaler is not None and resume_checkpoint.get("scaler"):
+            scaler.load_state_dict(resume_checkpoint["scaler"])
+        set_rng_state(resume_checkpoint["rng"])
+        rows = [r for r in rows if int(r["epoch"]) <= state.epoch]
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    flags = StopFlags(deadline=compute_deadline(cfg, start_time))
+    if flags.deadline is not None:
+        log.info("time budget: stopping by %s", dt.datetime.fromtimestamp(flags.deadline).strftime("%Y-%m-%d %H:%M"))
+    previous_handlers = _install_signal_handlers(flags)
+    stop_reason = "completed"
+    images_seen = 0
+    last_eval_seconds = 0.0
+    try:
+        while state.epoch < total_epochs:
+            if state.epoch >= cfg.train.epochs and later_params and not state.unfrozen:
+                for p in later_params:
+                    p.requires_grad_(True)
+                state.unfrozen = True
+                log.info("unfreeze phase: %d backbone tensors + FPN now train at lr x %g",
+                         len(later_params), cfg.train.unfreeze.lr_scale)
+            epoch_start = time.time()
+            dataset.epoch = state.epoch
+            losses, seen, stopped = train_one_epoch(
+                model, optimizer, scheduler, scaler, dataset, cfg, state, device, flags,
+                last_eval_seconds, progress, writer,
+            )
+            images_seen += seen
+            epoch_seconds = time.time() - epoch_start
+            if stopped:
+                stop_reason = stopped
+                # Save where we are: a resume continues from this very batch.
+                save_checkpoint(run_dir / "last.pt", _checkpoint(
+                    model, cfg, train_set, state, optimizer, scheduler, scaler, info=info))
+                log.info("%s: checkpoint saved at epoch %d batch %d", stopped, state.epoch + 1, state.iteration)
+                break
+            state.epoch += 1
+            state.iteration = 0
+            metrics = None
+            final_epoch = state.epoch == total_epochs
+            if val_set is not None and (state.epoch % cfg.eval.every == 0 or final_epoch):
+                eval_start = time.time()
+                metrics = evaluate(model, val_set, device, batch_size=cfg.train.batch_size,
+                                   grid_images=0, num_workers=0)
+                last_eval_seconds = time.time() - eval_start
+                log.info("epoch %d val: %s", state.epoch, format_metrics(metrics).splitlines()[0])
+                for key, value in metrics.as_row().items():
+                    writer.add_scalar(f"val/{key}", value, state.epoch)
+                if metrics.map > state.best_map:
+                    state.best_map, state.best_epoch, state.evals_since_best = metrics.map, state.epoch, 0
+                    save_checkpoint(run_dir / "best.pt", _checkpoint(
+                        model, cfg, train_set, state, metrics=metrics, info=info))
+                else:
+                    state.evals_since_best += 1
+            elif val_set is None:
+                state.best_epoch = state.epoch  # no val set: the latest model is the best we know
+                save_checkpoint(run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info))
+            save_checkpoint(run_dir / "last.pt", _checkpoint(
+                model, cfg, train_set, state, optimizer, scheduler, scaler, metrics, info))
+            row = {"epoch": state.epoch, "phase": "unfreeze" if state.unfrozen else "frozen",
+                   "lr": optimizer.param_groups[0]["lr"], **{k: round(v, 5) for k, v in losses.items()},
+                   "epoch_seconds": round(epoch_seconds, 2),
+                   "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3)}
+            if metrics is not None:
+                row.update({k: round(v, 5) for k, v in metrics.as_row().items()})
+            rows.append(row)
+            write_metrics_csv(run_dir / "metrics.csv", rows)
+            if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
+                stop_reason = f"early stop: no val mAP gain in {cfg.train.patience} evaluations"
+                log.info(stop_reason)
+                break
+    finally:
+        _restore_signal_handlers(previous_handlers)
+        writer.close()
+
+    final_metrics = None
+    best_path = run_dir / "best.pt"
+    if val_set is not None and best_path.is_file():
+        # Plots and prediction grid of the model the user will deploy.
+        best = load_checkpoint(best_path)
+        model.load_state_dict(best["model"])
+        final_metrics = evaluate(model, val_set, device, out_dir=run_dir,
+                                 batch_size=cfg.train.batch_size, grid_images=cfg.eval.grid_images,
+                                 draw_score_threshold=cfg.eval.draw_score_threshold)
+        atomic_write_text(run_dir / "best_metrics.txt", format_metrics(final_metrics) + "\n")
+    result = TrainResult(run_dir, state.best_map, state.best_epoch, state.epoch, stop_reason,
+                         final_metrics, time.time() - start_time, images_seen)
+    log.info(summary(result))
+    return result
+
+
+def summary(result: TrainResult) -> str:
+    lines = [
+        f"run {result.run_dir}: {result.stop_reason} after {result.epochs_done} epochs in "
+        f"{result.seconds / 60:.1f} min ({result.images_seen / max(result.seconds, 1e-9):.2f} images/s overall)",
+    ]
+    if result.final_metrics is not None:
+        lines.append(f"best.pt (epoch {result.best_epoch}): " + format_metrics(result.final_metrics))
+    elif result.best_epoch >= 0:
+        lines.append(f"best.pt: epoch {result.best_epoch} (no val set: the latest model)")
+    else:
+        lines.append("no epoch completed: resume with --resume to continue")
+    return "\n".join(lines)
+
+
+def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDataset, cfg: Config,
+                    state: TrainState, device: torch.device, flags: StopFlags,
+                    reserve_seconds: float, progress: bool, writer) -> tuple[dict[str, float], int, str | None]:
+    """One pass over the shuffled batches from ``state.iteration`` on.
+
+    Returns (mean losses, images seen, stop reason or None). Stops only at the start of an
+    accumulation window, so a checkpoint never holds half-accumulated gradients.
+    """
+    set_train_mode(model, cfg, state.unfrozen)
+    batches = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch)
+    # A private generator keeps the DataLoader from drawing on the global RNG, which the
+    # model's samplers use: a resumed run then draws exactly what an uninterrupted one would.
+    loader = make_loader(dataset, batches[state.iteration:], cfg.train.batch_size, cfg.data.num_workers)
+    loader.generator = torch.Generator()
+    accumulate = cfg.train.accumulate
+    sums: dict[str, float] = defaultdict(float)
+    counted = seen = nonfinite_streak = 0
+    iteration_seconds = None
+    bar = tqdm(total=len(batches), initial=state.iteration, disable=not progress, dynamic_ncols=True,
+               desc=f"epoch {state.epoch + 1}/{cfg.train.epochs + cfg.train.unfreeze.epochs}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.zero_grad(set_to_none=True)
+    tic = time.time()
+    for images, targets in loader:
+        index = state.iteration
+        window_start = index % accumulate == 0
+        if window_start:
+            reason = _should_stop(flags, iteration_seconds, accumulate, reserve_seconds)
+            if reason:
+                bar.close()
+                return _means(sums, counted), seen, reason
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=scaler is not None):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        if not torch.isfinite(loss):
+            nonfinite_streak += 1
+            ids = [int(t["image_id"]) for t in targets]
+            log.warning("non-finite loss %s at epoch %d batch %d (image ids %s): batch skipped",
+                        {k: float(v) for k, v in loss_dict.items()}, state.epoch + 1, index, ids)
+            flags.extra.setdefault("nonfinite_image_ids", []).extend(ids)
+            if nonfinite_streak >= cfg.train.max_nonfinite_batches:
+                raise TrainingError(
+                    f"{nonfinite_streak} batches in a row had a non-finite loss (image ids "
+                    f"{flags.extra['nonfinite_image_ids'][-20:]}); stopping. The last good "
+                    "checkpoint (last.pt/best.pt) is kept. Lower train.lr or check those images' boxes."
+                )
+            state.iteration += 1
+            bar.update(1)
+            continue
+        nonfinite_streak = 0
+        if scaler is not None:
+            scaler.scale(loss / accumulate).backward()
+        else:
+            (loss / accumulate).backward()
+        window_end = (index + 1) % accumulate == 0 or index + 1 == len(batches)
+        if window_end:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.train.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state.step += 1
+        state.iteration += 1
+        seen += len(images)
+        for key, value in loss_dict.items():
+            sums[key] += float(value.detach())
+        sums["loss"] += float(loss.detach())
+        counted += 1
+        now = time.time()
+        elapsed, tic = now - tic, now
+        iteration_seconds = elapsed if iteration_seconds is None else 0.9 * iteration_seconds + 0.1 * elapsed
+        bar.set_postfix(loss=f"{sums['loss'] / counted:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f"{len(images) / max(elapsed, 1e-9):.1f}")
+        bar.update(1)
+        if writer is not None and state.step % max(cfg.train.log_every, 1) == 0 and window_end:
+            writer.add_scalar("train/loss", float(loss), state.step)
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
+    bar.close()
+    return _means(sums, counted), seen, None
+
+
+def _means(sums: dict[str, float], count: int) -> dict[str, float]:
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _should_stop(flags: StopFlags, iteration_seconds: float | None, accumulate: int,
+                 reserve_seconds: float) -> str | None:
+    if flags.signal_name:
+        return f"stopped by {flags.signal_name}"
+    if flags.deadline is not None:
+        # Leave room for one more window plus the final evaluation and checkpoint.
+        needed = (iteration_seconds or 0.0) * accumulate + reserve_seconds + 5.0
+        if time.time() + needed >= flags.deadline:
+            return "time budget reached"
+    return None
+
+
+def _install_signal_handlers(flags: StopFlags) -> dict[int, Any]:
+    """SIGINT/SIGTERM: finish the batch, save a checkpoint, exit. A second SIGINT aborts."""
+    previous: dict[int, Any] = {}
+
+    def handler(signum, _frame):
+        if flags.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flags.signal_name = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this batch (Ctrl-C again to abort)",
+                    flags.signal_name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
