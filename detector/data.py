@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from .cocotools.common import CocoError, default_image_dir, load_coco_json
 from .config import AugmentConfig, DataConfig
 from .fileio import ImageReadError, read_image_rgb, resolve_inside
 
@@ -30,12 +30,6 @@ log = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """The COCO file or its images are unusable; the message names the file and the record."""
-
-
-def default_image_dir(annotations: str | Path) -> Path:
-    """``images/`` beside the JSON when it exists (tools/convert.py layout), else the JSON's folder."""
-    parent = Path(annotations).resolve().parent
-    return parent / "images" if (parent / "images").is_dir() else parent
 
 
 @dataclass
@@ -69,19 +63,10 @@ def load_coco(annotations: str | Path, image_dir: str | Path | None = None,
               class_names: list[str] | None = None) -> CocoSet:
     """Parse and check a COCO file; ``class_names`` forces the class order (e.g. val = train)."""
     path = Path(annotations)
-    if not path.is_file():
-        raise DatasetError(f"{path}: annotation file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: top level must be a JSON object with images/annotations/categories")
-    for key in ("images", "categories"):
-        if not isinstance(raw.get(key), list):
-            raise DatasetError(f"{path}: missing the '{key}' list; is this a COCO detection file?")
-    raw.setdefault("annotations", [])
+        raw = load_coco_json(path)
+    except CocoError as e:
+        raise DatasetError(str(e)) from None
     _check_unique_ids(raw, path)
     coco = COCO()
     coco.dataset = raw

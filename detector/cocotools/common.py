@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -151,34 +150,6 @@ def safe_image_path(image_dir: Path, file_name: Any, image_id: Any = None) -> Pa
     if not isinstance(file_name, str):
         raise UnsafePathError(f"image id {image_id}: file_name {file_name!r} is not a string")
     return resolve_inside(image_dir, file_name, f"image id {image_id} file_name")
-
-
-def linked_out_path(image_dir: Path, file_name: Any) -> Path | None:
-    """For a name that ``resolve_inside`` refused: the path inside ``image_dir`` when the name
-    itself stays inside and only a symbolic link leads out (``tools/convert.py --link`` output);
-    None for ``../`` and absolute names."""
-    if not isinstance(file_name, str) or not file_name.strip():
-        return None
-    rel = file_name.replace("\\", "/")
-    if os.path.isabs(rel) or rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
-        return None
-    root = Path(image_dir).resolve()
-    lexical = Path(os.path.normpath(root / rel))
-    if lexical == root or root not in lexical.parents:
-        return None
-    return lexical
-
-
-def find_image(image_dir: Path, file_name: Any, image_id: Any = None) -> Path:
-    """Like ``safe_image_path`` but accepts a symlink inside the folder that points elsewhere
-    (for tools that only read images); ``../`` and absolute names are still refused."""
-    try:
-        return safe_image_path(image_dir, file_name, image_id)
-    except UnsafePathError:
-        linked = linked_out_path(image_dir, file_name)
-        if linked is None:
-            raise
-        return linked
 
 
 def parse_bbox(bbox: Any) -> tuple[float, float, float, float] | None:

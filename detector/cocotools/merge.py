@@ -28,12 +28,12 @@ from .common import (
     check_output,
     default_image_dir,
     file_sha1,
-    find_image,
     image_dir_for,
     load_coco_json,
     normalize_name,
     placeholder_category_ids,
     require_unique_ids,
+    safe_image_path,
 )
 
 # Folder names that say nothing about a set; a source is named after the first other ancestor.
@@ -155,7 +155,7 @@ def merge_coco(sources: Sequence[MergeSource], drop_empty: bool = False,
         for rec in tqdm(data["images"], desc=f"merge {name}", unit="img",
                         disable=not progress, leave=False):
             try:
-                path = find_image(image_dir, rec.get("file_name"), rec.get("id"))
+                path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
             except UnsafePathError as e:
                 raise CocoError(f"{src.annotations}: {e} (tools/validate.py --fix drops such "
                                 "records)") from None
@@ -213,9 +213,8 @@ def write_merged(result: MergeResult, out_json: str | Path, images_out: str | Pa
                  progress: bool = True) -> WriteStats:
     """Fill the merged image folder with hard links (or copies) and write the JSON last, atomically.
 
-    Hard links, not symlinks: ``fileio.resolve_inside`` follows symlinks and would refuse a link
-    that points out of the image folder. Where a hard link is impossible (another file system, no
-    permission) the image is copied. Refuses to overwrite an input JSON, to write into a source
+    Hard links keep the merged set valid even if a source folder is later moved or deleted. Where
+    a hard link is impossible (another file system, no permission) the image is copied. Refuses to overwrite an input JSON, to write into a source
     image folder, or to replace an existing file with other content.
     """
     out_json = Path(out_json)

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..fileio import ImageReadError, UnsafePathError, atomic_write_with, read_image_rgb
-from .common import CocoError, find_image, image_dir_for, load_coco_json, parse_bbox
+from .common import CocoError, image_dir_for, load_coco_json, parse_bbox, safe_image_path
 
 
 @dataclass
@@ -131,7 +131,7 @@ def show_coco(annotations: str | Path, out_dir: str | Path, n: int = 16,
         rec = records[image_id]
         label = f"image id {image_id} ({rec.get('file_name')})"
         try:
-            path = find_image(image_dir, rec.get("file_name"), image_id)
+            path = safe_image_path(image_dir, rec.get("file_name"), image_id)
             rgb = read_image_rgb(path)
         except (UnsafePathError, ImageReadError) as e:
             result.skipped.append(f"{label}: {e}")

@@ -24,10 +24,10 @@ from .common import (
     check_output,
     default_image_dir,
     file_sha1,
-    find_image,
     image_dir_for,
     load_coco_json,
     require_unique_ids,
+    safe_image_path,
     source_key,
 )
 
@@ -83,7 +83,7 @@ def image_groups(images: list[dict[str, Any]], image_dir: Path | None = None,
         for i, rec in enumerate(tqdm(images, desc="hashing", unit="img", disable=not progress,
                                      leave=False)):
             try:
-                path = find_image(image_dir, rec.get("file_name"), rec.get("id"))
+                path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
             except UnsafePathError:
                 continue
             if path.is_file():
@@ -157,7 +157,7 @@ def split_coco(data: dict[str, Any], val: float, test: float = 0.0, seed: int = 
 
 def _exists(image_dir: Path, rec: dict[str, Any]) -> bool:
     try:
-        return find_image(image_dir, rec.get("file_name"), rec.get("id")).is_file()
+        return safe_image_path(image_dir, rec.get("file_name"), rec.get("id")).is_file()
     except UnsafePathError:
         return False
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import UnsafePathError, atomic_write_with
-from .common import find_image, parse_bbox
+from .common import parse_bbox, safe_image_path
 
 SMALL_MAX_AREA = 32**2
 MEDIUM_MAX_AREA = 96**2
@@ -115,7 +115,7 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
         on_disk = 0
         for rec in images:
             with contextlib.suppress(UnsafePathError):
-                on_disk += find_image(images_dir, rec.get("file_name"), rec["id"]).is_file()
+                on_disk += safe_image_path(images_dir, rec.get("file_name"), rec["id"]).is_file()
     return CocoStats(
         num_images=len(images), num_annotations=len(annotations), num_categories=len(categories),
         classes=list(classes.values()), negatives=sum(1 for r in images if not per_image[r["id"]]),

@@ -27,9 +27,7 @@ from ..fileio import MAX_IMAGE_PIXELS, UnsafePathError
 from .common import (
     CocoError,
     display_path,
-    find_image,
     image_dir_for,
-    linked_out_path,
     list_image_files,
     normalize_name,
     parse_bbox,
@@ -392,19 +390,11 @@ def _check_images(report: ValidationReport, images: list[Any],
         try:
             path = safe_image_path(image_dir, name, image_id)
         except UnsafePathError as e:
-            linked = linked_out_path(image_dir, name)
-            if linked is None:
-                report.error("unsafe_path", f"{e}. Name images relative to the image folder and "
-                                            "keep them inside it (--fix drops the record)", **rid)
-                report.probes.append(ImageProbe("unsafe", detail=str(e)))
-                by_id.setdefault(image_id, report.probes[-1])
-                continue
-            report.error("symlink_outside",
-                         f"{label}: a symbolic link to {linked.resolve()}, outside the image "
-                         "folder; the trainer refuses it (fileio.resolve_inside follows links). "
-                         "Copy the images in (tools/convert.py without --link; tools/merge.py "
-                         "hard-links); --fix keeps the record", **rid)
-            path = linked
+            report.error("unsafe_path", f"{e}. Name images relative to the image folder and "
+                                        "keep them inside it (--fix drops the record)", **rid)
+            report.probes.append(ImageProbe("unsafe", detail=str(e)))
+            by_id.setdefault(image_id, report.probes[-1])
+            continue
         key = str(path)
         if key in seen_names:
             report.warn("duplicate_file_name",
@@ -504,7 +494,7 @@ def _sibling_listed(report: ValidationReport) -> tuple[set[str], list[str]]:
         for rec in data["images"]:
             if isinstance(rec, dict) and isinstance(rec.get("file_name"), str):
                 with contextlib.suppress(UnsafePathError):
-                    listed.add(str(find_image(report.images_dir, rec["file_name"])))
+                    listed.add(str(safe_image_path(report.images_dir, rec["file_name"])))
         if len(listed) > before:
             names.append(other.name)
     return listed, names
