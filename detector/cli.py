@@ -51,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume == "auto":
         resume = newest_run(cfg.train.out_dir, cfg.train.name or "run")
     result = train(cfg, resume=resume, progress=not args.no_progress)
-    print(summary(result))
+    if result.rank == 0:  # torchrun: one summary, rank 0's
+        print(summary(result))
     return 0
 
 
@@ -100,20 +101,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come anywhere after `train CONFIG`, options included.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "train" or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate}
     handler = handlers.get(args.command) or args.handler
     from .config import ConfigError
     from .data import DatasetError
+    from .feature_cache import FeatureCacheError
     from .fileio import ImageReadError
     from .model import WeightsError
     from .train import TrainingError
 
     try:
         return int(handler(args) or 0)
-    except (ConfigError, DatasetError, ImageReadError, WeightsError, TrainingError) as e:
+    except (ConfigError, DatasetError, FeatureCacheError, ImageReadError, WeightsError, TrainingError) as e:
         # Expected failures: the message says what and where; no traceback to scare the user.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, permissions, a path that is not there
         print(f"error: {e}", file=sys.stderr)
         return 2

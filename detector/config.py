@@ -35,6 +35,15 @@ class DataConfig:
     num_workers: int = 2
     # Read every image once before training and stop with the full list of problems.
     preflight: bool = True
+    # Keep the decoded training images in RAM (decode once, not every epoch); the size is
+    # estimated (width x height x 3 bytes each) and announced, and training refuses to start
+    # when it is over `cache_images_max_gb`. For small sets.
+    cache_images: bool = False
+    cache_images_max_gb: float = 4.0
+    # Batch images of similar width/height together (less padding), like torchvision references'
+    # GroupedBatchSampler with --aspect-ratio-group-factor; 0 disables, 3 is the references' value.
+    # Deterministic per (seed, epoch), so resume stays exact.
+    aspect_ratio_groups: int = 0
 
 
 @dataclass
@@ -110,8 +119,28 @@ class TrainConfig:
     gamma: float = 0.1
     # Clip the global gradient norm (0 disables).
     clip_grad_norm: float = 10.0
-    # Mixed precision on CUDA (ignored on CPU).
+    # Mixed precision on CUDA (ignored on CPU), in `amp_dtype`: bfloat16 (no loss scaling; falls
+    # back to float16 on GPUs without bf16) or float16 (with a GradScaler).
     amp: bool = True
+    amp_dtype: str = "bfloat16"
+    # CUDA only: backbone in channels_last memory format, and cudnn.benchmark (turn it off when
+    # the images have many different sizes and aspect_ratio_groups is 0: every new size re-tunes).
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
+    # Fast path for frozen training (model.freeze_backbone): compute the FPN features of each
+    # image view once and train the RPN + RoI heads on them every epoch (with model.freeze_rpn,
+    # the proposals too, and only the RoI heads train). Views: the original, its horizontal flip
+    # (when augment.hflip > 0) and `cache_views` photometric variants (when augment.brightness_contrast
+    # or hue_saturation > 0; one is used with probability max of the two). Augmentations the views
+    # cannot represent (scale, crop, blur) make the run fall back to the normal loop, with a log
+    # line saying why; so does the unfreeze phase. The size (fp16) is announced before building,
+    # and the run refuses to start when it exceeds `cache_max_gb`. `cache_dir`: null keeps the
+    # cache in RAM, a folder keeps it on disk (reused by runs with the same weights, images and
+    # settings).
+    cache_features: bool = False
+    cache_views: int = 2
+    cache_max_gb: float = 8.0
+    cache_dir: str | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Stop early when val mAP has not improved for this many evaluations (0 disables).
@@ -234,7 +263,10 @@ def _parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. train.epochs=20")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
     nested: dict[str, Any] = {}
     parts = dotted.strip().split(".")
     node = nested
@@ -262,6 +294,11 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.augment.min_visibility <= 1.0, "augment.min_visibility", "in [0, 1]"),
         (cfg.eval.every >= 1, "eval.every", ">= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
+        (cfg.data.cache_images_max_gb > 0, "data.cache_images_max_gb", "> 0"),
+        (cfg.data.aspect_ratio_groups >= 0, "data.aspect_ratio_groups", ">= 0"),
+        (cfg.train.amp_dtype in ("bfloat16", "float16"), "train.amp_dtype", "bfloat16 or float16"),
+        (cfg.train.cache_views >= 0, "train.cache_views", ">= 0"),
+        (cfg.train.cache_max_gb > 0, "train.cache_max_gb", "> 0"),
     ]
     for name in ("hflip", "scale", "crop", "brightness_contrast", "hue_saturation", "blur"):
         p = getattr(cfg.augment, name)

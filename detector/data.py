@@ -11,6 +11,8 @@ import contextlib
 import io
 import logging
 import math
+import signal
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,11 +203,28 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.groups: list[int] | None = None  # aspect-ratio group per index (epoch_batches)
+        self.images: dict[int, np.ndarray] | None = None  # decoded images kept in RAM (preload)
+
+    def preload(self, max_gb: float) -> None:
+        """Decode every image once and keep it in RAM (workers share it copy-on-write)."""
+        infos = [self.cset.image_info(i) for i in self.cset.image_ids]
+        need = sum(int(i["width"]) * int(i["height"]) * 3 for i in infos) / 1e9
+        log.info("data.cache_images: %d decoded images, ~%.2f GB in RAM (limit data.cache_images_max_gb=%g)",
+                 len(infos), need, max_gb)
+        if need > max_gb:
+            raise DatasetError(
+                f"data.cache_images: the {len(infos)} decoded images need ~{need:.2f} GB, over "
+                f"data.cache_images_max_gb={max_gb:g}; raise it or set data.cache_images=false"
+            )
+        self.images = {image_id: self.load_image(image_id) for image_id in self.cset.image_ids}
 
     def __len__(self) -> int:
         return len(self.cset.image_ids)
 
     def load_image(self, image_id: int) -> np.ndarray:
+        if self.images is not None and image_id in self.images:
+            return self.images[image_id].copy()
         path = self.cset.image_path(image_id)
         image = read_image_rgb(path)
         info = self.cset.image_info(image_id)
@@ -252,11 +271,35 @@ def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[
     return list(images), list(targets)
 
 
-def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch, a pure function of (seed, epoch): resumable."""
+def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
+                  groups: list[int] | None = None) -> list[list[int]]:
+    """The shuffled batches of one epoch, a pure function of (seed, epoch): resumable.
+
+    With ``groups`` (aspect-ratio group per index) a batch takes images of one group, as
+    torchvision's GroupedBatchSampler does: walking the shuffled order, a group's batch is
+    emitted when full; the leftovers of all groups end the epoch, mixed, so each image is
+    still seen exactly once and there are still ceil(num_images / batch_size) batches.
+    """
     generator = torch.Generator().manual_seed(seed * 7919 + epoch)
     order = torch.randperm(num_images, generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+    if groups is None:
+        return [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+    batches, buckets = [], defaultdict(list)
+    for index in order:
+        bucket = buckets[groups[index]]
+        bucket.append(index)
+        if len(bucket) == batch_size:
+            batches.append(bucket.copy())
+            bucket.clear()
+    rest = [i for bucket in buckets.values() for i in bucket]
+    return batches + [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
+
+
+def aspect_ratio_groups(cset: CocoSet, factor: int) -> list[int]:
+    """Group of each image by width/height, in torchvision references' bins (2 ** linspace(-1, 1, 2k+1))."""
+    bins = (2 ** np.linspace(-1, 1, 2 * factor + 1)).tolist() if factor > 0 else [1.0]
+    ratios = [float(cset.image_info(i)["width"]) / float(cset.image_info(i)["height"]) for i in cset.image_ids]
+    return [int(np.digitize(r, bins)) for r in ratios]
 
 
 def make_loader(dataset: DetectionDataset, batches: list[list[int]] | None, batch_size: int,
@@ -269,9 +312,19 @@ def make_loader(dataset: DetectionDataset, batches: list[list[int]] | None, batc
     }
     if num_workers > 0:
         common["persistent_workers"] = False  # workers must see the new epoch number
+        common["worker_init_fn"] = _leave_stop_signals_to_the_main_process
     if batches is not None:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, **common)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, **common)
+
+
+def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM. Ctrl-C in a terminal, systemd and SLURM signal
+    the whole process group: a worker that died of it would make the main process raise
+    "DataLoader worker exited unexpectedly" instead of finishing the batch and saving a checkpoint.
+    The main process shuts its workers down itself, and they exit if it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def describe(cset: CocoSet) -> str:

@@ -38,8 +38,12 @@ class ImageReadError(ValueError):
     """An image file is missing, unreadable or too large; the message names the file."""
 
 
-class UnsafePathError(ValueError):
-    """A path from a label file escapes the dataset folder."""
+class ImageTooLargeError(ImageReadError):
+    """An image over the pixel limit, refused from its header before any pixel is decoded."""
+
+
+class UnsafePathError(ImageReadError):
+    """A path from a label file escapes the dataset folder (the image is refused, not read)."""
 
 
 @contextlib.contextmanager
@@ -116,6 +120,11 @@ def exif_image_size(path: str | os.PathLike) -> tuple[int, int]:
             orientation = im.getexif().get(_EXIF_ORIENTATION_TAG, 1)
     except FileNotFoundError:
         raise ImageReadError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would escape as a traceback
+        raise ImageTooLargeError(
+            f"{path}: image too large to decode safely ({e}); downscale it (and its boxes) "
+            "before training"
+        ) from None
     except (UnidentifiedImageError, OSError) as e:
         raise ImageReadError(f"{path}: not a readable image ({e})") from None
     if orientation in _TRANSPOSING_ORIENTATIONS:
@@ -134,10 +143,12 @@ def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(f"{path}: image file not found")
     try:
         width, height = exif_image_size(path)
+    except ImageTooLargeError:
+        raise  # never hand a decompression bomb to OpenCV
     except ImageReadError:
         width = height = 0  # let OpenCV have a go; it reads a few formats Pillow does not
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             f"{path}: image is {width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} pixel limit; "
             "downscale it (and its boxes) before training"
         )

@@ -14,6 +14,7 @@ import io
 import logging
 import math
 import random
+import resource
 import signal
 import time
 from collections import defaultdict
@@ -26,10 +27,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from . import distributed, feature_cache
 from .config import Config, config_from_dict, parse_clock
 from .data import (
     CocoSet,
+    DatasetError,
     DetectionDataset,
+    aspect_ratio_groups,
     build_augmentation,
     data_sets,
     describe,
@@ -72,6 +76,9 @@ class TrainResult:
     final_metrics: Metrics | None = None
     seconds: float = 0.0
     images_seen: int = 0
+    peak_ram_mb: float = 0.0  # this process's peak resident memory
+    peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the run (CUDA only)
+    rank: int = 0  # torchrun: the process that wrote the run folder is rank 0
 
 
 @dataclass
@@ -256,6 +263,16 @@ def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = 
           progress: bool = True) -> TrainResult:
     """Train (or resume) a run; returns where it went and how it ended."""
     start_time = time.time()
+    started_distributed = distributed.init_from_env(cfg.train.device)
+    try:
+        return _train_entry(cfg, resume, run_dir, progress, start_time)
+    finally:
+        if started_distributed:
+            distributed.cleanup()
+
+
+def _train_entry(cfg: Config, resume: str | Path | None, run_dir: Path | None, progress: bool,
+                 start_time: float) -> TrainResult:
     resume_checkpoint = None
     if resume is not None:
         resume_path = resolve_resume(resume)
@@ -268,9 +285,14 @@ def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = 
         log.info("resuming %s at epoch %d, batch %d", resume_path,
                  resume_checkpoint["state"]["epoch"] + 1, resume_checkpoint["state"]["iteration"])
     elif run_dir is None:
-        run_dir = new_run_dir(cfg)
+        run_dir = distributed.broadcast_object(new_run_dir(cfg) if distributed.is_main() else None)
     run_dir = Path(run_dir)
+    if not distributed.is_main():  # rank 0 writes the run folder, its log included
+        return _train(cfg, run_dir, resume_checkpoint, start_time, progress and distributed.is_main())
     run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # fileio.atomic_open's half-written file of a killed save
+        log.info("removing %s, left by a run killed while saving", stale)
+        stale.unlink(missing_ok=True)
     file_log = logging.FileHandler(run_dir / "train.log")
     file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("detector").addHandler(file_log)
@@ -283,32 +305,55 @@ def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = 
 
 def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None, start_time: float,
            progress: bool) -> TrainResult:
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    main = distributed.is_main()
+    if main:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.train.seed)
-    device = select_device(cfg.train.device)
+    device = distributed.device_for(select_device(cfg.train.device))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        torch.cuda.reset_peak_memory_stats(device)
 
-    train_set, val_set = data_sets(cfg.data)
+    try:
+        train_set, val_set = data_sets(cfg.data)
+    except DatasetError:
+        if cfg.data.preflight:  # the loader stops at the first problem: list them all instead
+            from .preflight import preflight_data
+
+            preflight_data(cfg.data, progress=progress)
+        raise
     log.info("train: %s", describe(train_set))
     if val_set is not None:
         log.info("val: %s", describe(val_set))
     if cfg.data.preflight:
         from .preflight import preflight  # reads every image once; stops with the full list
 
-        preflight(train_set, val_set)
+        preflight(train_set, val_set, progress=progress)
 
     model, info = build_model(cfg.model, train_set.class_names)
     later_params = unfreeze_candidates(model, cfg)
     model.to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model, later_params)
     dataset = DetectionDataset(train_set, build_augmentation(cfg.augment), seed=cfg.train.seed)
-    batches_per_epoch = math.ceil(len(dataset) / cfg.train.batch_size)
+    if cfg.data.aspect_ratio_groups:
+        dataset.groups = aspect_ratio_groups(train_set, cfg.data.aspect_ratio_groups)
+    if cfg.data.cache_images:
+        dataset.preload(cfg.data.cache_images_max_gb)
+    batches_per_epoch = math.ceil(math.ceil(len(dataset) / cfg.train.batch_size) / distributed.world_size())
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.accumulate)
     total_epochs = cfg.train.epochs + cfg.train.unfreeze.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_lr_lambda(cfg, steps_per_epoch, total_epochs * steps_per_epoch)
     )
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    amp_dtype = None
+    if cfg.train.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
+        if amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            log.warning("train.amp_dtype=bfloat16: this GPU has no bf16; using float16 with loss scaling")
+            amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     state = TrainState()
     rows = read_metrics_csv(run_dir / "metrics.csv")
@@ -325,9 +370,18 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         set_rng_state(resume_checkpoint["rng"])
         rows = [r for r in rows if int(r["epoch"]) <= state.epoch]
 
+    cache = None
+    if cfg.train.cache_features:
+        plan, why_not = feature_cache.plan_cache(cfg)
+        if plan is None:
+            log.warning("train.cache_features: not used, training on images: %s", why_not)
+        elif state.epoch < cfg.train.epochs:
+            cache = feature_cache.build_feature_cache(model, dataset, cfg, plan, device, progress)
+            cache.groups = dataset.groups
+
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
     flags = StopFlags(deadline=compute_deadline(cfg, start_time))
     if flags.deadline is not None:
         log.info("time budget: stopping by %s", dt.datetime.fromtimestamp(flags.deadline).strftime("%Y-%m-%d %H:%M"))
@@ -344,25 +398,35 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 log.info("unfreeze phase: %d backbone tensors + FPN now train at lr x %g",
                          len(later_params), cfg.train.unfreeze.lr_scale)
             epoch_start = time.time()
-            dataset.epoch = state.epoch
+            if cache is not None and state.unfrozen:
+                log.info("unfreeze phase: the backbone trains, so the feature cache is left for images")
+                cache = None
+            data = cache if cache is not None else dataset  # cached views, or images
+            data.epoch = state.epoch
             losses, seen, stopped = train_one_epoch(
-                model, optimizer, scheduler, scaler, dataset, cfg, state, device, flags,
-                last_eval_seconds, progress, writer,
+                model, optimizer, scheduler, scaler, data, cfg, state, device, flags,
+                last_eval_seconds, progress, writer, amp_dtype=amp_dtype,
             )
+            losses, seen = distributed.reduce_epoch(losses, seen, device)
             images_seen += seen
             epoch_seconds = time.time() - epoch_start
             if stopped:
                 stop_reason = stopped
                 # Save where we are: a resume continues from this very batch.
-                save_checkpoint(run_dir / "last.pt", _checkpoint(
-                    model, cfg, train_set, state, optimizer, scheduler, scaler, info=info))
+                if main:
+                    save_checkpoint(run_dir / "last.pt", _checkpoint(
+                        model, cfg, train_set, state, optimizer, scheduler, scaler, info=info))
+                distributed.barrier()
                 log.info("%s: checkpoint saved at epoch %d batch %d", stopped, state.epoch + 1, state.iteration)
                 break
             state.epoch += 1
             state.iteration = 0
             metrics = None
             final_epoch = state.epoch == total_epochs
-            if val_set is not None and (state.epoch % cfg.eval.every == 0 or final_epoch):
+            if not main:  # rank 0 evaluates and writes; the others wait, then take its state
+                distributed.barrier()
+                state.__dict__.update(distributed.broadcast_object(None))
+            elif val_set is not None and (state.epoch % cfg.eval.every == 0 or final_epoch):
                 eval_start = time.time()
                 metrics = evaluate(model, val_set, device, batch_size=cfg.train.batch_size,
                                    grid_images=0, num_workers=0)
@@ -379,27 +443,33 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
             elif val_set is None:
                 state.best_epoch = state.epoch  # no val set: the latest model is the best we know
                 save_checkpoint(run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info))
-            save_checkpoint(run_dir / "last.pt", _checkpoint(
-                model, cfg, train_set, state, optimizer, scheduler, scaler, metrics, info))
             row = {"epoch": state.epoch, "phase": "unfreeze" if state.unfrozen else "frozen",
                    "lr": optimizer.param_groups[0]["lr"], **{k: round(v, 5) for k, v in losses.items()},
                    "epoch_seconds": round(epoch_seconds, 2),
-                   "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3)}
+                   "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3),
+                   **_peak_memory(device)}
             if metrics is not None:
                 row.update({k: round(v, 5) for k, v in metrics.as_row().items()})
             rows.append(row)
-            write_metrics_csv(run_dir / "metrics.csv", rows)
+            if main:  # before last.pt: a resume drops rows past its last.pt, never misses one
+                write_metrics_csv(run_dir / "metrics.csv", rows)
+            if main:
+                save_checkpoint(run_dir / "last.pt", _checkpoint(
+                    model, cfg, train_set, state, optimizer, scheduler, scaler, metrics, info))
+                distributed.barrier()
+                distributed.broadcast_object(state.__dict__)
             if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
                 stop_reason = f"early stop: no val mAP gain in {cfg.train.patience} evaluations"
                 log.info(stop_reason)
                 break
     finally:
         _restore_signal_handlers(previous_handlers)
-        writer.close()
+        if writer is not None:
+            writer.close()
 
     final_metrics = None
     best_path = run_dir / "best.pt"
-    if val_set is not None and best_path.is_file():
+    if main and val_set is not None and best_path.is_file():
         # Plots and prediction grid of the model the user will deploy.
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
@@ -407,16 +477,30 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                                  batch_size=cfg.train.batch_size, grid_images=cfg.eval.grid_images,
                                  draw_score_threshold=cfg.eval.draw_score_threshold)
         atomic_write_text(run_dir / "best_metrics.txt", format_metrics(final_metrics) + "\n")
+    distributed.barrier()
     result = TrainResult(run_dir, state.best_map, state.best_epoch, state.epoch, stop_reason,
-                         final_metrics, time.time() - start_time, images_seen)
-    log.info(summary(result))
+                         final_metrics, time.time() - start_time, images_seen, **_peak_memory(device),
+                         rank=distributed.rank())
+    log.info("run finished: %s", result.stop_reason)
+    if distributed.is_main():
+        atomic_write_text(run_dir / "summary.txt", summary(result) + "\n")
     return result
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak resident RAM of this process and, on CUDA, peak allocated GPU memory (MiB)."""
+    peaks = {"peak_ram_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peaks["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peaks
 
 
 def summary(result: TrainResult) -> str:
     lines = [
         f"run {result.run_dir}: {result.stop_reason} after {result.epochs_done} epochs in "
-        f"{result.seconds / 60:.1f} min ({result.images_seen / max(result.seconds, 1e-9):.2f} images/s overall)",
+        f"{result.seconds / 60:.1f} min ({result.images_seen / max(result.seconds, 1e-9):.2f} images/s overall, "
+        f"peak RAM {result.peak_ram_mb:.0f} MiB"
+        + (f", peak GPU memory {result.peak_gpu_mb:.0f} MiB)" if result.peak_gpu_mb is not None else ")"),
     ]
     if result.final_metrics is not None:
         lines.append(f"best.pt (epoch {result.best_epoch}): " + format_metrics(result.final_metrics))
@@ -427,23 +511,30 @@ def summary(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDataset, cfg: Config,
-                    state: TrainState, device: torch.device, flags: StopFlags,
-                    reserve_seconds: float, progress: bool, writer) -> tuple[dict[str, float], int, str | None]:
-    """One pass over the shuffled batches from ``state.iteration`` on.
+def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDataset | feature_cache.FeatureCache,
+                    cfg: Config, state: TrainState, device: torch.device, flags: StopFlags,
+                    reserve_seconds: float, progress: bool, writer,
+                    amp_dtype: torch.dtype | None = None) -> tuple[dict[str, float], int, str | None]:
+    """One pass over the shuffled batches from ``state.iteration`` on (this rank's share).
 
+    ``dataset`` gives images, or cached views of them (train.cache_features): then the batch's
+    losses come from the RPN + RoI heads on the cached features, the rest is the same.
     Returns (mean losses, images seen, stop reason or None). Stops only at the start of an
     accumulation window, so a checkpoint never holds half-accumulated gradients.
     """
     set_train_mode(model, cfg, state.unfrozen)
-    batches = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch)
+    cached = isinstance(dataset, feature_cache.FeatureCache)
+    batches = distributed.shard(
+        epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch, dataset.groups))
     # A private generator keeps the DataLoader from drawing on the global RNG, which the
     # model's samplers use: a resumed run then draws exactly what an uninterrupted one would.
-    loader = make_loader(dataset, batches[state.iteration:], cfg.train.batch_size, cfg.data.num_workers)
+    workers = 0 if cached and dataset.where == "RAM" else cfg.data.num_workers
+    loader = make_loader(dataset, batches[state.iteration:], cfg.train.batch_size, workers)
     loader.generator = torch.Generator()
+    net = distributed.wrap(feature_cache.CachedHeads(model) if cached else model, device)
     accumulate = cfg.train.accumulate
     sums: dict[str, float] = defaultdict(float)
-    counted = seen = nonfinite_streak = 0
+    counted = seen = 0
     iteration_seconds = None
     bar = tqdm(total=len(batches), initial=state.iteration, disable=not progress, dynamic_ncols=True,
                desc=f"epoch {state.epoch + 1}/{cfg.train.epochs + cfg.train.unfreeze.epochs}")
@@ -453,50 +544,58 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
     for images, targets in loader:
         index = state.iteration
         window_start = index % accumulate == 0
+        window_end = (index + 1) % accumulate == 0 or index + 1 == len(batches)
         if window_start:
-            reason = _should_stop(flags, iteration_seconds, accumulate, reserve_seconds)
+            reason = distributed.first_reason(_should_stop(flags, iteration_seconds, accumulate, reserve_seconds))
             if reason:
                 bar.close()
                 return _means(sums, counted), seen, reason
-        images = [img.to(device, non_blocking=True) for img in images]
+        if not cached:  # cached views move their features to the device themselves
+            images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=scaler is not None):
-            loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
-        if not torch.isfinite(loss):
-            nonfinite_streak += 1
+        with distributed.no_sync(net, not window_end):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss_dict = net(images, targets)
+            loss = sum(loss_dict.values())
+            nonfinite = distributed.any_true(not torch.isfinite(loss), device)
+            if not nonfinite:
+                if scaler is not None:
+                    scaler.scale(loss / accumulate).backward()
+                else:
+                    (loss / accumulate).backward()
+        if nonfinite:
             ids = [int(t["image_id"]) for t in targets]
             log.warning("non-finite loss %s at epoch %d batch %d (image ids %s): batch skipped",
-                        {k: float(v) for k, v in loss_dict.items()}, state.epoch + 1, index, ids)
-            flags.extra.setdefault("nonfinite_image_ids", []).extend(ids)
-            if nonfinite_streak >= cfg.train.max_nonfinite_batches:
-                raise TrainingError(
-                    f"{nonfinite_streak} batches in a row had a non-finite loss (image ids "
-                    f"{flags.extra['nonfinite_image_ids'][-20:]}); stopping. The last good "
-                    "checkpoint (last.pt/best.pt) is kept. Lower train.lr or check those images' boxes."
-                )
+                        {k: float(v.detach()) for k, v in loss_dict.items()}, state.epoch + 1, index, ids)
+            _count_nonfinite(flags, cfg, ids)
             state.iteration += 1
             bar.update(1)
             continue
-        nonfinite_streak = 0
-        if scaler is not None:
-            scaler.scale(loss / accumulate).backward()
-        else:
-            (loss / accumulate).backward()
-        window_end = (index + 1) % accumulate == 0 or index + 1 == len(batches)
         if window_end:
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if cfg.train.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
             else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
+                grad_norm = _grad_norm(params)
+            if scaler is None and not torch.isfinite(grad_norm):
+                # A finite loss with a NaN/inf gradient would turn every weight into NaN, and
+                # the epoch's checkpoints with them: skip the step (GradScaler does the same).
+                ids = [int(t["image_id"]) for t in targets]
+                log.warning("non-finite gradient (norm %s) at epoch %d batch %d (image ids %s): "
+                            "optimizer step skipped", float(grad_norm), state.epoch + 1, index, ids)
+                optimizer.zero_grad(set_to_none=True)
+                _count_nonfinite(flags, cfg, ids)
+            else:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step += 1
+                flags.extra["nonfinite_streak"] = 0
         state.iteration += 1
         seen += len(images)
         for key, value in loss_dict.items():
@@ -510,10 +609,30 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
                         img_s=f"{len(images) / max(elapsed, 1e-9):.1f}")
         bar.update(1)
         if writer is not None and state.step % max(cfg.train.log_every, 1) == 0 and window_end:
-            writer.add_scalar("train/loss", float(loss), state.step)
+            writer.add_scalar("train/loss", float(loss.detach()), state.step)
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
     bar.close()
     return _means(sums, counted), seen, None
+
+
+def _count_nonfinite(flags: StopFlags, cfg: Config, ids: list[int]) -> None:
+    """Count a skipped batch or step; the streak runs across epochs until a step succeeds."""
+    flags.extra.setdefault("nonfinite_image_ids", []).extend(ids)
+    streak = flags.extra["nonfinite_streak"] = flags.extra.get("nonfinite_streak", 0) + 1
+    if streak >= cfg.train.max_nonfinite_batches:
+        raise TrainingError(
+            f"{streak} batches in a row had a non-finite loss or gradient (image ids "
+            f"{flags.extra['nonfinite_image_ids'][-20:]}); stopping. The last good "
+            "checkpoint (last.pt/best.pt) is kept. Lower train.lr or check those images' boxes."
+        )
+
+
+def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients (what clip_grad_norm_ returns), without clipping."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _means(sums: dict[str, float], count: int) -> dict[str, float]:

@@ -1,0 +1,366 @@
+"""Fast path for frozen training: FPN features (and frozen-RPN proposals) computed once per image view.
+
+With the backbone + FPN frozen, every epoch recomputes the same features for the same image. Here
+they are computed once, for a fixed set of *views* of each image (the original, its horizontal
+flip, and ``train.cache_views`` photometric variants), stored as fp16 in RAM or on disk, and each
+epoch trains ``model.rpn`` + ``model.roi_heads`` on them. With ``model.freeze_rpn`` the RPN
+proposals are cached as well and only the RoI heads run.
+
+What the cache holds is exactly what ``GeneralizedRCNN.forward`` has after its backbone call:
+``model.transform`` resized and normalised the image (eval-mode resize, the same size training
+uses when ``min_size`` has one value), the boxes were resized the same way, and ``image_sizes``
+(needed by the RPN and the RoI heads) are kept per view. The trained model is the same model:
+checkpoints, evaluation and export run the full network on images.
+
+Not bit-identical to the image path: features are stored in fp16, and each view is padded on its
+own (to a multiple of 32) instead of to the largest image of its batch, which changes feature
+values near the padded border. The random draws are the same (see CachedHeads), so with
+augmentation off the first-epoch RPN losses agree to 1% and the total loss to a few percent
+(tests/test_fast_training.py); the RoI losses move more, as near-tied proposals reorder.
+
+Under torchrun every process builds (or, with ``train.cache_dir``, reuses) the whole cache: a
+RAM cache is held once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+from tqdm import tqdm
+
+from .config import Config
+from .data import DetectionDataset, sample_seed
+from .fileio import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCacheError(RuntimeError):
+    """The feature cache cannot be built as configured (too large for its limit)."""
+
+
+@dataclass
+class CachePlan:
+    """Which views of each image are cached and how an epoch picks one."""
+
+    hflip: float  # probability of the flipped view (when no photometric view is picked)
+    photometric: float  # probability of picking one of the photometric views
+    variants: int  # photometric views per image
+    proposals: bool  # frozen RPN: cache its proposals too, train only the RoI heads
+
+    @property
+    def views(self) -> list[str]:
+        names = ["original"]
+        if self.hflip > 0:
+            names.append("hflip")
+        names += [f"photometric{k}" for k in range(self.variants)]
+        return names
+
+
+def plan_cache(cfg: Config) -> tuple[CachePlan | None, str]:
+    """(plan, "") when ``train.cache_features`` can be honoured, else (None, why not)."""
+    if not cfg.train.cache_features:
+        return None, "train.cache_features is false"
+    reasons = []
+    if not cfg.model.freeze_backbone:
+        reasons.append("model.freeze_backbone is false (the features change as the backbone trains)")
+    aug = cfg.augment
+    for name in ("scale", "crop", "blur"):
+        if getattr(aug, name) > 0:
+            reasons.append(f"augment.{name}={getattr(aug, name)} makes new pixels every epoch")
+    photometric = max(aug.brightness_contrast, aug.hue_saturation)
+    if photometric > 0 and cfg.train.cache_views == 0:
+        reasons.append("photometric augmentation is on but train.cache_views=0 caches no variant of it")
+    if reasons:
+        return None, "; ".join(reasons)
+    variants = cfg.train.cache_views if photometric > 0 else 0
+    return CachePlan(aug.hflip, photometric, variants, cfg.model.freeze_rpn), ""
+
+
+def view_of(plan: CachePlan, seed: int, epoch: int, index: int) -> int:
+    """The view image ``index`` shows in ``epoch``: a pure function, so resume stays exact."""
+    rng = random.Random(sample_seed(seed, epoch, index))
+    if plan.variants and rng.random() < plan.photometric:
+        return (2 if plan.hflip > 0 else 1) + rng.randrange(plan.variants)
+    return 1 if plan.hflip > 0 and rng.random() < plan.hflip else 0
+
+
+def _photometric(cfg: Config) -> A.Compose:
+    """A photometric variant applies every enabled photometric transform (random strength)."""
+    transforms: list[A.BasicTransform] = []
+    if cfg.augment.brightness_contrast > 0:
+        transforms.append(A.RandomBrightnessContrast(p=1.0))
+    if cfg.augment.hue_saturation > 0:
+        transforms.append(A.HueSaturationValue(p=1.0))
+    return A.Compose(transforms)
+
+
+def _view_pixels(image: np.ndarray, boxes: np.ndarray, name: str, photometric: A.Compose | None,
+                 seed: int, index: int, hflip: float) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 HWC image and xyxy boxes of one view (flip as albumentations' HorizontalFlip)."""
+    flip = name == "hflip"
+    if name.startswith("photometric"):
+        k = int(name[len("photometric"):])
+        photometric.set_random_seed(sample_seed(seed, -1 - k, index))
+        image = photometric(image=image)["image"]
+        flip = hflip > 0 and k % 2 == 1  # odd variants are flipped: both orientations are covered
+    if flip:
+        width = image.shape[1]
+        image = np.ascontiguousarray(image[:, ::-1])
+        boxes = boxes.copy()
+        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+    return image, boxes
+
+
+@dataclass
+class CachedView:
+    """One view's cached state: what GeneralizedRCNN.forward holds after the backbone."""
+
+    image_size: tuple[int, int]  # resized (h, w), before padding: ImageList.image_sizes
+    padded_size: tuple[int, int]  # (h, w) padded to the size divisor, alone
+    target: dict[str, torch.Tensor]  # boxes resized like the image, labels, image_id
+    features: dict[str, torch.Tensor] | None = None  # level -> [C, h, w] fp16 (None: on disk)
+    proposals: torch.Tensor | None = None  # frozen RPN's training-mode proposals, [N, 4] fp32
+    path: Path | None = None  # disk cache file
+
+
+@dataclass
+class FeatureCache(torch.utils.data.Dataset):
+    """Dataset of cached views; an epoch picks one view per image (see ``view_of``)."""
+
+    views: list[list[CachedView]]  # image index -> its views
+    plan: CachePlan
+    seed: int
+    bytes: int = 0
+    epoch: int = 0
+    groups: list[int] | None = None
+    where: str = "RAM"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index: int) -> tuple[CachedView, dict[str, torch.Tensor]]:
+        view = self.views[index][view_of(self.plan, self.seed, self.epoch, index)]
+        if view.features is None:
+            stored = torch.load(view.path, map_location="cpu", weights_only=True)
+            view = CachedView(view.image_size, view.padded_size, view.target, stored["features"],
+                              stored.get("proposals"), view.path)
+        return view, view.target
+
+
+class CachedHeads(nn.Module):
+    """The part of GeneralizedRCNN.forward after the backbone, on cached views; returns the losses.
+
+    Shares ``rpn`` and ``roi_heads`` with the model (a DDP wrapper around it syncs their
+    gradients). Loss keys and order are the model's.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.rpn = model.rpn
+        self.roi_heads = model.roi_heads
+        # In training mode GeneralizedRCNNTransform draws one number per image to pick the size
+        # (torch_choice); drawing it here too keeps the RNG stream (anchor/RoI sampling) aligned.
+        self.resize_draws = not getattr(model.transform, "_skip_resize", False)
+
+    def forward(self, views: list[CachedView], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        device = next(self.roi_heads.parameters()).device
+        if self.resize_draws:
+            for _ in views:
+                torch.empty(1).uniform_(0.0, 1.0)
+        features = stack_features(views, device)
+        image_sizes = [v.image_size for v in views]
+        if views[0].proposals is not None:
+            proposals = [v.proposals.to(device, non_blocking=True) for v in views]
+            proposal_losses: dict[str, torch.Tensor] = {}
+        else:
+            height = max(v.padded_size[0] for v in views)
+            width = max(v.padded_size[1] for v in views)
+            # The anchor generator reads only the padded batch shape of ImageList.tensors.
+            images = ImageList(torch.empty((len(views), 0, height, width), device=device), image_sizes)
+            proposals, proposal_losses = self.rpn(images, features, targets)
+        _, detector_losses = self.roi_heads(features, proposals, image_sizes, targets)
+        return {**detector_losses, **proposal_losses}
+
+
+def stack_features(views: list[CachedView], device: torch.device) -> OrderedDict[str, torch.Tensor]:
+    """Per level, the views' fp16 maps zero-padded to the largest and stacked, as fp32."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name in views[0].features:
+        maps = [v.features[name] for v in views]
+        height, width = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
+        batch = torch.zeros((len(maps), maps[0].shape[0], height, width), device=device)
+        for i, m in enumerate(maps):
+            batch[i, :, : m.shape[1], : m.shape[2]] = m.to(device, non_blocking=True)
+        out[name] = batch
+    return out
+
+
+def _resized_shape(model: nn.Module, height: int, width: int) -> tuple[int, int, int, int]:
+    """(h, w, padded h, padded w) after model.transform, without running it (for the estimate)."""
+    transform = model.transform
+    scale = min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width))
+    h, w = math.floor(height * scale), math.floor(width * scale)
+    divisor = transform.size_divisible
+    return h, w, math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
+
+
+def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg: Config) -> str:
+    """Content key of a disk cache: weights that make the features, resize, views, image files."""
+    digest = hashlib.sha256()
+    modules = [model.backbone] + ([model.rpn] if plan.proposals else [])
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    t = model.transform
+    for image_id in dataset.cset.image_ids:
+        stat = dataset.cset.image_path(image_id).stat()
+        digest.update(f"{image_id}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    settings = {"min": list(t.min_size), "max": t.max_size, "mean": list(t.image_mean), "std": list(t.image_std),
+                "plan": plan.__dict__, "augment": cfg.augment.__dict__, "seed": cfg.train.seed,
+                "boxes": {str(k): v.tolist() for k, v in dataset.cset.boxes.items()}}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config, plan: CachePlan,
+                        device: torch.device, progress: bool = True) -> FeatureCache:
+    """Announce the size, refuse past ``train.cache_max_gb``, then compute every view once.
+
+    Runs in eval mode inside ``torch.random.fork_rng``: building never moves the global RNG, so
+    a resumed run (which rebuilds the cache) draws exactly what an uninterrupted one would.
+    """
+    was_training = model.training
+    model.eval()
+    if plan.proposals:
+        model.rpn.training = True  # training-mode proposal counts, as set_train_mode gives the loop
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return _build(model, dataset, cfg, plan, device, progress)
+    finally:
+        model.train(was_training)
+
+
+def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, device: torch.device,
+           progress: bool) -> FeatureCache:
+    cset = dataset.cset
+    names = plan.views
+    photometric = _photometric(cfg) if plan.variants else None
+    levels = list(model.roi_heads.box_roi_pool.featmap_names) if plan.proposals else None
+
+    def compute(index: int, view: str) -> CachedView:
+        image_id = cset.image_ids[index]
+        pixels, boxes = _view_pixels(dataset.load_image(image_id), cset.boxes[image_id], view,
+                                     photometric, cfg.train.seed, index, plan.hflip)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+        target = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+                  "labels": torch.from_numpy(cset.labels[image_id].copy()),
+                  "image_id": torch.tensor(image_id, dtype=torch.int64)}
+        images, targets = model.transform([tensor.to(device)], [{k: v.to(device) for k, v in target.items()}])
+        features = model.backbone(images.tensors)
+        proposals = None
+        if plan.proposals:
+            proposals = model.rpn(images, features, targets)[0][0].float().cpu()
+            features = OrderedDict((k, v) for k, v in features.items() if k in levels)  # what RoIAlign reads
+        stored = {}
+        for key, value in features.items():
+            half = value[0].to(torch.float16).contiguous()  # (channels_last on CUDA: back to CHW)
+            stored[key] = (half if torch.isfinite(half).all() else value[0].float()).cpu()
+            if device.type == "cuda" and not cfg.train.cache_dir:
+                stored[key] = stored[key].pin_memory()  # asynchronous copies to the GPU each batch
+        resized = {"boxes": targets[0]["boxes"].float().cpu(), "labels": targets[0]["labels"].cpu(),
+                   "image_id": target["image_id"]}
+        return CachedView(tuple(images.image_sizes[0]), tuple(images.tensors.shape[-2:]), resized,
+                          stored, proposals)
+
+    # Estimate from the first view's level shapes and every image's resized size.
+    first = compute(0, names[0])
+    per_pixel = [(f.shape[0], first.padded_size[0] / f.shape[1], f.element_size())
+                 for f in first.features.values()]
+    proposal_bytes = first.proposals.numel() * 4 if first.proposals is not None else 0
+    total = 0
+    for image_id in cset.image_ids:
+        info = cset.image_info(image_id)
+        _, _, ph, pw = _resized_shape(model, int(info["height"]), int(info["width"]))
+        one = sum(c * math.ceil(ph / s) * math.ceil(pw / s) * size for c, s, size in per_pixel)
+        total += (one + proposal_bytes) * len(names)
+    limit = cfg.train.cache_max_gb * 1e9
+    where = f"disk ({cfg.train.cache_dir})" if cfg.train.cache_dir else "RAM"
+    what = "features + proposals (frozen RPN: only the RoI heads train)" if plan.proposals else "FPN features"
+    log.info("feature cache: %d images x %d views (%s) of %s, ~%.2f GB fp16 in %s (limit train.cache_max_gb=%g)",
+             len(cset.image_ids), len(names), ", ".join(names), what, total / 1e9, where, cfg.train.cache_max_gb)
+    if total > limit:
+        raise FeatureCacheError(
+            f"the feature cache needs ~{total / 1e9:.2f} GB ({len(cset.image_ids)} images x {len(names)} views) "
+            f"but train.cache_max_gb={cfg.train.cache_max_gb:g}: raise train.cache_max_gb, lower "
+            "train.cache_views or model.min_size, or set train.cache_features=false"
+        )
+
+    folder = None
+    if cfg.train.cache_dir:
+        folder = Path(cfg.train.cache_dir) / _cache_key(model, dataset, plan, cfg)
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            meta = json.loads(manifest.read_text())
+            log.info("feature cache: reusing %s", folder)
+            cache = FeatureCache([[_from_meta(folder, m) for m in image] for image in meta["views"]],
+                                 plan, cfg.train.seed, meta["bytes"], where=where)
+            return cache
+        folder.mkdir(parents=True, exist_ok=True)
+
+    views: list[list[CachedView]] = []
+    stored_bytes = 0
+    bar = tqdm(total=len(cset.image_ids) * len(names), desc="feature cache", disable=not progress,
+               dynamic_ncols=True)
+    for index in range(len(cset.image_ids)):
+        row = []
+        for v, name in enumerate(names):
+            view = first if (index, v) == (0, 0) else compute(index, name)
+            stored_bytes += sum(f.numel() * f.element_size() for f in view.features.values())
+            if folder is not None:
+                view.path = folder / f"{index}_{v}.pt"
+                # Temp file + rename: torchrun processes building the same cache never see half a file.
+                tmp = view.path.with_name(f".{view.path.name}.{os.getpid()}.tmp")
+                torch.save({"features": view.features, "proposals": view.proposals}, tmp)
+                os.replace(tmp, view.path)
+                view.features = view.proposals = None
+            row.append(view)
+            bar.update(1)
+        views.append(row)
+    bar.close()
+    if folder is not None:
+        meta = {"bytes": stored_bytes, "views": [[_to_meta(v) for v in row] for row in views]}
+        atomic_write_text(folder / "manifest.json", json.dumps(meta))
+    log.info("feature cache: %.2f GB stored in %s", stored_bytes / 1e9, where)
+    return FeatureCache(views, plan, cfg.train.seed, stored_bytes, where=where)
+
+
+def _to_meta(view: CachedView) -> dict[str, Any]:
+    return {"image_size": list(view.image_size), "padded_size": list(view.padded_size),
+            "boxes": view.target["boxes"].tolist(), "labels": view.target["labels"].tolist(),
+            "image_id": int(view.target["image_id"]), "file": view.path.name}
+
+
+def _from_meta(folder: Path, meta: dict[str, Any]) -> CachedView:
+    target = {"boxes": torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4),
+              "labels": torch.tensor(meta["labels"], dtype=torch.int64),
+              "image_id": torch.tensor(meta["image_id"], dtype=torch.int64)}
+    return CachedView(tuple(meta["image_size"]), tuple(meta["padded_size"]), target, path=folder / meta["file"])

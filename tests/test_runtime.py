@@ -1,0 +1,334 @@
+"""Deploy runtime (numpy + OpenCV + onnxruntime), `detector predict` and `detector benchmark`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnx_fixtures as fx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from detector import benchmark, predict
+from detector.export import BOX_TOLERANCE, SCORE_TOLERANCE, ParityReport, compare_detections
+from detector.model import load_model
+from detector.runtime import (
+    Detections,
+    Detector,
+    InputError,
+    ModelError,
+    ProviderError,
+    cuda_devices,
+)
+from detector.runtime import contract as C
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with fx.torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return fx.work_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(work, shared_datasets) -> Path:
+    return fx.trained_checkpoint(work, shared_datasets)
+
+
+@pytest.fixture(scope="module")
+def torch_model(checkpoint):
+    model, _ = load_model(checkpoint)
+    return model
+
+
+@pytest.fixture(scope="module")
+def b1(work, shared_datasets) -> Path:
+    return fx.exported(work, shared_datasets, "b1")[0]
+
+
+@pytest.fixture(scope="module")
+def b2(work, shared_datasets) -> Path:
+    return fx.exported(work, shared_datasets, "b2", batch=2)[0]
+
+
+@pytest.fixture(scope="module")
+def det1(b1) -> Detector:
+    return Detector(b1, providers=["cpu"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def det2(b2) -> Detector:
+    return Detector(b2, providers=["cpu"], threads=1)
+
+
+def reference(model, frame: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        (out,) = model([fx.to_tensor(frame)])
+    return {k: out[k].numpy() for k in ("boxes", "scores", "labels")}
+
+
+def assert_same(ref: dict, det: Detections, where: str) -> None:
+    report = ParityReport(images=1, provider="CPU")
+    test = {"boxes": det.boxes, "scores": det.scores, "labels": det.labels}
+    compare_detections(ref, test, report, score_threshold=0.05, max_detections=100, where=where)
+    assert report.passed, report.format()
+    assert report.max_box_diff <= BOX_TOLERANCE and report.max_score_diff <= SCORE_TOLERANCE
+
+
+def write_onnx(path: Path, metadata: dict[str, str] | None = None) -> Path:
+    inp = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "h", "w"])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, "h", "w"])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g", [inp], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what the exporter writes; onnx 1.23's default is newer than onnxruntime's
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_import_runtime_does_not_import_torch():
+    code = (
+        "import sys, detector.runtime; "
+        "bad = [m for m in ('torch', 'torchvision', 'PIL') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cpu_provider_chosen_and_logged(b1, caplog):
+    with caplog.at_level(logging.INFO, logger="detector.runtime"):
+        det = Detector(b1, threads=1)  # default order: TensorRT, CUDA, CPU
+    assert det.provider == "CPUExecutionProvider"
+    lines = [r.getMessage() for r in caplog.records if "onnxruntime provider" in r.getMessage()]
+    assert lines and lines[-1].startswith("onnxruntime provider: CPUExecutionProvider")
+    if cuda_devices()[0] == 0:
+        assert "TensorrtExecutionProvider" in det.skipped_providers
+        assert "CUDAExecutionProvider" in lines[-1]
+
+
+def test_explicit_gpu_provider_without_gpu_is_refused(b1):
+    if cuda_devices()[0] > 0:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ProviderError, match="none of the requested execution providers"):
+        Detector(b1, providers=["cuda"])
+
+
+def test_single_frame_matches_pytorch(det1, torch_model, shared_datasets):
+    frame = fx.raccoon_image(shared_datasets, "raccoon-1")
+    det = det1.predict(frame)
+    assert isinstance(det, Detections) and len(det) > 0
+    assert det.boxes.dtype == np.float32 and det.boxes.shape == (len(det), 4)
+    assert det.scores.dtype == np.float32 and det.labels.dtype == np.int64
+    assert det.names == ["raccoon"] * len(det) and det.image_size == frame.shape[:2]
+    assert np.all(np.diff(det.scores) <= 0)
+    assert_same(reference(torch_model, frame), det, "raccoon-1")
+    # the labelled raccoon is found
+    gt = np.array(fx.raccoon_boxes(shared_datasets, "raccoon-1")[0])
+    assert np.abs(det.boxes[0] - gt).max() < 40
+
+
+def test_flat_gray_frame_gives_empty_result(det1, det2):
+    gray = np.full((240, 320, 3), 128, dtype=np.uint8)
+    for det in (det1.predict(gray), *det2.predict([gray, gray, gray])):
+        assert len(det) == 0
+        assert det.boxes.shape == (0, 4) and det.boxes.dtype == np.float32
+        assert det.scores.shape == (0,) and det.labels.shape == (0,) and det.names == []
+
+
+def test_non_multiple_of_32_frame(det1, torch_model, shared_datasets):
+    frame = cv2.resize(fx.raccoon_image(shared_datasets, "raccoon-10"), (457, 301))
+    det = det1.predict(frame)
+    assert len(det) > 0 and det.image_size == (301, 457)
+    assert_same(reference(torch_model, frame), det, "301x457")
+
+
+def test_batched_list_padding_and_mixed_sizes(det1, det2, torch_model, shared_datasets):
+    a = fx.raccoon_image(shared_datasets, "raccoon-1")
+    b = cv2.resize(fx.raccoon_image(shared_datasets, "raccoon-101"), (a.shape[1], a.shape[0]))
+    c = fx.raccoon_image(shared_datasets, "raccoon-10")  # another size
+    # Three frames on a batch-2 model: same-size a and b share a batch, c runs padded with a copy.
+    results = det2.predict([a, c, b])
+    assert [r.image_size for r in results] == [a.shape[:2], c.shape[:2], b.shape[:2]]
+    for frame, result in zip((a, c, b), results, strict=True):
+        single = det1.predict(frame)
+        assert len(result) == len(single) > 0
+        np.testing.assert_allclose(result.boxes, single.boxes, atol=0.05)
+        np.testing.assert_allclose(result.scores, single.scores, atol=1e-4)
+    # Two sizes forced into one batch: each is padded right/bottom to the common size with the
+    # mean colour (the documented letterbox); boxes come back clipped to each frame.
+    mixed = det2.predict([a, c])
+    height, width = max(a.shape[0], c.shape[0]), max(a.shape[1], c.shape[1])
+    for frame, result in zip((a, c), mixed, strict=True):
+        h, w = frame.shape[:2]
+        assert result.image_size == (h, w)
+        assert np.all(result.boxes >= 0) and np.all(result.boxes[:, [0, 2]] <= w)
+        assert np.all(result.boxes[:, [1, 3]] <= h)
+        canvas = np.empty((height, width, 3), np.uint8)
+        canvas[:] = C.MEAN_BGR_UINT8
+        canvas[:h, :w] = frame
+        ref = reference(torch_model, canvas)
+        ref["boxes"][:, 0::2] = ref["boxes"][:, 0::2].clip(0, w)
+        ref["boxes"][:, 1::2] = ref["boxes"][:, 1::2].clip(0, h)
+        keep = ((ref["boxes"][:, 2] - ref["boxes"][:, 0]) >= 1) & ((ref["boxes"][:, 3] - ref["boxes"][:, 1]) >= 1)
+        assert keep.any()
+        assert_same({k: v[keep] for k, v in ref.items()}, result, f"letterboxed {h}x{w}")
+    # An N x H x W x 3 array is a list of frames.
+    stacked = det2.predict(np.stack([a, b]))
+    assert isinstance(stacked, list) and len(stacked) == 2
+
+
+def test_score_threshold_filters(b1, shared_datasets):
+    frame = fx.raccoon_image(shared_datasets, "raccoon-110")
+    everything = Detector(b1, providers=["cpu"], threads=1).predict(frame)
+    confident = Detector(b1, providers=["cpu"], threads=1, score_threshold=0.5).predict(frame)
+    assert len(everything) > len(confident) > 0
+    assert np.all(confident.scores >= 0.5)
+    np.testing.assert_array_equal(confident.boxes, everything.boxes[everything.scores >= 0.5])
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (np.zeros((240, 320, 3), np.float32), "dtype uint8, got float32"),
+        (np.zeros((240, 320), np.uint8), "3 dimensions"),
+        (np.zeros((240, 320, 4), np.uint8), "BGRA2BGR"),
+        (np.zeros((3, 240, 320), np.uint8), "channels-first"),
+        (np.zeros((8, 320, 3), np.uint8), "outside the supported"),
+        ([[0, 1], [2, 3]], "frame 0: expected a numpy array"),
+        ("frame.jpg", "list of them"),
+        ([np.zeros((240, 320, 3), np.uint8), "frame.jpg"], "frame 1: expected a numpy array"),
+    ],
+)
+def test_invalid_input_is_refused_clearly(det1, frame, message):
+    with pytest.raises(InputError, match=message):
+        det1.predict(frame)
+
+
+def test_model_without_metadata_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="not a detector ONNX model"):
+        Detector(write_onnx(tmp_path / "plain.onnx"), providers=["cpu"])
+    newer = {
+        C.KEY_FORMAT: C.FORMAT_TAG, C.KEY_CONTRACT: "99", C.KEY_CLASS_NAMES: '["a"]',
+        C.KEY_INPUT_FORMAT: C.INPUT_FLOAT, C.KEY_BATCH: "1", C.KEY_DETECTIONS: "100",
+        C.KEY_SCORE_THRESHOLD: "0.05",
+    }
+    with pytest.raises(ModelError, match="newer than this runtime"):
+        Detector(write_onnx(tmp_path / "newer.onnx", newer), providers=["cpu"])
+    with pytest.raises(ModelError, match="lack"):
+        Detector(write_onnx(tmp_path / "outputs.onnx", {**newer, C.KEY_CONTRACT: "1"}), providers=["cpu"])
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="cannot load"):
+        Detector(tmp_path / "junk.onnx", providers=["cpu"])
+    with pytest.raises(FileNotFoundError):
+        Detector(tmp_path / "missing.onnx")
+
+
+def test_predict_folder_writes_images_and_coco_results(b2, tmp_path, shared_datasets, capsys):
+    from pycocotools.coco import COCO
+
+    src = tmp_path / "frames"
+    src.mkdir()
+    names = ["raccoon-1", "raccoon-110", "raccoon-10"]
+    for name in names:
+        cv2.imwrite(str(src / f"{name}.jpg"), fx.raccoon_image(shared_datasets, name))
+    (src / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    code = predict.run(parser.parse_args([str(b2), str(src), "--out", str(out), "--score", "0.3"]))
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "predict: 3 images (1 unreadable, skipped)" in printed
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{n}.jpg" for n in names)
+    results = json.loads((out / "results.json").read_text())
+    assert results and all(r["score"] >= 0.3 and r["category_id"] == 1 for r in results)
+    assert all(len(r["bbox"]) == 4 and r["bbox"][2] > 0 and r["bbox"][3] > 0 for r in results)
+    gt = COCO(str(out / "images.json"))
+    res = gt.loadRes(str(out / "results.json"))
+    assert len(res.getAnnIds()) == len(results)
+    assert set(res.getImgIds()) == {1, 2, 3}
+    # with --annotations the image ids are the ground truth's, and COCOeval accepts the pair
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(json.dumps({
+        "images": [{"id": 100 + i, "file_name": f"{n}.jpg", "height": int(fx.raccoon_image(shared_datasets, n).shape[0]),
+                    "width": int(fx.raccoon_image(shared_datasets, n).shape[1])} for i, n in enumerate(names)],
+        "annotations": [
+            {"id": 1 + i, "image_id": 100 + i, "category_id": 1, "iscrowd": 0,
+             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
+            for i, n in enumerate(names) for b in fx.raccoon_boxes(shared_datasets, n)
+        ],
+        "categories": [{"id": 1, "name": "raccoon"}],
+    }))
+    out2 = tmp_path / "out2"
+    code = predict.run(parser.parse_args([str(b2), str(src), "--out", str(out2), "--score", "0.3",
+                                          "--annotations", str(gt_file), "--no-draw"]))
+    assert code == 0
+    results2 = json.loads((out2 / "results.json").read_text())
+    assert {r["image_id"] for r in results2} <= {100, 101, 102} and len(results2) == len(results)
+    res2 = COCO(str(gt_file)).loadRes(str(out2 / "results.json"))
+    assert len(res2.getAnnIds()) == len(results2)
+
+
+def test_predict_video(b1, tmp_path, shared_datasets, capsys):
+    frame = fx.raccoon_image(shared_datasets, "raccoon-1")
+    h, w = frame.shape[:2]
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (w, h))
+    assert writer.isOpened()
+    for _ in range(4):
+        writer.write(frame)
+    writer.release()
+    out = tmp_path / "video_out"
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    assert predict.run(parser.parse_args([str(b1), str(video), "--out", str(out), "--score", "0.3"])) == 0
+    assert "predict: 4 images" in capsys.readouterr().out
+    annotated = [p for p in out.iterdir() if p.name.startswith("clip_annotated")]
+    assert len(annotated) == 1
+    cap = cv2.VideoCapture(str(annotated[0]))
+    count = 0
+    while cap.read()[0]:
+        count += 1
+    cap.release()
+    assert count == 4
+    results = json.loads((out / "results.json").read_text())
+    assert {r["image_id"] for r in results} == {1, 2, 3, 4}
+
+
+def test_benchmark_cli_writes_table_and_json(b1, b2, checkpoint, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args([str(b1), str(b2), "--checkpoint", str(checkpoint), "--size", "256",
+                              "--iters", "3", "--warmup", "1", "--providers", "cpu", "--threads", "1",
+                              "--json", str(out)])
+    assert benchmark.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "| onnxruntime | CPU | b1.onnx | 1 | 1 |" in printed
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    keys = {(r["engine"], r["model"], r["frames"]) for r in rows}
+    assert keys == {("onnxruntime", "b1.onnx", 1), ("onnxruntime", "b2.onnx", 1),
+                    ("onnxruntime", "b2.onnx", 2), ("torch", checkpoint.name, 1),
+                    ("torch", checkpoint.name, 2)}
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] == 3
+        assert r["fps"] == pytest.approx(r["frames"] * 1000 / r["p50_ms"], rel=1e-2)
