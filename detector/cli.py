@@ -111,19 +111,28 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate}
     handler = handlers.get(args.command) or args.handler
+    try:
+        return int(handler(args) or 0)
+    except expected_errors(args.command) as e:
+        # Expected failures: the message says what and where; no traceback to scare the user.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def expected_errors(command: str) -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story. predict/benchmark stay torch-free (vehicle)."""
+    from .runtime import InputError, ModelError, ProviderError
+
+    errors: tuple[type[BaseException], ...] = (InputError, ModelError, ProviderError, OSError)
+    if command in ("predict", "benchmark"):
+        return errors
     from .config import ConfigError
     from .data import DatasetError
+    from .export import ExportError
     from .feature_cache import FeatureCacheError
     from .fileio import ImageReadError
     from .model import WeightsError
     from .train import TrainingError
 
-    try:
-        return int(handler(args) or 0)
-    except (ConfigError, DatasetError, FeatureCacheError, ImageReadError, WeightsError, TrainingError) as e:
-        # Expected failures: the message says what and where; no traceback to scare the user.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permissions, a path that is not there
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return (*errors, ConfigError, DatasetError, ExportError, FeatureCacheError, ImageReadError,
+            WeightsError, TrainingError)

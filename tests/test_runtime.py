@@ -131,6 +131,28 @@ def test_explicit_gpu_provider_without_gpu_is_refused(b1):
         Detector(b1, providers=["cuda"])
 
 
+def test_provider_plan_with_a_gpu_sets_tensorrt_cache_options(monkeypatch, tmp_path):
+    from detector.runtime import providers
+
+    monkeypatch.setattr(providers, "cuda_devices", lambda: (1, ""))
+    plan = providers.plan_providers(None, trt_cache_dir=tmp_path / "trt", trt_fp16=True)
+    built = set(providers.ort.get_available_providers())
+    expected = [p for p in providers.DEFAULT_PROVIDERS if p in built]
+    assert plan.providers == expected
+    if providers.TENSORRT in built:
+        options = plan.options[0]
+        assert options["trt_engine_cache_enable"] is True and options["trt_fp16_enable"] is True
+        assert options["trt_engine_cache_path"] == str(tmp_path / "trt") and (tmp_path / "trt").is_dir()
+    monkeypatch.setattr(providers, "cuda_devices", lambda: (0, "no NVIDIA driver (test)"))
+    plan = providers.plan_providers(["trt", "cuda", "cpu"])
+    assert plan.providers == ["CPUExecutionProvider"]
+    assert set(plan.skipped.values()) <= {"no NVIDIA driver (test)"} | {
+        v for v in plan.skipped.values() if v.startswith("not built")
+    }
+    with pytest.raises(ProviderError, match="unknown execution provider"):
+        providers.plan_providers(["vulkan"])
+
+
 def test_single_frame_matches_pytorch(det1, torch_model, shared_datasets):
     frame = fx.raccoon_image(shared_datasets, "raccoon-1")
     det = det1.predict(frame)

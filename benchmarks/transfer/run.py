@@ -270,6 +270,27 @@ def record_finished_run(run_dir: Path) -> dict[str, Any]:
                          round(float(rate) * seconds))}
 
 
+def markdown_table(results: dict[str, Any]) -> str:
+    """The README table from a results JSON."""
+    meta = results["meta"]
+    lines = ["| config | deer val mAP | AP50 | AP75 | AR100 | budget | wall | images seen | "
+             "train img/s | evaluated |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [("base", results.get("base"), meta["base_budget_min"])]
+    rows += [(k, v, meta["budget_min_per_config"]) for k, v in sorted(results["configs"].items())]
+    for key, r, budget in rows:
+        if not r or r.get("mAP") is None:
+            lines.append(f"| {key} | not run | | | | {budget:g} min | | | | |")
+            continue
+        what = "base val (8 classes)" if key == "base" else r["label"]
+        lines.append(
+            f"| ({key}) {what} | {r['mAP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | "
+            f"{r['AR100']:.3f} | {budget:g} min | {r['wall_s'] / 60:.1f} min | {r['images_seen']} "
+            f"({r['epochs_done']} epochs) | {r['overall_images_per_s']:.2f} | "
+            f"{r.get('evaluated', 'best.pt').split(' ')[0]} |")
+    return "\n".join(lines)
+
+
 def write_results(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
@@ -297,7 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the base and configurations already in --results")
     parser.add_argument("--from-run", action="append", default=[], metavar="KEY=RUN_DIR",
                         help="record configuration KEY from a run trained earlier, no training")
+    parser.add_argument("--table", action="store_true",
+                        help="print the results JSON as the README's markdown table and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads((ROOT / args.results).read_text(encoding="utf-8"))))
+        return 0
 
     os.chdir(ROOT)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
