@@ -92,9 +92,9 @@ class AugmentConfig:
 
 @dataclass
 class UnfreezeConfig:
-    # Optional second phase: after the frozen epochs, train this many more epochs with the last
-    # `backbone_blocks` blocks of the backbone body (ResNet: layer4, layer3, ...; MobileNet:
-    # inverted-residual blocks) and the FPN trainable at `lr_scale` x the base learning rate.
+    # Optional second phase: after the frozen epochs, train this many more epochs with the FPN
+    # and the last `backbone_blocks` blocks of the backbone body (0: FPN only; ResNet: layer4,
+    # layer3, ...; MobileNet: inverted-residual blocks) trainable at `lr_scale` x the base lr.
     epochs: int = 0
     backbone_blocks: int = 1
     lr_scale: float = 0.1
@@ -289,7 +289,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.max_hours is None or cfg.train.max_hours > 0, "train.max_hours", "> 0"),
         (cfg.train.max_nonfinite_batches >= 1, "train.max_nonfinite_batches", ">= 1"),
         (cfg.train.unfreeze.epochs >= 0, "train.unfreeze.epochs", ">= 0"),
-        (cfg.train.unfreeze.backbone_blocks >= 1, "train.unfreeze.backbone_blocks", ">= 1"),
+        (cfg.train.unfreeze.backbone_blocks >= 0, "train.unfreeze.backbone_blocks", ">= 0"),
         (0 < cfg.augment.scale_min <= cfg.augment.scale_max, "augment.scale_min", "0 < scale_min <= scale_max"),
         (0.0 <= cfg.augment.min_visibility <= 1.0, "augment.min_visibility", "in [0, 1]"),
         (cfg.eval.every >= 1, "eval.every", ">= 1"),

@@ -378,7 +378,8 @@ def backbone_blocks(model: FasterRCNN) -> list[nn.Module]:
 def unfreeze_last_blocks(model: FasterRCNN, count: int) -> list[nn.Parameter]:
     """Make the last ``count`` body blocks and the FPN trainable; return the new parameters."""
     params: list[nn.Parameter] = []
-    modules = [*backbone_blocks(model)[-count:], model.backbone.fpn]
+    blocks = backbone_blocks(model)[-count:] if count > 0 else []
+    modules = [*blocks, model.backbone.fpn]
     for module in modules:
         for p in module.parameters():
             if not p.requires_grad:

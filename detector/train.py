@@ -416,6 +416,9 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 if main:
                     save_checkpoint(run_dir / "last.pt", _checkpoint(
                         model, cfg, train_set, state, optimizer, scheduler, scaler, info=info))
+                    if not (run_dir / "best.pt").is_file():
+                        # Stopped inside the first epoch: the current model is the best there is.
+                        save_checkpoint(run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info))
                 distributed.barrier()
                 log.info("%s: checkpoint saved at epoch %d batch %d", stopped, state.epoch + 1, state.iteration)
                 break

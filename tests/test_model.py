@@ -152,3 +152,7 @@ def test_unfreeze_last_blocks():
     trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("body.layer4.", "fpn.")) for n in trainable)
     assert len(params) == len(trainable)
+    model, _ = build_model(ModelConfig(arch="fasterrcnn_resnet50_fpn", weights="none"), ["deer"])
+    model_mod.unfreeze_last_blocks(model, 0)
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("fpn.") for n in trainable)

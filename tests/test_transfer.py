@@ -42,7 +42,8 @@ def test_mobilenet_v2_checkpoint_seeds_a_frozen_retrain_that_exports_and_runs(
     v2 = {"arch": "fasterrcnn_mobilenet_v2_fpn", "weights_backbone": str(shared_weights / MBV2)}
     # 1. the base detector: ImageNet body, later blocks + FPN trainable (as configs/base-offline.yaml)
     base_cfg = tiny_config(base_json, val_json, tmp_path / "runs", model={**v2, "freeze_backbone": True},
-                           train={"epochs": 0, "name": "base",
+                           eval={"grid_images": 0},
+                           train={"epochs": 0, "name": "base", "batch_size": 4,
                                   "unfreeze": {"epochs": 1, "backbone_blocks": 3, "lr_scale": 1.0}})
     base = train(base_cfg, progress=False)
     assert base.final_metrics is not None and base.best_epoch == 1
@@ -53,7 +54,8 @@ def test_mobilenet_v2_checkpoint_seeds_a_frozen_retrain_that_exports_and_runs(
     retrain_cfg = tiny_config(new_json, new_json, tmp_path / "runs",
                               model={"arch": v2["arch"], "weights": str(base.run_dir / "best.pt"),
                                      "freeze_backbone": True},
-                              train={"epochs": 1, "name": "retrain"})
+                              train={"epochs": 1, "name": "retrain", "batch_size": 3},
+                              eval={"grid_images": 0})
     retrain = train(retrain_cfg, progress=False)
     metrics = retrain.final_metrics
     assert metrics is not None and metrics.num_images == 3 and 0.0 <= metrics.ap50 <= 1.0
@@ -90,8 +92,11 @@ def test_mobilenet_v2_checkpoint_seeds_a_frozen_retrain_that_exports_and_runs(
             expected = model([torch.from_numpy(np.ascontiguousarray(rgb)).float() / 255.0])[0]
         keep = expected["scores"] >= detector.score_threshold
         assert len(found) == int(keep.sum()) and found.image_size == frame.shape[:2]
-        np.testing.assert_allclose(found.scores, expected["scores"][keep].numpy(), atol=1e-3)
-        np.testing.assert_allclose(found.boxes, expected["boxes"][keep].numpy(), atol=0.5)
+        want_scores, want_boxes = expected["scores"][keep].numpy(), expected["boxes"][keep].numpy()
+        np.testing.assert_allclose(found.scores, want_scores, atol=1e-3)
+        for box, score in zip(found.boxes, found.scores, strict=True):  # ties may swap order
+            same_score = np.abs(want_scores - score) <= 1e-3
+            assert np.abs(want_boxes[same_score] - box).max(axis=1).min() <= 0.5, (box, score)
         assert set(found.names) <= {"person"}
 
 

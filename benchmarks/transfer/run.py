@@ -286,7 +286,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| ({key}) {what} | {r['mAP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | "
             f"{r['AR100']:.3f} | {budget:g} min | {r['wall_s'] / 60:.1f} min | {r['images_seen']} "
-            f"({r['epochs_done']} epochs) | {r['overall_images_per_s']:.2f} | "
+            f"({r['epochs_done']} epoch{'' if r['epochs_done'] == 1 else 's'} done) | {r['overall_images_per_s']:.2f} | "
             f"{r.get('evaluated', 'best.pt').split(' ')[0]} |")
     return "\n".join(lines)
 
