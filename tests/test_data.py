@@ -7,7 +7,13 @@ import torch
 from PIL import Image
 
 from detector.config import AugmentConfig
-from detector.data import DatasetError, DetectionDataset, build_augmentation, epoch_batches, load_coco
+from detector.data import (
+    DatasetError,
+    DetectionDataset,
+    build_augmentation,
+    epoch_batches,
+    load_coco,
+)
 from detector.fileio import ImageReadError, UnsafePathError, exif_image_size, read_image_rgb
 
 
