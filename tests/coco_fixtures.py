@@ -62,3 +62,17 @@ def tiny_config(train_json: Path, val_json: Path | None, out_dir: Path, **sectio
     for section, updates in sections.items():
         values.setdefault(section, {}).update(updates)
     return config_from_dict(values)
+
+
+def stop_at_call(monkeypatch, train_module, call: int):
+    """Make the trainer's between-batches stop check say "stopped by test" at its ``call``-th
+    call; returns the real check, to put back before resuming."""
+    calls = {"n": 0}
+    real_should_stop = train_module._should_stop
+
+    def should_stop(*args):
+        calls["n"] += 1
+        return "stopped by test" if calls["n"] == call else real_should_stop(*args)
+
+    monkeypatch.setattr(train_module, "_should_stop", should_stop)
+    return real_should_stop

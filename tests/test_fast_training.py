@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from coco_fixtures import tiny_config, write_coco128_subset
+from coco_fixtures import stop_at_call, tiny_config, write_coco128_subset
 
 from detector import train as train_mod
 from detector.data import DatasetError, aspect_ratio_groups, epoch_batches, load_coco
@@ -87,14 +87,7 @@ def test_views_frozen_rpn_disk_cache_and_bit_identical_resume(tiny, tmp_path, mo
     (folder,) = (tmp_path / "cache").iterdir()
     assert len(list(folder.glob("*.pt"))) == 5 * 4 and (folder / "manifest.json").is_file()
 
-    calls = {"n": 0}
-    real_should_stop = train_mod._should_stop
-
-    def stop_at_fourth_batch(*args):
-        calls["n"] += 1
-        return "stopped by test" if calls["n"] == 5 else real_should_stop(*args)
-
-    monkeypatch.setattr(train_mod, "_should_stop", stop_at_fourth_batch)
+    real_should_stop = stop_at_call(monkeypatch, train_mod, 5)  # the 5th batch: mid epoch 2
     cfg = tiny_config(train_json, None, tmp_path / "parts", **sections)
     with caplog.at_level(logging.INFO, logger="detector"):
         stopped = train(cfg, progress=False)

@@ -19,7 +19,6 @@ from onnx import TensorProto, helper
 
 from detector import benchmark, predict
 from detector.export import BOX_TOLERANCE, SCORE_TOLERANCE, ParityReport, compare_detections
-from detector.model import load_model
 from detector.runtime import (
     Detections,
     Detector,
@@ -30,27 +29,7 @@ from detector.runtime import (
 )
 from detector.runtime import contract as C
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with fx.torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    return fx.work_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(work, shared_datasets) -> Path:
-    return fx.trained_checkpoint(work, shared_datasets)
-
-
-@pytest.fixture(scope="module")
-def torch_model(checkpoint):
-    model, _ = load_model(checkpoint)
-    return model
+pytestmark = pytest.mark.usefixtures("onnx_one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 import yaml
-from coco_fixtures import tiny_config, write_coco128_subset
+from coco_fixtures import stop_at_call, tiny_config, write_coco128_subset
 
 from detector import cli
 from detector import train as train_mod
@@ -80,14 +80,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny, tmp_path, monkey
     full = train(tiny_config(train_json, None, tmp_path / "full", **sections), progress=False)
     expected = load_checkpoint(full.run_dir / "last.pt")
 
-    calls = {"n": 0}
-    real_should_stop = train_mod._should_stop
-
-    def stop_at_fourth_batch(*args):
-        calls["n"] += 1
-        return "stopped by test" if calls["n"] == 5 else real_should_stop(*args)
-
-    monkeypatch.setattr(train_mod, "_should_stop", stop_at_fourth_batch)
+    real_should_stop = stop_at_call(monkeypatch, train_mod, 5)  # the 5th batch: mid epoch 2
     cfg = tiny_config(train_json, None, tmp_path / "parts", **sections)
     stopped = train(cfg, progress=False)
     assert stopped.stop_reason == "stopped by test"
