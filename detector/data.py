@@ -13,7 +13,6 @@ import logging
 import math
 import signal
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,12 +330,8 @@ def describe(cset: CocoSet) -> str:
     num_boxes = sum(len(b) for b in cset.boxes.values())
     negatives = sum(1 for b in cset.boxes.values() if len(b) == 0)
     return (f"{cset.annotations_path}: {len(cset.image_ids)} images ({negatives} without boxes), "
-            f"{num_boxes} boxes, {len(cset.class_names)} classes")
-
-
-def iter_images(cset: CocoSet) -> Iterator[tuple[int, Path]]:
-    for image_id in cset.image_ids:
-        yield image_id, cset.image_path(image_id)
+            f"{num_boxes} boxes, {len(cset.class_names)} classes, {cset.crowd_boxes} iscrowd boxes "
+            "left out of training")
 
 
 def data_sets(cfg: DataConfig) -> tuple[CocoSet, CocoSet | None]:

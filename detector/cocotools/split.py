@@ -31,7 +31,6 @@ from .common import (
     source_key,
 )
 
-SPLIT_NAMES = ("train", "val", "test")
 NEGATIVE = "negative"
 
 

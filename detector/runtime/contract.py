@@ -55,7 +55,6 @@ REQUIRED_KEYS = (
     KEY_SCORE_THRESHOLD,
 )
 
-# BGR / RGB pixel value that normalises to ~0 (ImageNet mean): what padding is filled with, as
+# BGR pixel value that normalises to ~0 (ImageNet mean): what padding is filled with, as
 # torchvision pads the normalised batch with zeros.
 MEAN_BGR_UINT8 = (104, 116, 124)
-MEAN_RGB_FLOAT = (0.485, 0.456, 0.406)
