@@ -10,7 +10,7 @@ Same data (the first --train-images / --val-images of train.json / val.json), th
 weights (one random-init state_dict per architecture, saved once and loaded by every method:
 COCO weights are not available offline), the same epochs, batch size, optimizer (SGD, constant
 lr, no clipping) and augmentation (horizontal flip 0.5, as the torchvision tutorial), RPN/RoI
-sampling at torchvision's defaults. Methods, each in its own process (peak RAM is its own):
+sampling at torchvision's defaults (--box-batch-size changes the RoIs per image for every method). Methods, each in its own process (peak RAM is its own):
 
   plain    the torchvision tutorial loop: model from the torchvision builder, requires_grad False
            on the backbone (and eval mode: frozen BN statistics), Dataset + DataLoader, SGD
@@ -133,7 +133,8 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
     builder = getattr(torchvision.models.detection, arch)
     torch.manual_seed(0)
     model = builder(weights=None, weights_backbone=None, num_classes=len(checkpoint["class_names"]) + 1,
-                    min_size=args.min_size, max_size=args.max_size)
+                    min_size=args.min_size, max_size=args.max_size,
+                    box_batch_size_per_image=args.box_batch_size)
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
     for p in model.backbone.parameters():
@@ -187,7 +188,7 @@ def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze
         "data": {"train_annotations": str(train_json), "train_images": str(args.data / "images"),
                  "num_workers": args.workers, "preflight": False},
         "model": {"arch": arch, "weights": str(start), "min_size": args.min_size, "max_size": args.max_size,
-                  "freeze_rpn": freeze_rpn},
+                  "freeze_rpn": freeze_rpn, "box_batch_size_per_image": args.box_batch_size},
         "augment": {"hflip": 0.5, "brightness_contrast": 0.0},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "scheduler": "step", "milestones": [10_000],
@@ -261,6 +262,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--box-batch-size", type=int, default=512,
+                        help="RoIs sampled per image for the box head, every method (torchvision: 512)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--notes", default="", help="free text stored with the results (load, contention)")
@@ -283,7 +286,7 @@ def main() -> int:
             command = [sys.executable, __file__, str(args.data), "--one", method, "--arch", arch,
                        "--work", str(work)] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                                                ("min_size", "max_size", "epochs", "batch_size", "lr",
-                                                "weight_decay", "workers")]
+                                                "weight_decay", "workers", "box_batch_size")]
             proc = subprocess.run(command, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:

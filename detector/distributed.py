@@ -94,6 +94,15 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj``, indexed by rank, on every rank; None when not distributed."""
+    if not enabled():
+        return None
+    objects: list[Any] = [None] * world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def first_reason(reason: str | None) -> str | None:
     """A stop reason any rank has, on every rank (signals and deadlines arrive unevenly)."""
     if not enabled():

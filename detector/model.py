@@ -206,6 +206,16 @@ def _mobilenet_v2_fpn(num_classes: int, **kwargs: Any) -> FasterRCNN:
     )
 
 
+def _proposal_kwargs(pre_nms_top_n_test: int | None, post_nms_top_n_test: int | None) -> dict[str, int]:
+    """Builder kwargs for the inference proposal counts; a None keeps the arch default."""
+    kwargs = {}
+    if pre_nms_top_n_test is not None:
+        kwargs["rpn_pre_nms_top_n_test"] = int(pre_nms_top_n_test)
+    if post_nms_top_n_test is not None:
+        kwargs["rpn_post_nms_top_n_test"] = int(post_nms_top_n_test)
+    return kwargs
+
+
 def _build_arch(arch: str, num_classes: int, box_score_thresh: float, detections_per_img: int,
                 **extra: Any) -> FasterRCNN:
     spec = ARCH_SPECS[arch]
@@ -282,7 +292,8 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
     spec = ARCH_SPECS[cfg.arch]
     num_classes = len(class_names) + 1
     sampling = {"box_batch_size_per_image": cfg.box_batch_size_per_image,
-                "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image}
+                "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
+                **_proposal_kwargs(cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test)}
     weights = cfg.weights.strip()
     pretrained = weights.lower() != "none" or cfg.weights_backbone.lower() != "none"
 
@@ -428,6 +439,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN:
         len(checkpoint["class_names"]) + 1,
         float(model_cfg.get("score_threshold", 0.05)),
         int(model_cfg.get("detections_per_image", 100)),
+        **_proposal_kwargs(model_cfg.get("rpn_pre_nms_top_n_test"), model_cfg.get("rpn_post_nms_top_n_test")),
     )
     frozen_batchnorm(model.backbone)
     _load_strict(model, checkpoint["model"], Path(checkpoint.get("path", "checkpoint")))

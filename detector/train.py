@@ -197,7 +197,8 @@ def unfreeze_candidates(model: torch.nn.Module, cfg: Config) -> list[torch.nn.Pa
 
 
 def _checkpoint(model, cfg: Config, cset: CocoSet, state: TrainState, optimizer=None, scheduler=None,
-                scaler=None, metrics: Metrics | None = None, info: BuildInfo | None = None) -> dict[str, Any]:
+                scaler=None, metrics: Metrics | None = None, info: BuildInfo | None = None,
+                rank_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     checkpoint: dict[str, Any] = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "arch": cfg.model.arch,
@@ -217,7 +218,25 @@ def _checkpoint(model, cfg: Config, cset: CocoSet, state: TrainState, optimizer=
         checkpoint["scheduler"] = scheduler.state_dict()
         checkpoint["scaler"] = scaler.state_dict() if scaler is not None else None
         checkpoint["rng"] = rng_state()
+        if rank_rng is not None:
+            # torchrun: every rank samples anchors/RoIs on its own images, so its random stream
+            # is its own; rank 0's is taken now (evaluation draws from it after the gather).
+            checkpoint["rank_rng"] = [checkpoint["rng"], *rank_rng[1:]]
     return checkpoint
+
+
+def restore_rng(checkpoint: dict[str, Any]) -> None:
+    """This rank's random state from a checkpoint (see ``_checkpoint``)."""
+    saved = checkpoint.get("rank_rng")
+    world, rank = distributed.world_size(), distributed.rank()
+    if saved is not None and len(saved) == world:
+        set_rng_state(saved[rank])
+        return
+    set_rng_state(checkpoint["rng"])
+    if saved is not None or world > 1:
+        log.warning("resuming with %d process(es) a run saved with %d: the random streams are not "
+                    "the saved ones, so the result will differ slightly from an uninterrupted run",
+                    world, len(saved) if saved is not None else 1)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -367,7 +386,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         scheduler.load_state_dict(resume_checkpoint["scheduler"])
         if scaler is not None and resume_checkpoint.get("scaler"):
             scaler.load_state_dict(resume_checkpoint["scaler"])
-        set_rng_state(resume_checkpoint["rng"])
+        restore_rng(resume_checkpoint)
         rows = [r for r in rows if int(r["epoch"]) <= state.epoch]
 
     cache = None
@@ -408,6 +427,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 last_eval_seconds, progress, writer, amp_dtype=amp_dtype,
             )
             losses, seen = distributed.reduce_epoch(losses, seen, device)
+            rank_rng = distributed.gather_object(rng_state())
             images_seen += seen
             epoch_seconds = time.time() - epoch_start
             if stopped:
@@ -415,7 +435,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 # Save where we are: a resume continues from this very batch.
                 if main:
                     save_checkpoint(run_dir / "last.pt", _checkpoint(
-                        model, cfg, train_set, state, optimizer, scheduler, scaler, info=info))
+                        model, cfg, train_set, state, optimizer, scheduler, scaler, info=info, rank_rng=rank_rng))
                     if not (run_dir / "best.pt").is_file():
                         # Stopped inside the first epoch: the current model is the best there is.
                         save_checkpoint(run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info))
@@ -458,7 +478,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 write_metrics_csv(run_dir / "metrics.csv", rows)
             if main:
                 save_checkpoint(run_dir / "last.pt", _checkpoint(
-                    model, cfg, train_set, state, optimizer, scheduler, scaler, metrics, info))
+                    model, cfg, train_set, state, optimizer, scheduler, scaler, metrics, info, rank_rng))
                 distributed.barrier()
                 distributed.broadcast_object(state.__dict__)
             if cfg.train.patience and state.evals_since_best >= cfg.train.patience:

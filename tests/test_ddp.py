@@ -3,7 +3,9 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
 
 import pytest
 import yaml
@@ -47,3 +49,62 @@ def test_torchrun_two_cpu_processes_train_and_write_one_run(shared_datasets, tmp
     assert all(float(r["loss"]) > 0 and "mAP" in r for r in rows)
     assert proc.stdout.count("mAP@[.5:.95]") >= 1
     assert "distributed: 2 processes (gloo)" in proc.stderr
+
+
+def _torchrun_driver(driver, args, cwd, stop_at: str | None = None, timeout: float = 240):
+    """torchrun (2 CPU processes) on the fault-injection driver of test_faults; with ``stop_at``,
+    SIGTERM to torchrun alone on the first line with that marker (as a scheduler stops a job)."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FAULT_FORWARD_SLEEP": "0.3"}
+    proc = subprocess.Popen(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(driver), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True,
+    )
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    lines, sent = [], False
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if stop_at and not sent and line.startswith("@@ ") and line[3:].strip() == stop_at:
+                proc.send_signal(signal.SIGTERM)
+                sent = True
+        proc.wait(timeout=60)
+    finally:
+        timer.cancel()
+    output = "".join(lines)
+    assert stop_at is None or sent, output[-3000:]
+    return proc.returncode, output
+
+
+def test_torchrun_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(shared_datasets, tmp_path):
+    """Each rank draws its own random numbers (RPN/RoI sampling on its own images), so a resume
+    must give every rank back its own stream, not rank 0's."""
+    from test_faults import DRIVER, assert_same_training
+
+    driver = tmp_path / "fault_driver.py"
+    driver.write_text(DRIVER)
+    train_json = write_coco128_subset(shared_datasets, tmp_path / "data", count=8, name="train.json")
+    values = tiny_config(train_json, None, tmp_path / "runs",
+                         train={"epochs": 2, "batch_size": 1, "accumulate": 2, "warmup_iters": 2,
+                                "device": "cpu"}).to_dict()
+    values["train"]["name"] = "night"
+    config = tmp_path / "night.yaml"
+    config.write_text(yaml.safe_dump(values))
+
+    code, output = _torchrun_driver(driver, [str(config), "--no-progress", "train.name=reference"], tmp_path)
+    assert code == 0, output[-3000:]
+    reference = load_checkpoint(tmp_path / "runs/reference/last.pt")
+
+    # 8 images over 2 ranks, one per batch: 4 forward passes per rank and epoch, 2 optimizer steps.
+    # SIGTERM to torchrun during epoch 2; the ranks agree on where to stop, rank 0 saves.
+    code, output = _torchrun_driver(driver, [str(config), "--no-progress"], tmp_path, stop_at="FORWARD 5")
+    run = tmp_path / "runs/night"
+    state = load_checkpoint(run / "last.pt")["state"]
+    assert "stopped by SIGTERM" in output, output[-3000:]
+    assert state["epoch"] == 1 and 0 < state["iteration"] < 4, state
+    code, output = _torchrun_driver(driver, [str(config), "--resume", str(run), "--no-progress"], tmp_path)
+    assert code == 0, output[-3000:]
+    assert_same_training(load_checkpoint(run / "last.pt"), reference)

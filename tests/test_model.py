@@ -156,3 +156,25 @@ def test_unfreeze_last_blocks():
     model_mod.unfreeze_last_blocks(model, 0)
     trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("fpn.") for n in trainable)
+
+
+def test_inference_proposal_counts_follow_the_config_into_the_checkpoint_model():
+    cfg = ModelConfig(arch="fasterrcnn_mobilenet_v2_fpn", weights="none",
+                      rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50)
+    model, _ = build_model(cfg, ["deer"])
+    assert model.rpn._pre_nms_top_n["testing"] == 200 and model.rpn._post_nms_top_n["testing"] == 50
+    assert model.rpn._post_nms_top_n["training"] == 2000  # training keeps torchvision's sampling
+    checkpoint = {"model": model.state_dict(), "arch": cfg.arch, "class_names": ["deer"],
+                  "config": {"model": {"rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50}}}
+    rebuilt = model_mod.model_from_checkpoint(checkpoint)
+    assert rebuilt.rpn._post_nms_top_n["testing"] == 50
+    with torch.no_grad():
+        proposals, _ = rebuilt.rpn(*_rpn_inputs(rebuilt))
+    assert len(proposals[0]) <= 50
+    default, _ = build_model(ModelConfig(arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights="none"), ["deer"])
+    assert default.rpn._post_nms_top_n["testing"] == 150  # null keeps the arch default
+
+
+def _rpn_inputs(model):
+    images, _ = model.transform([torch.rand(3, 120, 160)])
+    return images, model.backbone(images.tensors)
