@@ -234,8 +234,9 @@ def restore_rng(checkpoint: dict[str, Any]) -> None:
         return
     set_rng_state(checkpoint["rng"])
     if saved is not None or world > 1:
-        log.warning("resuming with %d process(es) a run saved with %d: the random streams are not "
-                    "the saved ones, so the result will differ slightly from an uninterrupted run",
+        log.warning("resuming with %d process(es) a run saved with %d: the random streams and the "
+                    "split of the current epoch's batches differ, so the result will differ from "
+                    "an uninterrupted run",
                     world, len(saved) if saved is not None else 1)
 
 

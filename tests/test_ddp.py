@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -51,9 +52,10 @@ def test_torchrun_two_cpu_processes_train_and_write_one_run(shared_datasets, tmp
     assert "distributed: 2 processes (gloo)" in proc.stderr
 
 
-def _torchrun_driver(driver, args, cwd, stop_at: str | None = None, timeout: float = 240):
+def _torchrun_driver(driver, args, cwd, stop_at: int | None = None, timeout: float = 240):
     """torchrun (2 CPU processes) on the fault-injection driver of test_faults; with ``stop_at``,
-    SIGTERM to torchrun alone on the first line with that marker (as a scheduler stops a job)."""
+    SIGTERM to torchrun alone once a rank reports that forward pass (as a scheduler stops a job).
+    Both ranks write to one pipe, so a marker can share its line with the other rank's."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -68,7 +70,8 @@ def _torchrun_driver(driver, args, cwd, stop_at: str | None = None, timeout: flo
     try:
         for line in proc.stdout:
             lines.append(line)
-            if stop_at and not sent and line.startswith("@@ ") and line[3:].strip() == stop_at:
+            passes = [int(n) for n in re.findall(r"@@ FORWARD (\d+)", line)]
+            if stop_at and not sent and any(n >= stop_at for n in passes):
                 proc.send_signal(signal.SIGTERM)
                 sent = True
         proc.wait(timeout=60)
@@ -100,7 +103,7 @@ def test_torchrun_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(shared
 
     # 8 images over 2 ranks, one per batch: 4 forward passes per rank and epoch, 2 optimizer steps.
     # SIGTERM to torchrun during epoch 2; the ranks agree on where to stop, rank 0 saves.
-    code, output = _torchrun_driver(driver, [str(config), "--no-progress"], tmp_path, stop_at="FORWARD 5")
+    code, output = _torchrun_driver(driver, [str(config), "--no-progress"], tmp_path, stop_at=5)
     run = tmp_path / "runs/night"
     state = load_checkpoint(run / "last.pt")["state"]
     assert "stopped by SIGTERM" in output, output[-3000:]
