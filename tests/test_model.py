@@ -178,3 +178,15 @@ def test_inference_proposal_counts_follow_the_config_into_the_checkpoint_model()
 def _rpn_inputs(model):
     images, _ = model.transform([torch.rand(3, 120, 160)])
     return images, model.backbone(images.tensors)
+
+
+def test_fused_frozen_batchnorm_matches_torchvision_frozen_batchnorm():
+    torch.manual_seed(0)
+    reference = FrozenBatchNorm2d(8)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(reference, name).copy_(torch.randn(8))
+    reference.running_var.copy_(torch.rand(8) + 0.1)
+    fused = model_mod.FusedFrozenBatchNorm2d(8)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 8, 5, 7)
+    torch.testing.assert_close(fused(x), reference(x))

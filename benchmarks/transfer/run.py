@@ -109,9 +109,8 @@ SETUP_SECONDS = 20.0  # preflight + model build inside the budget, before the fi
 def probe(cfg: Config, unfrozen: bool, batches: int = 6, warmup: int = 2) -> dict[str, float]:
     """Seconds per training image (trainable set of the phase) and per evaluated image.
 
-    With one warm-up batch and two timed ones the probe measured 0.45 s per image where the run
-    then trained at 0.25 (quiet machine, config (b)): the plan used half the budget. It now
-    times six batches after two warm-up ones; `--epochs` fixes the schedule instead.
+    Two warm-up batches, then six timed: with one and two, (b) was probed at 0.45 s per image
+    and trained at 0.25, so its plan used half the budget. `--epochs` fixes the schedule.
     """
     torch.manual_seed(0)
     train_set, val_set = data_sets(cfg.data)
