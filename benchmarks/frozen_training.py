@@ -18,6 +18,15 @@ sampling at torchvision's defaults (--box-batch-size changes the RoIs per image 
   cached   detector.train.train with train.cache_features=true (FPN features cached; RPN + RoI heads train)
   plain-frozen-rpn / cached-frozen-rpn
            the same with the RPN frozen too (cached: proposals cached, only the RoI heads run)
+  <ours method>-bf16
+           the same with train.amp_cpu (bfloat16 autocast on a CPU with AVX512-BF16/AMX); the
+           plain loop stays float32, as the tutorial writes it
+
+Start weights: by default one random-init model per architecture (COCO weights are not
+available offline, so val mAP stays near 0 and cannot show "equal mAP"). With --start CKPT,
+every method starts from that pipeline checkpoint (a team's earlier detector: its arch, its
+trained backbone + FPN) with one seeded new box predictor for this data's classes, so val mAP
+is meaningful; the plain loop then builds the same torchvision FasterRCNN from the checkpoint.
 
 images/s is steady state (epochs after the first; the first carries one-time start-up costs);
 wall time is the whole training (cached: building the cache included), evaluation excluded.
@@ -43,8 +52,10 @@ import torch
 ARCHS = {
     "fasterrcnn_resnet50_fpn": "resnet50",
     "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet_v3",
+    "fasterrcnn_mobilenet_v2_fpn": "mobilenet_v2",  # ours, for --start with an ImageNet-MobileNetV2 detector
 }
-METHODS = ("plain", "ours", "cached", "plain-frozen-rpn", "cached-frozen-rpn")
+METHODS = ("plain", "ours", "cached", "plain-frozen-rpn", "cached-frozen-rpn",
+           "ours-bf16", "cached-bf16", "cached-frozen-rpn-bf16")
 
 
 def subset(src: Path, out: Path, count: int) -> Path:
@@ -86,6 +97,23 @@ def start_weights(arch: str, train_json: Path, image_dir: Path, args, path: Path
     frozen_batchnorm(model.backbone)
     save_checkpoint(path, {"model": model.state_dict(), "arch": arch, "class_names": cset.class_names,
                            "category_ids": cset.category_ids, "config": {}, "state": {}})
+
+
+def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args, path: Path) -> str:
+    """The earlier detector ``source`` with one seeded new box predictor for this data's classes."""
+    from detector.config import ModelConfig
+    from detector.data import load_coco
+    from detector.model import build_model, load_checkpoint, save_checkpoint
+
+    cset = load_coco(train_json, image_dir)
+    arch = load_checkpoint(source)["arch"]
+    torch.manual_seed(0)
+    model, info = build_model(ModelConfig(arch=arch, weights=str(source), min_size=args.min_size,
+                                          max_size=args.max_size), cset.class_names)
+    assert info.predictor_replaced, f"{source} already has this data's classes: nothing new to learn"
+    save_checkpoint(path, {"model": model.state_dict(), "arch": arch, "class_names": cset.class_names,
+                           "category_ids": cset.category_ids, "config": {}, "state": {}})
+    return arch
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,13 +158,20 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
     from detector.model import load_checkpoint
 
     checkpoint = load_checkpoint(start)
-    builder = getattr(torchvision.models.detection, arch)
     torch.manual_seed(0)
-    model = builder(weights=None, weights_backbone=None, num_classes=len(checkpoint["class_names"]) + 1,
-                    min_size=args.min_size, max_size=args.max_size,
-                    box_batch_size_per_image=args.box_batch_size)
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    if hasattr(torchvision.models.detection, arch):
+        builder = getattr(torchvision.models.detection, arch)
+        model = builder(weights=None, weights_backbone=None, num_classes=len(checkpoint["class_names"]) + 1,
+                        min_size=args.min_size, max_size=args.max_size,
+                        box_batch_size_per_image=args.box_batch_size)
+        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+    else:  # no torchvision builder (MobileNetV2-FPN): the same torchvision FasterRCNN, built by us
+        from detector.model import model_from_checkpoint
+
+        model = model_from_checkpoint(checkpoint)
+        model.transform.min_size, model.transform.max_size = (args.min_size,), args.max_size
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = args.box_batch_size
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     if freeze_rpn:
@@ -167,7 +202,8 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
 # --------------------------------------------------------------------------------------------
 
 
-def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze_rpn: bool, out: Path) -> dict:
+def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze_rpn: bool, bf16: bool,
+             out: Path) -> dict:
     from detector import feature_cache
     from detector import train as train_mod
     from detector.config import config_from_dict
@@ -193,7 +229,7 @@ def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                   "weight_decay": args.weight_decay, "scheduler": "step", "milestones": [10_000],
                   "warmup_iters": 0, "clip_grad_norm": 0.0, "seed": 0, "device": "cpu",
-                  "cache_features": cache, "out_dir": str(out), "name": "run"},
+                  "cache_features": cache, "amp_cpu": bf16, "out_dir": str(out), "name": "run"},
         "eval": {"grid_images": 0},
     })
     result = train_mod.train(cfg, progress=False)
@@ -212,11 +248,12 @@ def one(args) -> None:
     work = args.work
     train_json, val_json = work / "train.json", work / "val.json"
     start = work / f"{args.arch}-start.pt"
-    freeze_rpn = args.method.endswith("frozen-rpn")
+    bf16 = args.method.endswith("-bf16")
+    freeze_rpn = args.method.removesuffix("-bf16").endswith("frozen-rpn")
     if args.method.startswith("plain"):
         run = run_plain(args.arch, args, train_json, start, freeze_rpn)
     else:
-        run = run_ours(args.arch, args, train_json, start, args.method.startswith("cached"), freeze_rpn,
+        run = run_ours(args.arch, args, train_json, start, args.method.startswith("cached"), freeze_rpn, bf16,
                        work / f"runs-{args.arch}-{args.method}")
     train_set = load_coco(train_json, args.data / "images")
     val = load_coco(val_json, args.data / "images", class_names=train_set.class_names)
@@ -241,7 +278,7 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         base = next((b for b in results if b["arch"] == r["arch"]
-                     and b["method"] == ("plain-frozen-rpn" if r["method"].endswith("frozen-rpn") else "plain")), None)
+                     and b["method"] == ("plain-frozen-rpn" if "frozen-rpn" in r["method"] else "plain")), None)
         speed = r["images_per_s"] / base["images_per_s"] if base else float("nan")
         lines.append(f"| {ARCHS[r['arch']]} | {r['method']} | {r['images_per_s']:.2f} | {speed:.2f}x | "
                      f"{r['wall_seconds']:.0f} | {r['cache_build_seconds']:.0f} | {r['val_mAP']:.4f} | "
@@ -264,8 +301,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--box-batch-size", type=int, default=512,
                         help="RoIs sampled per image for the box head, every method (torchvision: 512)")
-    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--archs", nargs="+", default=list(ARCHS)[:2], choices=list(ARCHS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS)[:5], choices=list(METHODS))
+    parser.add_argument("--start", type=Path,
+                        help="pipeline checkpoint every method starts from (its arch; --archs is ignored)")
     parser.add_argument("--notes", default="", help="free text stored with the results (load, contention)")
     parser.add_argument("--one", dest="method", help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)
@@ -280,8 +319,14 @@ def main() -> int:
     subset(args.data / "val.json", work / "val.json", args.val_images)
     results = []
     started = time.time()
-    for arch in args.archs:
-        start_weights(arch, train_json, args.data / "images", args, work / f"{arch}-start.pt")
+    archs = args.archs
+    if args.start:
+        archs = [start_from_checkpoint(args.start, train_json, args.data / "images", args, work / "start.pt")]
+    for arch in archs:
+        if args.start:
+            (work / f"{arch}-start.pt").symlink_to(work / "start.pt")
+        else:
+            start_weights(arch, train_json, args.data / "images", args, work / f"{arch}-start.pt")
         for method in args.methods:
             command = [sys.executable, __file__, str(args.data), "--one", method, "--arch", arch,
                        "--work", str(work)] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
@@ -297,7 +342,7 @@ def main() -> int:
     report = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if k not in ("method", "arch", "work")},
-        "start_weights": "one random-init state_dict per architecture (torch.manual_seed(0)), backbone BatchNorm statistics calibrated on 8 training images then frozen; shared by all methods (COCO weights are not available offline)",
+        "start_weights": (f"{args.start} with one new box predictor for this data's classes (torch.manual_seed(0)); shared by all methods" if args.start else "one random-init state_dict per architecture (torch.manual_seed(0)), backbone BatchNorm statistics calibrated on 8 training images then frozen; shared by all methods (COCO weights are not available offline)"),
         "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "load_average_at_start": os.getloadavg(), "platform": platform.platform(),
                  "torch": torch.__version__},

@@ -241,11 +241,13 @@ def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg
 
 @torch.no_grad()
 def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config, plan: CachePlan,
-                        device: torch.device, progress: bool = True) -> FeatureCache:
+                        device: torch.device, progress: bool = True,
+                        amp_dtype: torch.dtype | None = None) -> FeatureCache:
     """Announce the size, refuse past ``train.cache_max_gb``, then compute every view once.
 
     Runs in eval mode inside ``torch.random.fork_rng``: building never moves the global RNG, so
-    a resumed run (which rebuilds the cache) draws exactly what an uninterrupted one would.
+    a resumed run (which rebuilds the cache) draws exactly what an uninterrupted one would. The
+    backbone runs under autocast in ``amp_dtype`` when given, as the normal loop's would.
     """
     was_training = model.training
     model.eval()
@@ -254,13 +256,13 @@ def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            return _build(model, dataset, cfg, plan, device, progress)
+            return _build(model, dataset, cfg, plan, device, progress, amp_dtype)
     finally:
         model.train(was_training)
 
 
 def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, device: torch.device,
-           progress: bool) -> FeatureCache:
+           progress: bool, amp_dtype: torch.dtype | None) -> FeatureCache:
     cset = dataset.cset
     names = plan.views
     photometric = _photometric(cfg) if plan.variants else None
@@ -275,9 +277,11 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
                   "labels": torch.from_numpy(cset.labels[image_id].copy()),
                   "image_id": torch.tensor(image_id, dtype=torch.int64)}
         images, targets = model.transform([tensor.to(device)], [{k: v.to(device) for k, v in target.items()}])
-        features = model.backbone(images.tensors)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            features = model.backbone(images.tensors)
         proposals = None
-        if plan.proposals:
+        if plan.proposals:  # the RPN in float32 even under amp: cached proposals are used every epoch
+            features = OrderedDict((k, v.float()) for k, v in features.items())
             proposals = model.rpn(images, features, targets)[0][0].float().cpu()
             features = OrderedDict((k, v) for k, v in features.items() if k in levels)  # what RoIAlign reads
         stored = {}

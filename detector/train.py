@@ -367,12 +367,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_lr_lambda(cfg, steps_per_epoch, total_epochs * steps_per_epoch)
     )
-    amp_dtype = None
-    if cfg.train.amp and device.type == "cuda":
-        amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
-        if amp_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            log.warning("train.amp_dtype=bfloat16: this GPU has no bf16; using float16 with loss scaling")
-            amp_dtype = torch.float16
+    amp_dtype = autocast_dtype(cfg, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     state = TrainState()
@@ -396,7 +391,8 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         if plan is None:
             log.warning("train.cache_features: not used, training on images: %s", why_not)
         elif state.epoch < cfg.train.epochs:
-            cache = feature_cache.build_feature_cache(model, dataset, cfg, plan, device, progress)
+            cache = feature_cache.build_feature_cache(model, dataset, cfg, plan, device, progress,
+                                                           amp_dtype=amp_dtype)
             cache.groups = dataset.groups
 
     from torch.utils.tensorboard import SummaryWriter
@@ -533,6 +529,23 @@ def summary(result: TrainResult) -> str:
     else:
         lines.append("no epoch completed: resume with --resume to continue")
     return "\n".join(lines)
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype the training forward runs in, or None for float32 (train.amp*)."""
+    if not cfg.train.amp:
+        return None
+    if device.type == "cuda":
+        if cfg.train.amp_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if cfg.train.amp_dtype == "bfloat16":
+            log.warning("train.amp_dtype=bfloat16: this GPU has no bf16; using float16 with loss scaling")
+        return torch.float16
+    if device.type == "cpu" and cfg.train.amp_cpu:
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return torch.bfloat16
+        log.warning("train.amp_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32")
+    return None
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDataset | feature_cache.FeatureCache,

@@ -65,6 +65,37 @@ def test_cached_path_matches_the_image_path_and_gives_the_same_kind_of_checkpoin
     assert report.path.is_file() and report.size_bytes > 1000
 
 
+def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny, image_run, tmp_path,
+                                                                             monkeypatch, caplog):
+    """train.amp_cpu on the cached path: heads in bf16 where the CPU has it, a warning where not."""
+    train_json, val_json = tiny
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    seen: set[torch.dtype] = set()
+    real_build = train_mod.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model, info = real_build(*args, **kwargs)
+        model.roi_heads.box_head.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        return model, info
+
+    monkeypatch.setattr(train_mod, "build_model", build_and_watch)
+    cfg = tiny_config(train_json, val_json, tmp_path, augment=NO_AUGMENT,
+                      train={"epochs": 1, "cache_features": True, "amp_cpu": True})
+    with caplog.at_level(logging.WARNING, logger="detector"):
+        run = train(cfg, progress=False)
+    if native:
+        assert torch.bfloat16 in seen
+    else:
+        assert seen == {torch.float32}
+        assert any("no native bf16" in r.message for r in caplog.records)
+    checkpoint = load_checkpoint(run.run_dir / "best.pt")
+    assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
+    # bf16 keeps 8 bits of mantissa: the epoch's losses stay close to the float32 run's.
+    ref = read_metrics_csv(image_run.run_dir / "metrics.csv")[0]
+    got = read_metrics_csv(run.run_dir / "metrics.csv")[0]
+    assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=0.1)
+
+
 def test_views_frozen_rpn_disk_cache_and_bit_identical_resume(tiny, tmp_path, monkeypatch, caplog):
     """Flip + photometric views, frozen RPN (cached proposals), cache on disk, stop and resume."""
     train_json, _ = tiny
