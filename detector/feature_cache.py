@@ -220,8 +220,10 @@ def _resized_shape(model: nn.Module, height: int, width: int) -> tuple[int, int,
     return h, w, math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
 
 
-def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg: Config) -> str:
-    """Content key of a disk cache: weights that make the features, resize, views, image files."""
+def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg: Config,
+               amp_dtype: torch.dtype | None = None) -> str:
+    """Content key of a disk cache: weights that make the features, resize, views, image files,
+    and the autocast dtype they were computed in."""
     digest = hashlib.sha256()
     modules = [model.backbone] + ([model.rpn] if plan.proposals else [])
     for module in modules:
@@ -235,6 +237,8 @@ def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg
     settings = {"min": list(t.min_size), "max": t.max_size, "mean": list(t.image_mean), "std": list(t.image_std),
                 "plan": plan.__dict__, "augment": cfg.augment.__dict__, "seed": cfg.train.seed,
                 "boxes": {str(k): v.tolist() for k, v in dataset.cset.boxes.items()}}
+    if amp_dtype is not None:  # (float32 caches keep the keys they had before this setting existed)
+        settings["autocast"] = str(amp_dtype)
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
@@ -247,7 +251,8 @@ def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config
 
     Runs in eval mode inside ``torch.random.fork_rng``: building never moves the global RNG, so
     a resumed run (which rebuilds the cache) draws exactly what an uninterrupted one would. The
-    backbone runs under autocast in ``amp_dtype`` when given, as the normal loop's would.
+    backbone runs under autocast when ``amp_dtype`` is bfloat16, as the normal loop's would; not
+    in float16, whose overflows would be cached as inf.
     """
     was_training = model.training
     model.eval()
@@ -256,7 +261,8 @@ def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            return _build(model, dataset, cfg, plan, device, progress, amp_dtype)
+            return _build(model, dataset, cfg, plan, device, progress,
+                          amp_dtype if amp_dtype == torch.bfloat16 else None)
     finally:
         model.train(was_training)
 
@@ -320,7 +326,7 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
 
     folder = None
     if cfg.train.cache_dir:
-        folder = Path(cfg.train.cache_dir) / _cache_key(model, dataset, plan, cfg)
+        folder = Path(cfg.train.cache_dir) / _cache_key(model, dataset, plan, cfg, amp_dtype)
         manifest = folder / "manifest.json"
         if manifest.is_file():
             meta = json.loads(manifest.read_text())

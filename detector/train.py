@@ -368,6 +368,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         optimizer, make_lr_lambda(cfg, steps_per_epoch, total_epochs * steps_per_epoch)
     )
     amp_dtype = autocast_dtype(cfg, device)
+    log.info("device %s, %s", device, f"autocast {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "float32")
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     state = TrainState()
@@ -534,6 +535,8 @@ def summary(result: TrainResult) -> str:
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype the training forward runs in, or None for float32 (train.amp*)."""
     if not cfg.train.amp:
+        if cfg.train.amp_cpu and device.type == "cpu":
+            log.warning("train.amp_cpu needs train.amp=true; training in float32")
         return None
     if device.type == "cuda":
         if cfg.train.amp_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
@@ -542,10 +545,15 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
             log.warning("train.amp_dtype=bfloat16: this GPU has no bf16; using float16 with loss scaling")
         return torch.float16
     if device.type == "cpu" and cfg.train.amp_cpu:
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if cpu_has_native_bf16():
             return torch.bfloat16
         log.warning("train.amp_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32")
     return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 convs/matmuls faster than float32 (elsewhere oneDNN emulates them)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDataset | feature_cache.FeatureCache,

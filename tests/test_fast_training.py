@@ -2,6 +2,8 @@
 
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,13 +71,18 @@ def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny
                                                                              monkeypatch, caplog):
     """train.amp_cpu on the cached path: heads in bf16 where the CPU has it, a warning where not."""
     train_json, val_json = tiny
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = train_mod.cpu_has_native_bf16()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # an independent look at the CPU flags
+        assert native == bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()))
     seen: set[torch.dtype] = set()
+    backbone_seen: set[torch.dtype] = set()
     real_build = train_mod.build_model
 
     def build_and_watch(*args, **kwargs):
         model, info = real_build(*args, **kwargs)
         model.roi_heads.box_head.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        model.backbone.register_forward_hook(lambda m, i, out: backbone_seen.add(out["0"].dtype))
         return model, info
 
     monkeypatch.setattr(train_mod, "build_model", build_and_watch)
@@ -83,10 +90,10 @@ def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny
                       train={"epochs": 1, "cache_features": True, "amp_cpu": True})
     with caplog.at_level(logging.WARNING, logger="detector"):
         run = train(cfg, progress=False)
-    if native:
-        assert torch.bfloat16 in seen
+    if native:  # the heads in training and the backbone in the cache build (evaluation: float32)
+        assert torch.bfloat16 in seen and torch.bfloat16 in backbone_seen
     else:
-        assert seen == {torch.float32}
+        assert seen == {torch.float32} and backbone_seen == {torch.float32}
         assert any("no native bf16" in r.message for r in caplog.records)
     checkpoint = load_checkpoint(run.run_dir / "best.pt")
     assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
@@ -94,6 +101,24 @@ def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny
     ref = read_metrics_csv(image_run.run_dir / "metrics.csv")[0]
     got = read_metrics_csv(run.run_dir / "metrics.csv")[0]
     assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=0.1)
+
+
+@pytest.mark.parametrize("device, amp, amp_dtype, amp_cpu, bf16_hardware, expected", [
+    ("cuda", True, "bfloat16", False, True, torch.bfloat16),
+    ("cuda", True, "bfloat16", False, False, torch.float16),  # with a warning and loss scaling
+    ("cuda", True, "float16", False, True, torch.float16),
+    ("cuda", False, "bfloat16", False, True, None),
+    ("cpu", True, "bfloat16", False, True, None),  # amp_cpu is opt-in
+    ("cpu", True, "bfloat16", True, True, torch.bfloat16),
+    ("cpu", True, "bfloat16", True, False, None),  # emulated bf16 is slower: float32, with a warning
+    ("cpu", False, "bfloat16", True, True, None),
+])
+def test_autocast_dtype_per_device_and_hardware(tiny, tmp_path, monkeypatch, device, amp, amp_dtype, amp_cpu,
+                                                bf16_hardware, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_hardware)
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: bf16_hardware)
+    cfg = tiny_config(tiny[0], None, tmp_path, train={"amp": amp, "amp_dtype": amp_dtype, "amp_cpu": amp_cpu})
+    assert train_mod.autocast_dtype(cfg, torch.device(device)) == expected
 
 
 def test_views_frozen_rpn_disk_cache_and_bit_identical_resume(tiny, tmp_path, monkeypatch, caplog):
