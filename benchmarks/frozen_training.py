@@ -101,8 +101,9 @@ def start_weights(arch: str, train_json: Path, image_dir: Path, args, path: Path
                            "category_ids": cset.category_ids, "config": {}, "state": {}})
 
 
-def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args, path: Path) -> str:
-    """The earlier detector ``source`` with one seeded new box predictor for this data's classes."""
+def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args, work: Path) -> str:
+    """The earlier detector ``source`` with one seeded new box predictor for this data's classes,
+    saved as ``work/<arch>-start.pt``; returns the arch."""
     from detector.config import ModelConfig
     from detector.data import load_coco
     from detector.model import build_model, load_checkpoint, save_checkpoint
@@ -114,8 +115,9 @@ def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args,
                                           max_size=args.max_size), cset.class_names)
     if not info.predictor_replaced:
         raise SystemExit(f"{source} already has this data's classes: nothing new to learn")
-    save_checkpoint(path, {"model": model.state_dict(), "arch": arch, "class_names": cset.class_names,
-                           "category_ids": cset.category_ids, "config": {}, "state": {}})
+    save_checkpoint(work / f"{arch}-start.pt", {"model": model.state_dict(), "arch": arch,
+                                                "class_names": cset.class_names,
+                                                "category_ids": cset.category_ids, "config": {}, "state": {}})
     return arch
 
 
@@ -326,11 +328,9 @@ def main() -> int:
     started = time.time()
     archs = args.archs
     if args.start:
-        archs = [start_from_checkpoint(args.start, train_json, args.data / "images", args, work / "start.pt")]
+        archs = [start_from_checkpoint(args.start, train_json, args.data / "images", args, work)]
     for arch in archs:
-        if args.start:
-            (work / f"{arch}-start.pt").symlink_to(work / "start.pt")
-        else:
+        if not args.start:
             start_weights(arch, train_json, args.data / "images", args, work / f"{arch}-start.pt")
         for method in args.methods:
             command = [sys.executable, __file__, str(args.data), "--one", method, "--arch", arch,

@@ -303,8 +303,8 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
     spec = ARCH_SPECS[cfg.arch]
     num_classes = len(class_names) + 1
     head_kwargs = {"box_batch_size_per_image": cfg.box_batch_size_per_image,
-                "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
-                **_proposal_kwargs(cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test)}
+                   "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
+                   **_proposal_kwargs(cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test)}
     weights = cfg.weights.strip()
     pretrained = weights.lower() != "none" or cfg.weights_backbone.lower() != "none"
 

@@ -393,7 +393,7 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
             log.warning("train.cache_features: not used, training on images: %s", why_not)
         elif state.epoch < cfg.train.epochs:
             cache = feature_cache.build_feature_cache(model, dataset, cfg, plan, device, progress,
-                                                           amp_dtype=amp_dtype)
+                                                      amp_dtype=amp_dtype)
             cache.groups = dataset.groups
             if not plan.proposals and cfg.train.batch_size > 1:
                 log.info("train.cache_features: the RPN trains on each image's features zero-padded to its "
