@@ -25,8 +25,8 @@ sampling at torchvision's defaults (--box-batch-size changes the RoIs per image 
 Start weights: by default one random-init model per architecture (COCO weights are not
 available offline, so val mAP stays near 0 and cannot show "equal mAP"). With --start CKPT,
 every method starts from that pipeline checkpoint (a team's earlier detector: its arch, its
-trained backbone + FPN) with one seeded new box predictor for this data's classes, so val mAP
-is meaningful. For an arch torchvision has no builder for (MobileNetV2-FPN) the plain loop gets
+trained backbone + FPN) with one seeded new box predictor for this data's classes (re-initialised
+when it already has them), so val mAP is meaningful. For an arch torchvision has no builder for (MobileNetV2-FPN) the plain loop gets
 the torchvision FasterRCNN from detector.model.model_from_checkpoint, so its frozen BatchNorm is
 our fused one: that plain baseline is a little faster than a user's would be.
 
@@ -106,15 +106,17 @@ def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args,
     saved as ``work/<arch>-start.pt``; returns the arch."""
     from detector.config import ModelConfig
     from detector.data import load_coco
-    from detector.model import build_model, load_checkpoint, save_checkpoint
+    from detector.model import build_model, load_checkpoint, replace_predictor, save_checkpoint
 
     cset = load_coco(train_json, image_dir)
     arch = load_checkpoint(source)["arch"]
     torch.manual_seed(0)
     model, info = build_model(ModelConfig(arch=arch, weights=str(source), min_size=args.min_size,
                                           max_size=args.max_size), cset.class_names)
-    if not info.predictor_replaced:
-        raise SystemExit(f"{source} already has this data's classes: nothing new to learn")
+    if not info.predictor_replaced:  # the same classes: the box predictor is learned again from scratch
+        print(f"{source} already has this data's classes: its box predictor is re-initialised (seed 0)")
+        torch.manual_seed(0)
+        replace_predictor(model, len(cset.class_names) + 1)
     save_checkpoint(work / f"{arch}-start.pt", {"model": model.state_dict(), "arch": arch,
                                                 "class_names": cset.class_names,
                                                 "category_ids": cset.category_ids, "config": {}, "state": {}})
@@ -227,7 +229,8 @@ def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze
     feature_cache.build_feature_cache = timed_build
     cfg = config_from_dict({
         "data": {"train_annotations": str(train_json), "train_images": str(args.data / "images"),
-                 "num_workers": args.workers, "preflight": False},
+                 "num_workers": args.workers, "preflight": False,
+                 "aspect_ratio_groups": args.aspect_ratio_groups},
         "model": {"arch": arch, "weights": str(start), "min_size": args.min_size, "max_size": args.max_size,
                   "freeze_rpn": freeze_rpn, "box_batch_size_per_image": args.box_batch_size},
         "augment": {"hflip": 0.5, "brightness_contrast": 0.0},
@@ -306,6 +309,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed of every method (data order, sampling); start weights stay seed 0")
+    parser.add_argument("--aspect-ratio-groups", type=int, default=0,
+                        help="data.aspect_ratio_groups of our methods (the plain loop shuffles freely)")
     parser.add_argument("--box-batch-size", type=int, default=512,
                         help="RoIs sampled per image for the box head, every method (torchvision: 512)")
     parser.add_argument("--archs", nargs="+", default=list(ARCHS)[:2], choices=list(ARCHS))
@@ -336,7 +341,8 @@ def main() -> int:
             command = [sys.executable, __file__, str(args.data), "--one", method, "--arch", arch,
                        "--work", str(work)] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                                                ("min_size", "max_size", "epochs", "batch_size", "lr",
-                                                "weight_decay", "workers", "box_batch_size", "seed")]
+                                                "weight_decay", "workers", "box_batch_size", "seed",
+                                                "aspect_ratio_groups")]
             proc = subprocess.run(command, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:

@@ -12,11 +12,17 @@ uses when ``min_size`` has one value), the boxes were resized the same way, and 
 (needed by the RPN and the RoI heads) are kept per view. The trained model is the same model:
 checkpoints, evaluation and export run the full network on images.
 
-Not bit-identical to the image path: features are stored in fp16, and each view is padded on its
-own (to a multiple of 32) instead of to the largest image of its batch, which changes feature
-values near the padded border. The random draws are the same (see CachedHeads), so with
-augmentation off the first-epoch RPN losses agree to 1% and the total loss to a few percent
-(tests/test_fast_training.py); the RoI losses move more, as near-tied proposals reorder.
+Batches: the normal loop pads a batch's images to its largest and runs the backbone on that, so
+the RPN's anchors over a smaller image's padding see the backbone's features *of padding*. The
+cache pastes each view's maps over the backbone's features of an all-padding image (computed
+once, at the largest padded size in the set), which rebuilds that area away from the images;
+zeros there would be features no image batch produces, and the RPN learns objectness on them.
+
+Not bit-identical to the image path: features are stored in fp16, and each view was computed
+padded alone (to a multiple of 32), which changes feature values within a receptive field of its
+border. The random draws are the same (see CachedHeads), so with augmentation off the first-epoch
+RPN losses agree to 1% and the total loss to a few percent (tests/test_fast_training.py); the RoI
+losses move more, as near-tied proposals reorder.
 
 Under torchrun every process builds (or, with ``train.cache_dir``, reuses) the whole cache: a
 RAM cache is held once per process.
@@ -149,6 +155,9 @@ class FeatureCache(torch.utils.data.Dataset):
     epoch: int = 0
     groups: list[int] | None = None
     where: str = "RAM"
+    # level -> [C, h, w]: the backbone's features of an all-padding image of the largest padded
+    # size in the set; a batch's maps are pasted over a crop of it (see stack_features)
+    padding: dict[str, torch.Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -170,10 +179,11 @@ class CachedHeads(nn.Module):
     gradients). Loss keys and order are the model's.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, padding: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
+        self.padding = padding  # FeatureCache.padding; a plain attribute, so DDP never broadcasts it
         # In training mode GeneralizedRCNNTransform draws one number per image to pick the size
         # (torch_choice); drawing it here too keeps the RNG stream (anchor/RoI sampling) aligned.
         self.resize_draws = not getattr(model.transform, "_skip_resize", False)
@@ -183,7 +193,9 @@ class CachedHeads(nn.Module):
         if self.resize_draws:
             for _ in views:
                 torch.empty(1).uniform_(0.0, 1.0)
-        features = stack_features(views, device)
+        if self.padding is not None and next(iter(self.padding.values())).device != device:
+            self.padding = {k: v.to(device).float() for k, v in self.padding.items()}  # once
+        features = stack_features(views, device, self.padding)
         image_sizes = [v.image_size for v in views]
         if views[0].proposals is not None:
             proposals = [v.proposals.to(device, non_blocking=True) for v in views]
@@ -198,13 +210,22 @@ class CachedHeads(nn.Module):
         return {**detector_losses, **proposal_losses}
 
 
-def stack_features(views: list[CachedView], device: torch.device) -> OrderedDict[str, torch.Tensor]:
-    """Per level, the views' fp16 maps zero-padded to the largest and stacked, as fp32."""
+def stack_features(views: list[CachedView], device: torch.device,
+                   padding: dict[str, torch.Tensor] | None = None) -> OrderedDict[str, torch.Tensor]:
+    """Per level, the views' fp16 maps padded to the largest and stacked, as fp32.
+
+    The padding is ``padding`` (the backbone's features of an all-padding image, cropped), what
+    the backbone gives the normal loop's padded batch away from the images; zeros without it.
+    """
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name in views[0].features:
         maps = [v.features[name] for v in views]
         height, width = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
-        batch = torch.zeros((len(maps), maps[0].shape[0], height, width), device=device)
+        shape = (len(maps), maps[0].shape[0], height, width)
+        if padding is None:
+            batch = torch.zeros(shape, device=device)
+        else:
+            batch = padding[name][:, :height, :width].to(device, torch.float32).expand(shape).clone()
         for i, m in enumerate(maps):
             batch[i, :, : m.shape[1], : m.shape[2]] = m.to(device, non_blocking=True)
         out[name] = batch
@@ -331,9 +352,9 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
         if manifest.is_file():
             meta = json.loads(manifest.read_text())
             log.info("feature cache: reusing %s", folder)
-            cache = FeatureCache([[_from_meta(folder, m) for m in image] for image in meta["views"]],
-                                 plan, cfg.train.seed, meta["bytes"], where=where)
-            return cache
+            views = [[_from_meta(folder, m) for m in image] for image in meta["views"]]
+            return FeatureCache(views, plan, cfg.train.seed, meta["bytes"], where=where,
+                                padding=_padding_features(model, views, device, amp_dtype, levels))
         folder.mkdir(parents=True, exist_ok=True)
 
     views: list[list[CachedView]] = []
@@ -360,7 +381,27 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
         meta = {"bytes": stored_bytes, "views": [[_to_meta(v) for v in row] for row in views]}
         atomic_write_text(folder / "manifest.json", json.dumps(meta))
     log.info("feature cache: %.2f GB stored in %s", stored_bytes / 1e9, where)
-    return FeatureCache(views, plan, cfg.train.seed, stored_bytes, where=where)
+    return FeatureCache(views, plan, cfg.train.seed, stored_bytes, where=where,
+                        padding=_padding_features(model, views, device, amp_dtype, levels))
+
+
+def _padding_features(model: nn.Module, views: list[list[CachedView]], device: torch.device,
+                      amp_dtype: torch.dtype | None, levels: list[str] | None) -> dict[str, torch.Tensor]:
+    """The backbone's features of an all-padding image as large as the largest padded view.
+
+    GeneralizedRCNNTransform pads after normalising, with zeros, so the image is zeros. Any
+    batch's padded shape fits inside it: stack_features crops its top-left corner.
+    """
+    height = max(v.padded_size[0] for row in views for v in row)
+    width = max(v.padded_size[1] for row in views for v in row)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        features = model.backbone(torch.zeros((1, 3, height, width), device=device))
+    padding = {}
+    for key, value in features.items():
+        if levels is None or key in levels:
+            half = value[0].to(torch.float16)
+            padding[key] = (half if torch.isfinite(half).all() else value[0].float()).cpu()
+    return padding
 
 
 def _to_meta(view: CachedView) -> dict[str, Any]:

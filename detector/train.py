@@ -395,10 +395,6 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
             cache = feature_cache.build_feature_cache(model, dataset, cfg, plan, device, progress,
                                                       amp_dtype=amp_dtype)
             cache.groups = dataset.groups
-            if not plan.proposals and cfg.train.batch_size > 1:
-                log.info("train.cache_features: the RPN trains on each image's features zero-padded to its "
-                         "batch, not on features of the padded batch; in the README's benchmark this cost "
-                         "2-3 mAP points at batch 2 and nothing at batch_size=1 (use accumulate)")
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -580,7 +576,7 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
     workers = 0 if cached and dataset.where == "RAM" else cfg.data.num_workers
     loader = make_loader(dataset, batches[state.iteration:], cfg.train.batch_size, workers)
     loader.generator = torch.Generator()
-    net = distributed.wrap(feature_cache.CachedHeads(model) if cached else model, device)
+    net = distributed.wrap(feature_cache.CachedHeads(model, dataset.padding) if cached else model, device)
     accumulate = cfg.train.accumulate
     sums: dict[str, float] = defaultdict(float)
     counted = seen = 0

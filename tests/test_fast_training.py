@@ -10,9 +10,20 @@ import torch
 from coco_fixtures import stop_at_call, tiny_config, write_coco128_subset
 
 from detector import train as train_mod
-from detector.data import DatasetError, aspect_ratio_groups, epoch_batches, load_coco
-from detector.evaluate import evaluate
-from detector.feature_cache import FeatureCacheError, plan_cache
+from detector.data import (
+    DatasetError,
+    DetectionDataset,
+    aspect_ratio_groups,
+    epoch_batches,
+    load_coco,
+)
+from detector.evaluate import evaluate, predict, same_size_batches
+from detector.feature_cache import (
+    FeatureCacheError,
+    build_feature_cache,
+    plan_cache,
+    stack_features,
+)
 from detector.model import build_model, load_checkpoint, load_model
 from detector.train import read_metrics_csv, seed_everything, train
 
@@ -155,6 +166,77 @@ def test_views_frozen_rpn_disk_cache_and_bit_identical_resume(tiny, tmp_path, mo
     assert got["state"]["step"] == expected["state"]["step"]
     for key, value in expected["model"].items():
         assert torch.equal(got["model"][key], value), f"{key} differs after resume"
+
+
+def test_cached_batches_are_padded_with_the_backbones_features_of_padding(tiny, tmp_path):
+    """A batch of two differently shaped images: the stacked cached maps rebuild what the
+    backbone gives the padded image batch, padding included (zeros there would not)."""
+    train_json, _ = tiny
+    cfg = tiny_config(train_json, None, tmp_path, augment=NO_AUGMENT, train={"cache_features": True})
+    cset = load_coco(train_json)
+    model, _ = build_model(cfg.model, cset.class_names)
+    with torch.no_grad():  # a trained FPN's features of flat padding are not zero; random init's are
+        for name, parameter in model.backbone.fpn.named_parameters():
+            if name.endswith("bias"):
+                parameter.fill_(0.5)
+    dataset = DetectionDataset(cset)
+    cache = build_feature_cache(model, dataset, cfg, plan_cache(cfg)[0], torch.device("cpu"), progress=False)
+    shapes = {i: cache[i][0].padded_size for i in range(len(cache))}
+    first = 0
+    second = next(i for i in shapes if shapes[i] != shapes[first])  # the set has both orientations
+    model.eval()
+    with torch.no_grad():
+        images, _ = model.transform([dataset[first][0], dataset[second][0]])
+        expected = model.backbone(images.tensors)
+    views = [cache[first][0], cache[second][0]]
+    padded = stack_features(views, torch.device("cpu"), cache.padding)
+    zeros = stack_features(views, torch.device("cpu"))
+    for level, want in expected.items():
+        assert padded[level].shape == want.shape, level
+        padded_error = (padded[level] - want).norm() / want.norm()
+        # What is left is the border: each view's maps were computed padded alone.
+        assert padded_error < 0.6 * (zeros[level] - want).norm() / want.norm(), level
+    # Each view's own region is its cached map, untouched.
+    h, w = views[1].features["0"].shape[1:]
+    assert torch.equal(padded["0"][1, :, :h, :w], views[1].features["0"].float())
+
+
+def test_evaluation_batches_only_same_size_images_so_detections_do_not_depend_on_batch_size(
+        tiny, tmp_path, shared_weights):
+    train_json, _ = tiny
+    cset = load_coco(train_json)
+    sizes = [(cset.image_info(i)["width"], cset.image_info(i)["height"]) for i in cset.image_ids]
+    assert len(set(sizes)) > 1 and len(sizes) > len(set(sizes))  # mixed sizes, some shared
+    batches = same_size_batches(cset, 4)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))
+    assert all(len({sizes[i] for i in b}) == 1 and len(b) <= 4 for b in batches)
+    assert max(len(b) for b in batches) > 1
+    assert same_size_batches(cset, 1) == [[i] for i in range(len(sizes))]
+
+    # ImageNet MobileNetV2 features + random FPN and heads: scores that differ from box to box.
+    cfg = tiny_config(train_json, None, tmp_path, model={
+        "arch": "fasterrcnn_mobilenet_v2_fpn", "weights_backbone": str(shared_weights / "mobilenet_v2-b0353104.pth"),
+        "score_threshold": 0.0})
+    torch.manual_seed(0)
+    model, _ = build_model(cfg.model, cset.class_names)
+    model.eval()
+    small, large = (next(i for i, s in enumerate(sizes) if s == size) for size in sorted(set(sizes))[:2])
+    dataset = DetectionDataset(cset)
+    with torch.inference_mode():  # why: padded next to a larger image, an image's scores move
+        alone_scores = model([dataset[small][0]])[0]["scores"]
+        mixed_scores = model([dataset[large][0], dataset[small][0]])[1]["scores"]
+    assert not torch.allclose(alone_scores[:10], mixed_scores[:10], atol=1e-4)
+
+    alone = predict(model, cset, torch.device("cpu"), batch_size=1, progress=False)
+    batched = predict(model, cset, torch.device("cpu"), batch_size=4, progress=False)
+    assert len(alone) == len(batched) > 0
+    unmatched = list(batched)  # as sets: near-tied boxes may swap places in the output
+    for a in alone:
+        match = next((b for b in unmatched if (b["image_id"], b["category_id"]) == (a["image_id"], a["category_id"])
+                      and abs(b["score"] - a["score"]) < 1e-4
+                      and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"], strict=True)) < 1e-2), None)
+        assert match is not None, f"image {a['image_id']}: {a} has no batched counterpart"
+        unmatched.remove(match)
 
 
 def test_cache_refuses_to_exceed_its_limit(tiny, tmp_path):
