@@ -8,7 +8,7 @@ a change to evaluation, without training again:
     python benchmarks/reevaluate.py /tmp/raccoon --val-images 40 --min-size 320 --epochs 6 \\
         --out benchmarks/results/frozen_training_cpu_raccoon_reevaluated.json
 
-Only runs that match the given data size, resize and epochs are scored. ``trained_at`` tells
+Only finished runs that match the given data size, resize and epochs are scored. ``trained_at`` tells
 runs of different code apart (the benchmark's JSON files name the change of each session).
 """
 
@@ -49,6 +49,8 @@ def main() -> int:
                 or cfg["model"]["min_size"] != args.min_size or cfg["train"]["epochs"] != args.epochs):
             continue
         model, saved = load_model(checkpoint)
+        if saved["state"]["epoch"] < args.epochs:  # a run stopped early (or still running)
+            continue
         val = load_coco(val_json, args.data / "images", class_names=saved["class_names"])
         metrics = evaluate(model, val, torch.device("cpu"), grid_images=0)
         rows.append({
