@@ -82,8 +82,8 @@ def same_size_batches(cset: CocoSet, batch_size: int) -> list[list[int]]:
     for index, image_id in enumerate(cset.image_ids):
         info = cset.image_info(image_id)
         by_size.setdefault((int(info["width"]), int(info["height"])), []).append(index)
-    batches = [group[i:i + batch_size] for group in by_size.values()
-               for i in range(0, len(group), max(batch_size, 1))]
+    size = max(batch_size, 1)
+    batches = [group[i:i + size] for group in by_size.values() for i in range(0, len(group), size)]
     return sorted(batches, key=lambda batch: batch[0])
 
 

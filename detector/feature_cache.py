@@ -313,8 +313,7 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
             features = OrderedDict((k, v) for k, v in features.items() if k in levels)  # what RoIAlign reads
         stored = {}
         for key, value in features.items():
-            half = value[0].to(torch.float16).contiguous()  # (channels_last on CUDA: back to CHW)
-            stored[key] = (half if torch.isfinite(half).all() else value[0].float()).cpu()
+            stored[key] = _for_storage(value[0])
             if device.type == "cuda" and not cfg.train.cache_dir:
                 stored[key] = stored[key].pin_memory()  # asynchronous copies to the GPU each batch
         resized = {"boxes": targets[0]["boxes"].float().cpu(), "labels": targets[0]["labels"].cpu(),
@@ -396,12 +395,13 @@ def _padding_features(model: nn.Module, views: list[list[CachedView]], device: t
     width = max(v.padded_size[1] for row in views for v in row)
     with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         features = model.backbone(torch.zeros((1, 3, height, width), device=device))
-    padding = {}
-    for key, value in features.items():
-        if levels is None or key in levels:
-            half = value[0].to(torch.float16)
-            padding[key] = (half if torch.isfinite(half).all() else value[0].float()).cpu()
-    return padding
+    return {key: _for_storage(value[0]) for key, value in features.items() if levels is None or key in levels}
+
+
+def _for_storage(feature: torch.Tensor) -> torch.Tensor:
+    """A [C, h, w] map as stored: fp16 CHW on the CPU, float32 where fp16 would overflow."""
+    half = feature.to(torch.float16).contiguous()  # (channels_last on CUDA: back to CHW)
+    return (half if torch.isfinite(half).all() else feature.float()).cpu()
 
 
 def _to_meta(view: CachedView) -> dict[str, Any]:
