@@ -56,15 +56,27 @@ ARCHS = {
     "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet_v3",
     "fasterrcnn_mobilenet_v2_fpn": "mobilenet_v2",  # ours, for --start with an ImageNet-MobileNetV2 detector
 }
-METHODS = ("plain", "ours", "cached", "plain-frozen-rpn", "cached-frozen-rpn",
-           "ours-bf16", "cached-bf16", "cached-frozen-rpn-bf16")
+METHODS = (
+    "plain",
+    "ours",
+    "cached",
+    "plain-frozen-rpn",
+    "cached-frozen-rpn",
+    "ours-bf16",
+    "cached-bf16",
+    "cached-frozen-rpn-bf16",
+)
 
 
 def subset(src: Path, out: Path, count: int) -> Path:
     data = json.loads(src.read_text())
     images = sorted(data["images"], key=lambda i: i["id"])[:count]
     ids = {i["id"] for i in images}
-    data = {**data, "images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    data = {
+        **data,
+        "images": images,
+        "annotations": [a for a in data["annotations"] if a["image_id"] in ids],
+    }
     out.write_text(json.dumps(data))
     return out
 
@@ -84,8 +96,16 @@ def start_weights(arch: str, train_json: Path, image_dir: Path, args, path: Path
 
     cset = load_coco(train_json, image_dir)
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(arch=arch, weights="none", min_size=args.min_size,
-                                       max_size=args.max_size, freeze_backbone=False), cset.class_names)
+    model, _ = build_model(
+        ModelConfig(
+            arch=arch,
+            weights="none",
+            min_size=args.min_size,
+            max_size=args.max_size,
+            freeze_backbone=False,
+        ),
+        cset.class_names,
+    )
     for module in model.backbone.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -97,8 +117,17 @@ def start_weights(arch: str, train_json: Path, image_dir: Path, args, path: Path
         images = [dataset[j][0] for j in range(i, min(i + 2, len(dataset)))]
         model.backbone(model.transform(images)[0].tensors)
     frozen_batchnorm(model.backbone)
-    save_checkpoint(path, {"model": model.state_dict(), "arch": arch, "class_names": cset.class_names,
-                           "category_ids": cset.category_ids, "config": {}, "state": {}})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "arch": arch,
+            "class_names": cset.class_names,
+            "category_ids": cset.category_ids,
+            "config": {},
+            "state": {},
+        },
+    )
 
 
 def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args, work: Path) -> str:
@@ -111,15 +140,29 @@ def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args,
     cset = load_coco(train_json, image_dir)
     arch = load_checkpoint(source)["arch"]
     torch.manual_seed(0)
-    model, info = build_model(ModelConfig(arch=arch, weights=str(source), min_size=args.min_size,
-                                          max_size=args.max_size), cset.class_names)
-    if not info.predictor_replaced:  # the same classes: the box predictor is learned again from scratch
-        print(f"{source} already has this data's classes: its box predictor is re-initialised (seed 0)")
+    model, info = build_model(
+        ModelConfig(arch=arch, weights=str(source), min_size=args.min_size, max_size=args.max_size),
+        cset.class_names,
+    )
+    if (
+        not info.predictor_replaced
+    ):  # the same classes: the box predictor is learned again from scratch
+        print(
+            f"{source} already has this data's classes: its box predictor is re-initialised (seed 0)"
+        )
         torch.manual_seed(0)
         replace_predictor(model, len(cset.class_names) + 1)
-    save_checkpoint(work / f"{arch}-start.pt", {"model": model.state_dict(), "arch": arch,
-                                                "class_names": cset.class_names,
-                                                "category_ids": cset.category_ids, "config": {}, "state": {}})
+    save_checkpoint(
+        work / f"{arch}-start.pt",
+        {
+            "model": model.state_dict(),
+            "arch": arch,
+            "class_names": cset.class_names,
+            "category_ids": cset.category_ids,
+            "config": {},
+            "state": {},
+        },
+    )
     return arch
 
 
@@ -151,10 +194,13 @@ class PlainDataset(torch.utils.data.Dataset):
         info = self.images[i]
         image = read_image(str(self.image_dir / info["file_name"]))
         anns = [a for a in self.anns.get(info["id"], []) if not a.get("iscrowd", 0)]
-        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
-                             dtype=torch.float32).reshape(-1, 4)
-        target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
-                  "labels": torch.tensor([self.label[a["category_id"]] for a in anns], dtype=torch.int64)}
+        boxes = torch.tensor(
+            [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32
+        ).reshape(-1, 4)
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.shape[-2:]),
+            "labels": torch.tensor([self.label[a["category_id"]] for a in anns], dtype=torch.int64),
+        }
         image, target = self.transforms(tv_tensors.Image(image), target)
         return image.float() / 255.0, target
 
@@ -168,11 +214,19 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
     torch.manual_seed(args.seed)
     if hasattr(torchvision.models.detection, arch):
         builder = getattr(torchvision.models.detection, arch)
-        model = builder(weights=None, weights_backbone=None, num_classes=len(checkpoint["class_names"]) + 1,
-                        min_size=args.min_size, max_size=args.max_size,
-                        box_batch_size_per_image=args.box_batch_size)
+        model = builder(
+            weights=None,
+            weights_backbone=None,
+            num_classes=len(checkpoint["class_names"]) + 1,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            box_batch_size_per_image=args.box_batch_size,
+        )
         missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
+        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (
+            missing,
+            unexpected,
+        )
     else:  # no torchvision builder (MobileNetV2-FPN): the same torchvision FasterRCNN, built by us
         from detector.model import model_from_checkpoint
 
@@ -187,8 +241,13 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     dataset = PlainDataset(train_json, args.data / "images", train=True)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                         num_workers=args.workers, collate_fn=lambda b: tuple(zip(*b, strict=True)))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        collate_fn=lambda b: tuple(zip(*b, strict=True)),
+    )
     epoch_seconds = []
     for _ in range(args.epochs):
         model.train()
@@ -209,8 +268,16 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
 # --------------------------------------------------------------------------------------------
 
 
-def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze_rpn: bool, bf16: bool,
-             out: Path) -> dict:
+def run_ours(
+    arch: str,
+    args,
+    train_json: Path,
+    start: Path,
+    cache: bool,
+    freeze_rpn: bool,
+    bf16: bool,
+    out: Path,
+) -> dict:
     from detector import feature_cache
     from detector import train as train_mod
     from detector.config import config_from_dict
@@ -227,19 +294,43 @@ def run_ours(arch: str, args, train_json: Path, start: Path, cache: bool, freeze
         return result
 
     feature_cache.build_feature_cache = timed_build
-    cfg = config_from_dict({
-        "data": {"train_annotations": str(train_json), "train_images": str(args.data / "images"),
-                 "num_workers": args.workers, "preflight": False,
-                 "aspect_ratio_groups": args.aspect_ratio_groups},
-        "model": {"arch": arch, "weights": str(start), "min_size": args.min_size, "max_size": args.max_size,
-                  "freeze_rpn": freeze_rpn, "box_batch_size_per_image": args.box_batch_size},
-        "augment": {"hflip": 0.5, "brightness_contrast": 0.0},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                  "weight_decay": args.weight_decay, "scheduler": "step", "milestones": [10_000],
-                  "warmup_iters": 0, "clip_grad_norm": 0.0, "seed": args.seed, "device": "cpu",
-                  "cache_features": cache, "amp_cpu": bf16, "out_dir": str(out), "name": "run"},
-        "eval": {"grid_images": 0},
-    })
+    cfg = config_from_dict(
+        {
+            "data": {
+                "train_annotations": str(train_json),
+                "train_images": str(args.data / "images"),
+                "num_workers": args.workers,
+                "preflight": False,
+                "aspect_ratio_groups": args.aspect_ratio_groups,
+            },
+            "model": {
+                "arch": arch,
+                "weights": str(start),
+                "min_size": args.min_size,
+                "max_size": args.max_size,
+                "freeze_rpn": freeze_rpn,
+                "box_batch_size_per_image": args.box_batch_size,
+            },
+            "augment": {"hflip": 0.5, "brightness_contrast": 0.0},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "weight_decay": args.weight_decay,
+                "scheduler": "step",
+                "milestones": [10_000],
+                "warmup_iters": 0,
+                "clip_grad_norm": 0.0,
+                "seed": args.seed,
+                "device": "cpu",
+                "cache_features": cache,
+                "amp_cpu": bf16,
+                "out_dir": str(out),
+                "name": "run",
+            },
+            "eval": {"grid_images": 0},
+        }
+    )
     result = train_mod.train(cfg, progress=False)
     rows = read_metrics_csv(result.run_dir / "metrics.csv")
     model, _ = load_model(result.run_dir / "last.pt")
@@ -261,43 +352,79 @@ def one(args) -> None:
     if args.method.startswith("plain"):
         run = run_plain(args.arch, args, train_json, start, freeze_rpn)
     else:
-        run = run_ours(args.arch, args, train_json, start, args.method.startswith("cached"), freeze_rpn, bf16,
-                       work / f"runs-{args.arch}-{args.method}")
+        run = run_ours(
+            args.arch,
+            args,
+            train_json,
+            start,
+            args.method.startswith("cached"),
+            freeze_rpn,
+            bf16,
+            work / f"runs-{args.arch}-{args.method}",
+        )
     train_set = load_coco(train_json, args.data / "images")
     val = load_coco(val_json, args.data / "images", class_names=train_set.class_names)
     metrics = evaluate(run["model"].eval(), val, torch.device("cpu"), grid_images=0)
     epochs = run["epoch_seconds"]
     steady = epochs[1:] or epochs
     n = len(train_set.image_ids)
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    print("RESULT " + json.dumps({
-        "arch": args.arch, "method": args.method,
-        "images_per_s": n * len(steady) / sum(steady),
-        "wall_seconds": sum(epochs) + run["build_seconds"],
-        "cache_build_seconds": run["build_seconds"],
-        "epoch_seconds": [round(s, 2) for s in epochs],
-        "val_mAP": metrics.map, "val_AP50": metrics.ap50,
-        "peak_ram_mb": peak / 1024,
-    }), flush=True)
+    peak = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "arch": args.arch,
+                "method": args.method,
+                "images_per_s": n * len(steady) / sum(steady),
+                "wall_seconds": sum(epochs) + run["build_seconds"],
+                "cache_build_seconds": run["build_seconds"],
+                "epoch_seconds": [round(s, 2) for s in epochs],
+                "val_mAP": metrics.map,
+                "val_AP50": metrics.ap50,
+                "peak_ram_mb": peak / 1024,
+            }
+        ),
+        flush=True,
+    )
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| arch | method | images/s (steady) | speed-up vs plain | wall s (train) | cache build s | val mAP | val AP50 | peak RAM MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arch | method | images/s (steady) | speed-up vs plain | wall s (train) | cache build s | val mAP | val AP50 | peak RAM MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        base = next((b for b in results if b["arch"] == r["arch"]
-                     and b["method"] == ("plain-frozen-rpn" if "frozen-rpn" in r["method"] else "plain")), None)
+        base = next(
+            (
+                b
+                for b in results
+                if b["arch"] == r["arch"]
+                and b["method"] == ("plain-frozen-rpn" if "frozen-rpn" in r["method"] else "plain")
+            ),
+            None,
+        )
         speed = r["images_per_s"] / base["images_per_s"] if base else float("nan")
-        lines.append(f"| {ARCHS.get(r['arch'], r['arch'])} | {r['method']} | {r['images_per_s']:.2f} | {speed:.2f}x | "
-                     f"{r['wall_seconds']:.0f} | {r['cache_build_seconds']:.0f} | {r['val_mAP']:.4f} | "
-                     f"{r['val_AP50']:.4f} | {r['peak_ram_mb']:.0f} |")
+        lines.append(
+            f"| {ARCHS.get(r['arch'], r['arch'])} | {r['method']} | {r['images_per_s']:.2f} | {speed:.2f}x | "
+            f"{r['wall_seconds']:.0f} | {r['cache_build_seconds']:.0f} | {r['val_mAP']:.4f} | "
+            f"{r['val_AP50']:.4f} | {r['peak_ram_mb']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path, help="folder with train.json, val.json, images/ (convert + split)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/frozen_training_cpu.json"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "data", type=Path, help="folder with train.json, val.json, images/ (convert + split)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/frozen_training_cpu.json")
+    )
     parser.add_argument("--train-images", type=int, default=40)
     parser.add_argument("--val-images", type=int, default=20)
     parser.add_argument("--min-size", type=int, default=320)
@@ -307,17 +434,34 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0,
-                        help="training seed of every method (data order, sampling); start weights stay seed 0")
-    parser.add_argument("--aspect-ratio-groups", type=int, default=0,
-                        help="data.aspect_ratio_groups of our methods (the plain loop shuffles freely)")
-    parser.add_argument("--box-batch-size", type=int, default=512,
-                        help="RoIs sampled per image for the box head, every method (torchvision: 512)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of every method (data order, sampling); start weights stay seed 0",
+    )
+    parser.add_argument(
+        "--aspect-ratio-groups",
+        type=int,
+        default=0,
+        help="data.aspect_ratio_groups of our methods (the plain loop shuffles freely)",
+    )
+    parser.add_argument(
+        "--box-batch-size",
+        type=int,
+        default=512,
+        help="RoIs sampled per image for the box head, every method (torchvision: 512)",
+    )
     parser.add_argument("--archs", nargs="+", default=list(ARCHS)[:2], choices=list(ARCHS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS)[:5], choices=list(METHODS))
-    parser.add_argument("--start", type=Path,
-                        help="pipeline checkpoint every method starts from (its arch; --archs is ignored)")
-    parser.add_argument("--notes", default="", help="free text stored with the results (load, contention)")
+    parser.add_argument(
+        "--start",
+        type=Path,
+        help="pipeline checkpoint every method starts from (its arch; --archs is ignored)",
+    )
+    parser.add_argument(
+        "--notes", default="", help="free text stored with the results (load, contention)"
+    )
     parser.add_argument("--one", dest="method", help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -338,25 +482,56 @@ def main() -> int:
         if not args.start:
             start_weights(arch, train_json, args.data / "images", args, work / f"{arch}-start.pt")
         for method in args.methods:
-            command = [sys.executable, __file__, str(args.data), "--one", method, "--arch", arch,
-                       "--work", str(work)] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
-                                               ("min_size", "max_size", "epochs", "batch_size", "lr",
-                                                "weight_decay", "workers", "box_batch_size", "seed",
-                                                "aspect_ratio_groups")]
+            command = [
+                sys.executable,
+                __file__,
+                str(args.data),
+                "--one",
+                method,
+                "--arch",
+                arch,
+                "--work",
+                str(work),
+            ] + [
+                f"--{k.replace('_', '-')}={getattr(args, k)}"
+                for k in (
+                    "min_size",
+                    "max_size",
+                    "epochs",
+                    "batch_size",
+                    "lr",
+                    "weight_decay",
+                    "workers",
+                    "box_batch_size",
+                    "seed",
+                    "aspect_ratio_groups",
+                )
+            ]
             proc = subprocess.run(command, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
                 raise SystemExit(f"{arch} {method} failed")
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
             print(f"{arch} {method}: {results[-1]}", flush=True)
     report = {
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                     if k not in ("method", "arch", "work")},
-        "start_weights": (f"{args.start} with one new box predictor for this data's classes (torch.manual_seed(0)); shared by all methods" if args.start else "one random-init state_dict per architecture (torch.manual_seed(0)), backbone BatchNorm statistics calibrated on 8 training images then frozen; shared by all methods (COCO weights are not available offline)"),
-        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "load_average_at_start": os.getloadavg(), "platform": platform.platform(),
-                 "torch": torch.__version__},
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("method", "arch", "work")
+        },
+        "start_weights": (
+            f"{args.start} with one new box predictor for this data's classes (torch.manual_seed(0)); shared by all methods"
+            if args.start
+            else "one random-init state_dict per architecture (torch.manual_seed(0)), backbone BatchNorm statistics calibrated on 8 training images then frozen; shared by all methods (COCO weights are not available offline)"
+        ),
+        "host": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": os.getloadavg(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+        },
         "total_seconds": time.time() - started,
         "results": results,
         "table": table(results),

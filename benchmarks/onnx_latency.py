@@ -52,7 +52,11 @@ class Case:
 
 def percentiles(times: list[float]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(np.asarray(times), [50, 90, 99])
-    return {"p50_ms": round(float(p50), 1), "p90_ms": round(float(p90), 1), "p99_ms": round(float(p99), 1)}
+    return {
+        "p50_ms": round(float(p50), 1),
+        "p90_ms": round(float(p90), 1),
+        "p99_ms": round(float(p99), 1),
+    }
 
 
 def build(case: Case, device: str = "cpu") -> torch.nn.Module:
@@ -68,7 +72,9 @@ def build(case: Case, device: str = "cpu") -> torch.nn.Module:
 def frame(size: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     small = rng.random((3, size // 16, size // 16), dtype=np.float32)
-    x = torch.nn.functional.interpolate(torch.from_numpy(small)[None], size=(size, size), mode="bilinear")
+    x = torch.nn.functional.interpolate(
+        torch.from_numpy(small)[None], size=(size, size), mode="bilinear"
+    )
     return x.numpy().astype(np.float32)  # [1, 3, size, size] RGB 0..1, smooth
 
 
@@ -92,7 +98,9 @@ def bench_cpu(case: Case, iters: int, warmup: int, threads: int, work: Path) -> 
     model = build(case)
     path = work / f"{case.name}.onnx"
     t = time.perf_counter()
-    export_model(model, path, class_names=[f"class{i}" for i in range(90)], arch=case.arch, parity=False)
+    export_model(
+        model, path, class_names=[f"class{i}" for i in range(90)], arch=case.arch, parity=False
+    )
     export_s = time.perf_counter() - t
     det = Detector(path, providers=["cpu"], threads=threads)
     x = frame(case.size)
@@ -109,12 +117,20 @@ def bench_cpu(case: Case, iters: int, warmup: int, threads: int, work: Path) -> 
     o, e = percentiles(ort_ms), percentiles(torch_ms)
     internal = model.transform.min_size[-1]
     return {
-        "case": case.name, "arch": case.arch, "input": f"{case.size}x{case.size}",
-        "internal_min_size": internal, "threads": threads, "iters": iters, "warmup": warmup,
-        "ort_cpu": o, "torch_eager_cpu": e,
-        "ratio_p50": round(o["p50_ms"] / e["p50_ms"], 3), "ratio_p90": round(o["p90_ms"] / e["p90_ms"], 3),
+        "case": case.name,
+        "arch": case.arch,
+        "input": f"{case.size}x{case.size}",
+        "internal_min_size": internal,
+        "threads": threads,
+        "iters": iters,
+        "warmup": warmup,
+        "ort_cpu": o,
+        "torch_eager_cpu": e,
+        "ratio_p50": round(o["p50_ms"] / e["p50_ms"], 3),
+        "ratio_p90": round(o["p90_ms"] / e["p90_ms"], 3),
         "goal_ratio_le_0.6": o["p50_ms"] <= 0.6 * e["p50_ms"],
-        "export_s": round(export_s, 1), "onnx_mb": round(path.stat().st_size / 1e6, 1),
+        "export_s": round(export_s, 1),
+        "onnx_mb": round(path.stat().st_size / 1e6, 1),
     }
 
 
@@ -125,7 +141,9 @@ def bench_gpu(case: Case, iters: int, warmup: int, work: Path) -> list[dict]:
     paths = {}
     for fp16 in (False, True):
         path = work / f"{case.name}_{'fp16' if fp16 else 'fp32'}.onnx"
-        export_model(model, path, class_names=names, arch=case.arch, fp16=fp16, parity=False, device="cuda")
+        export_model(
+            model, path, class_names=names, arch=case.arch, fp16=fp16, parity=False, device="cuda"
+        )
         paths[fp16] = path
     x = frame(case.size)
     xt = torch.from_numpy(x[0]).cuda()
@@ -136,35 +154,54 @@ def bench_gpu(case: Case, iters: int, warmup: int, work: Path) -> list[dict]:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
                 model([xt])
             torch.cuda.synchronize()
+
         return run
 
-    for label, fn in (("torch eager fp32", eager(False)), ("torch eager autocast fp16", eager(True))):
+    for label, fn in (
+        ("torch eager fp32", eager(False)),
+        ("torch eager autocast fp16", eager(True)),
+    ):
         times, _ = time_pair(fn, lambda: None, iters, warmup)
         rows.append({"case": case.name, "engine": label, **percentiles(times)})
     expected = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
     for provider, fp16 in (("tensorrt", True), ("cuda", False), ("cuda", True)):
         try:
-            det = Detector(paths[fp16], providers=[provider], trt_cache_dir=work / "trt", trt_fp16=fp16)
+            det = Detector(
+                paths[fp16], providers=[provider], trt_cache_dir=work / "trt", trt_fp16=fp16
+            )
         except ProviderError as e:
             print(f"{provider}: {e}")
             continue
         if det.provider != expected[provider]:
             print(f"{provider}: did not start (running on {det.provider}); not timed")
             continue
-        times, _ = time_pair(lambda d=det: d.session.run(None, {"images": x}), lambda: None, iters, warmup)
-        rows.append({"case": case.name, "engine": f"ORT {det.provider} {'fp16' if fp16 else 'fp32'}",
-                     **percentiles(times)})
+        times, _ = time_pair(
+            lambda d=det: d.session.run(None, {"images": x}), lambda: None, iters, warmup
+        )
+        rows.append(
+            {
+                "case": case.name,
+                "engine": f"ORT {det.provider} {'fp16' if fp16 else 'fp32'}",
+                **percentiles(times),
+            }
+        )
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=30, help="timed iterations (mbv3)")
-    parser.add_argument("--r50-iters", type=int, default=8, help="timed iterations (R50, slow on CPU)")
+    parser.add_argument(
+        "--r50-iters", type=int, default=8, help="timed iterations (R50, slow on CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cases", nargs="+", default=["mbv3_320@800", "mbv3_320@640", "r50@800", "r50@512"],
-                        help="which cases to run")
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["mbv3_320@800", "mbv3_320@640", "r50@800", "r50@512"],
+        help="which cases to run",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_latency_cpu.json")
     args = parser.parse_args()
 
@@ -190,28 +227,39 @@ def main() -> int:
     payload = {
         "what": "ONNX Runtime CPU vs PyTorch eager CPU, batch 1, model time only, random weights",
         "machine": {
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
             "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
         },
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    print("\n| case | input | model min side | ORT CPU p50 / p90 ms | eager p50 / p90 ms | ORT / eager (p50) | <= 0.6x |")
+    print(
+        "\n| case | input | model min side | ORT CPU p50 / p90 ms | eager p50 / p90 ms | ORT / eager (p50) | <= 0.6x |"
+    )
     print("|---|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['arch'].replace('fasterrcnn_', '')} | {r['input']} | {r['internal_min_size']} | "
-              f"{r['ort_cpu']['p50_ms']:.0f} / {r['ort_cpu']['p90_ms']:.0f} | "
-              f"{r['torch_eager_cpu']['p50_ms']:.0f} / {r['torch_eager_cpu']['p90_ms']:.0f} | "
-              f"{r['ratio_p50']:.2f} | {'yes' if r['goal_ratio_le_0.6'] else 'no'} |")
+        print(
+            f"| {r['arch'].replace('fasterrcnn_', '')} | {r['input']} | {r['internal_min_size']} | "
+            f"{r['ort_cpu']['p50_ms']:.0f} / {r['ort_cpu']['p90_ms']:.0f} | "
+            f"{r['torch_eager_cpu']['p50_ms']:.0f} / {r['torch_eager_cpu']['p90_ms']:.0f} | "
+            f"{r['ratio_p50']:.2f} | {'yes' if r['goal_ratio_le_0.6'] else 'no'} |"
+        )
     print(f"\n{args.threads} threads, written to {args.out}")
     if gpu_rows:
         gpu_out = args.out.with_name("onnx_latency_gpu.json")
-        gpu_out.write_text(json.dumps({"machine": payload["machine"], "results": gpu_rows}, indent=2) + "\n")
+        gpu_out.write_text(
+            json.dumps({"machine": payload["machine"], "results": gpu_rows}, indent=2) + "\n"
+        )
         print("\n| case | engine | p50 ms | p90 ms | p99 ms |\n|---|---|---:|---:|---:|")
         for r in gpu_rows:
-            print(f"| {r['case']} | {r['engine']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} |")
+            print(
+                f"| {r['case']} | {r['engine']} | {r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} |"
+            )
         print(f"written to {gpu_out}")
     return 0
 

@@ -30,8 +30,12 @@ from detector.model import load_model
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", type=Path, help="the folder the benchmark ran on (its images/ are read)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "data", type=Path, help="the folder the benchmark ran on (its images/ are read)"
+    )
     parser.add_argument("--work-root", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--val-images", type=int, required=True)
     parser.add_argument("--min-size", type=int, required=True)
@@ -45,25 +49,42 @@ def main() -> int:
         work = run.parent.parent
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         val_json = work / "val.json"
-        if (not val_json.is_file() or len(json.loads(val_json.read_text())["images"]) != args.val_images
-                or cfg["model"]["min_size"] != args.min_size or cfg["train"]["epochs"] != args.epochs):
+        if (
+            not val_json.is_file()
+            or len(json.loads(val_json.read_text())["images"]) != args.val_images
+            or cfg["model"]["min_size"] != args.min_size
+            or cfg["train"]["epochs"] != args.epochs
+        ):
             continue
         model, saved = load_model(checkpoint)
         if saved["state"]["epoch"] < args.epochs:  # a run stopped early (or still running)
             continue
         val = load_coco(val_json, args.data / "images", class_names=saved["class_names"])
         metrics = evaluate(model, val, torch.device("cpu"), grid_images=0)
-        rows.append({
-            "method": run.parent.name.removeprefix("runs-").split("-", 1)[1],  # runs-<arch>-<method>
-            "seed": cfg["train"]["seed"], "batch_size": cfg["train"]["batch_size"],
-            "aspect_ratio_groups": cfg["data"].get("aspect_ratio_groups", 0),
-            "trained_at": dt.datetime.fromtimestamp(checkpoint.stat().st_mtime).isoformat(timespec="minutes"),
-            "val_mAP": round(metrics.map, 4), "val_AP50": round(metrics.ap50, 4), "checkpoint": str(checkpoint),
-        })
+        rows.append(
+            {
+                "method": run.parent.name.removeprefix("runs-").split("-", 1)[
+                    1
+                ],  # runs-<arch>-<method>
+                "seed": cfg["train"]["seed"],
+                "batch_size": cfg["train"]["batch_size"],
+                "aspect_ratio_groups": cfg["data"].get("aspect_ratio_groups", 0),
+                "trained_at": dt.datetime.fromtimestamp(checkpoint.stat().st_mtime).isoformat(
+                    timespec="minutes"
+                ),
+                "val_mAP": round(metrics.map, 4),
+                "val_AP50": round(metrics.ap50, 4),
+                "checkpoint": str(checkpoint),
+            }
+        )
         print(rows[-1], flush=True)
-    report = {"settings": {k: str(v) for k, v in vars(args).items()}, "evaluation": "detector.evaluate "
-              "(same-size batches)", "results": sorted(rows, key=lambda r: (r["method"], r["batch_size"],
-                                                                           r["aspect_ratio_groups"], r["seed"]))}
+    report = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "evaluation": "detector.evaluate (same-size batches)",
+        "results": sorted(
+            rows, key=lambda r: (r["method"], r["batch_size"], r["aspect_ratio_groups"], r["seed"])
+        ),
+    }
     atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
     print(f"{len(rows)} checkpoints scored: {args.out}")
     return 0

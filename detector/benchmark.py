@@ -66,13 +66,20 @@ def measure(fn: Callable[[], Any], iters: int, warmup: int) -> tuple[np.ndarray,
 def summarize(times: np.ndarray, *, frames: int, **fields: Any) -> Timing:
     p50, p90, p99 = (float(v) for v in np.percentile(times, [50, 90, 99]))
     return Timing(
-        p50_ms=round(p50, 2), p90_ms=round(p90, 2), p99_ms=round(p99, 2),
-        mean_ms=round(float(times.mean()), 2), fps=round(frames * 1000.0 / p50, 2) if p50 > 0 else 0.0,
-        iters=int(times.size), frames=frames, **fields,
+        p50_ms=round(p50, 2),
+        p90_ms=round(p90, 2),
+        p99_ms=round(p99, 2),
+        mean_ms=round(float(times.mean()), 2),
+        fps=round(frames * 1000.0 / p50, 2) if p50 > 0 else 0.0,
+        iters=int(times.size),
+        frames=frames,
+        **fields,
     )
 
 
-def make_frames(size: int, count: int, image: Path | None = None, seed: int = 0) -> list[np.ndarray]:
+def make_frames(
+    size: int, count: int, image: Path | None = None, seed: int = 0
+) -> list[np.ndarray]:
     """``count`` size x size uint8 BGR frames: the given image resized, else smooth noise."""
     if image is not None:
         frame = cv2.imread(str(image), cv2.IMREAD_COLOR)
@@ -81,7 +88,10 @@ def make_frames(size: int, count: int, image: Path | None = None, seed: int = 0)
         return [cv2.resize(frame, (size, size))] * count
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (max(size // 16, 2), max(size // 16, 2), 3), dtype=np.uint8)
-    return [cv2.resize(np.roll(small, i, axis=0), (size, size), interpolation=cv2.INTER_CUBIC) for i in range(count)]
+    return [
+        cv2.resize(np.roll(small, i, axis=0), (size, size), interpolation=cv2.INTER_CUBIC)
+        for i in range(count)
+    ]
 
 
 def _take(frames: list[np.ndarray], count: int) -> list[np.ndarray]:
@@ -89,28 +99,50 @@ def _take(frames: list[np.ndarray], count: int) -> list[np.ndarray]:
 
 
 def bench_onnx(
-    model: Path, provider: str, frames_all: list[np.ndarray], *, iters: int, warmup: int,
-    trt_cache_dir: Path | None = None, threads: int | None = None,
+    model: Path,
+    provider: str,
+    frames_all: list[np.ndarray],
+    *,
+    iters: int,
+    warmup: int,
+    trt_cache_dir: Path | None = None,
+    threads: int | None = None,
 ) -> list[Timing]:
-    fallback = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    fallback = (
+        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    )
     det = Detector(model, providers=fallback, trt_cache_dir=trt_cache_dir, threads=threads)
     if det.provider != provider:
-        log.warning("%s: %s did not start (running on %s); not timed", model, provider, det.provider)
+        log.warning(
+            "%s: %s did not start (running on %s); not timed", model, provider, det.provider
+        )
         return []
     rows = []
     counts = [1] if det.batch_size == 1 else [1, det.batch_size]
     for count in counts:
         frames = _take(frames_all, count)
         times, out = measure(lambda f=frames: det.predict(f), iters, warmup)
-        rows.append(summarize(
-            times, frames=count, engine="onnxruntime", provider=provider, model=model.name,
-            batch=det.batch_size, detections=int(sum(len(d) for d in out)),
-        ))
+        rows.append(
+            summarize(
+                times,
+                frames=count,
+                engine="onnxruntime",
+                provider=provider,
+                model=model.name,
+                batch=det.batch_size,
+                detections=int(sum(len(d) for d in out)),
+            )
+        )
     return rows
 
 
 def bench_torch(
-    checkpoint: Path, frames_all: list[np.ndarray], counts: list[int], *, iters: int, warmup: int,
+    checkpoint: Path,
+    frames_all: list[np.ndarray],
+    counts: list[int],
+    *,
+    iters: int,
+    warmup: int,
     device: str = "cpu",
 ) -> list[Timing]:
     import torch
@@ -120,7 +152,9 @@ def bench_torch(
     model, _ = load_model(checkpoint)
     model = model.to(device).eval()
     tensors = [
-        torch.from_numpy(np.ascontiguousarray(f[..., ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0).to(device)
+        torch.from_numpy(
+            np.ascontiguousarray(f[..., ::-1].transpose(2, 0, 1), dtype=np.float32) / 255.0
+        ).to(device)
         for f in frames_all
     ]
 
@@ -135,10 +169,17 @@ def bench_torch(
     for count in counts:
         images = [tensors[i % len(tensors)] for i in range(count)]
         times, out = measure(lambda im=images: call(im), iters, warmup)
-        rows.append(summarize(
-            times, frames=count, engine="torch", provider=f"eager {device}", model=checkpoint.name,
-            batch=count, detections=int(sum(len(o["boxes"]) for o in out)),
-        ))
+        rows.append(
+            summarize(
+                times,
+                frames=count,
+                engine="torch",
+                provider=f"eager {device}",
+                model=checkpoint.name,
+                batch=count,
+                detections=int(sum(len(o["boxes"]) for o in out)),
+            )
+        )
     return rows
 
 
@@ -169,20 +210,37 @@ def environment() -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", type=Path, nargs="+", metavar="model.onnx",
-                        help="ONNX models written by `detector export` (each at its own batch size)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="also time PyTorch eager on this checkpoint")
+    parser.add_argument(
+        "models",
+        type=Path,
+        nargs="+",
+        metavar="model.onnx",
+        help="ONNX models written by `detector export` (each at its own batch size)",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="also time PyTorch eager on this checkpoint"
+    )
     parser.add_argument("--size", type=int, default=800, help="frame height and width in pixels")
     parser.add_argument("--iters", type=int, default=50, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations")
-    parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
-                        help="providers to time (tensorrt cuda cpu; default: every one that runs here)")
-    parser.add_argument("--image", type=Path, default=None, help="time on this image (resized) instead of noise")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="providers to time (tensorrt cuda cpu; default: every one that runs here)",
+    )
+    parser.add_argument(
+        "--image", type=Path, default=None, help="time on this image (resized) instead of noise"
+    )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine cache folder")
-    parser.add_argument("--device", default="cpu", help="PyTorch device for --checkpoint (cpu, cuda)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    parser.add_argument(
+        "--device", default="cpu", help="PyTorch device for --checkpoint (cpu, cuda)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="write the results to this JSON file"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,24 +257,42 @@ def run(args: argparse.Namespace) -> int:
         frames = make_frames(args.size, 8, args.image)
         for model in args.models:
             for provider in plan.providers:
-                timings = bench_onnx(model, provider, frames, iters=args.iters, warmup=args.warmup,
-                                     trt_cache_dir=args.trt_cache, threads=args.threads)
+                timings = bench_onnx(
+                    model,
+                    provider,
+                    frames,
+                    iters=args.iters,
+                    warmup=args.warmup,
+                    trt_cache_dir=args.trt_cache,
+                    threads=args.threads,
+                )
                 rows += timings
                 max_batch = max([max_batch] + [t.batch for t in timings])
         if args.checkpoint is not None:
             counts = sorted({1, max_batch})
-            rows += bench_torch(args.checkpoint, frames, counts, iters=args.iters, warmup=args.warmup,
-                                device=args.device)
+            rows += bench_torch(
+                args.checkpoint,
+                frames,
+                counts,
+                iters=args.iters,
+                warmup=args.warmup,
+                device=args.device,
+            )
     except (ModelError, ProviderError, FileNotFoundError, ValueError, OSError) as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{args.size}x{args.size} frames, {args.warmup} warm-up + {args.iters} timed iterations\n")
+    print(
+        f"\n{args.size}x{args.size} frames, {args.warmup} warm-up + {args.iters} timed iterations\n"
+    )
     print(markdown_table(rows))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {
-            "size": args.size, "iters": args.iters, "warmup": args.warmup,
-            "environment": environment(), "results": [asdict(r) for r in rows],
+            "size": args.size,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "environment": environment(),
+            "results": [asdict(r) for r in rows],
         }
         args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         print(f"\nbenchmark: results written to {args.json}")
@@ -224,7 +300,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # python -m detector.benchmark
-    _parser = argparse.ArgumentParser(prog="detector benchmark", description=__doc__.splitlines()[0])
+    _parser = argparse.ArgumentParser(
+        prog="detector benchmark", description=__doc__.splitlines()[0]
+    )
     add_arguments(_parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(run(_parser.parse_args()))

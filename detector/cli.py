@@ -11,14 +11,23 @@ log = logging.getLogger("detector")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train (or resume) a detector from a YAML config",
-                       description="Train from CONFIG; KEY=VALUE arguments override it, e.g. "
-                                   "train.epochs=20 model.arch=fasterrcnn_mobilenet_v3_large_fpn")
+    p = sub.add_parser(
+        "train",
+        help="train (or resume) a detector from a YAML config",
+        description="Train from CONFIG; KEY=VALUE arguments override it, e.g. "
+        "train.epochs=20 model.arch=fasterrcnn_mobilenet_v3_large_fpn",
+    )
     p.add_argument("config", type=Path, help="YAML config (see configs/ and detector/config.py)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="RUN",
-                   help="continue a stopped run: its folder or last.pt (default: the newest run "
-                        "of this config)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="RUN",
+        help="continue a stopped run: its folder or last.pt (default: the newest run "
+        "of this config)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
 
@@ -27,16 +36,25 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path, help="best.pt / last.pt written by detector train")
     p.add_argument("--data", type=Path, help="COCO JSON (default: the run's val set)")
     p.add_argument("--images", type=Path, help="image folder (default: images/ beside the JSON)")
-    p.add_argument("--out", type=Path, help="folder for predictions.json, pr_curve.png, grid "
-                                            "(default: eval-<json name> beside the checkpoint)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for predictions.json, pr_curve.png, grid "
+        "(default: eval-<json name> beside the checkpoint)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=4)
 
 
 def newest_run(out_dir: str, name: str) -> Path:
     base = Path(out_dir)
-    candidates = [p for p in base.glob(f"{name}*") if p.is_dir() and (p / "last.pt").is_file()
-                  and (p.name == name or p.name[len(name):].lstrip("-").isdigit())]
+    candidates = [
+        p
+        for p in base.glob(f"{name}*")
+        if p.is_dir()
+        and (p / "last.pt").is_file()
+        and (p.name == name or p.name[len(name) :].lstrip("-").isdigit())
+    ]
     if not candidates:
         raise SystemExit(f"--resume: no run of '{name}' with a last.pt under {base}/")
     return max(candidates, key=lambda p: (p / "last.pt").stat().st_mtime)
@@ -107,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "train" or any(a.startswith("-") or "=" not in a for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     handlers = {"train": cmd_train, "evaluate": cmd_evaluate}
     handler = handlers.get(args.command) or args.handler
     try:
@@ -134,5 +155,13 @@ def expected_errors(command: str) -> tuple[type[BaseException], ...]:
     from .model import WeightsError
     from .train import TrainingError
 
-    return (*errors, ConfigError, DatasetError, ExportError, FeatureCacheError, ImageReadError,
-            WeightsError, TrainingError)
+    return (
+        *errors,
+        ConfigError,
+        DatasetError,
+        ExportError,
+        FeatureCacheError,
+        ImageReadError,
+        WeightsError,
+        TrainingError,
+    )

@@ -300,7 +300,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.max_nonfinite_batches >= 1, "train.max_nonfinite_batches", ">= 1"),
         (cfg.train.unfreeze.epochs >= 0, "train.unfreeze.epochs", ">= 0"),
         (cfg.train.unfreeze.backbone_blocks >= 0, "train.unfreeze.backbone_blocks", ">= 0"),
-        (0 < cfg.augment.scale_min <= cfg.augment.scale_max, "augment.scale_min", "0 < scale_min <= scale_max"),
+        (
+            0 < cfg.augment.scale_min <= cfg.augment.scale_max,
+            "augment.scale_min",
+            "0 < scale_min <= scale_max",
+        ),
         (0.0 <= cfg.augment.min_visibility <= 1.0, "augment.min_visibility", "in [0, 1]"),
         (cfg.eval.every >= 1, "eval.every", ">= 1"),
         (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
@@ -357,7 +361,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping (data:, model:, train: ...)")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping (data:, model:, train: ...)"
+            )
     try:
         cfg = config_from_dict(values, overrides)
     except ConfigError as e:

@@ -57,11 +57,16 @@ class CocoSet:
 
     def image_path(self, image_id: int) -> Path:
         info = self.coco.imgs[image_id]
-        return resolve_inside(self.image_dir, str(info["file_name"]), f"image id {image_id} file_name")
+        return resolve_inside(
+            self.image_dir, str(info["file_name"]), f"image id {image_id} file_name"
+        )
 
 
-def load_coco(annotations: str | Path, image_dir: str | Path | None = None,
-              class_names: list[str] | None = None) -> CocoSet:
+def load_coco(
+    annotations: str | Path,
+    image_dir: str | Path | None = None,
+    class_names: list[str] | None = None,
+) -> CocoSet:
     """Parse and check a COCO file; ``class_names`` forces the class order (e.g. val = train)."""
     path = Path(annotations)
     try:
@@ -98,7 +103,9 @@ def load_coco(annotations: str | Path, image_dir: str | Path | None = None,
     if not names:
         raise DatasetError(f"{path}: no categories; a detector needs at least one class")
     if len(set(names)) != len(names):
-        raise DatasetError(f"{path}: duplicate category names {names}; merge them first (tools/merge.py)")
+        raise DatasetError(
+            f"{path}: duplicate category names {names}; merge them first (tools/merge.py)"
+        )
 
     image_dir = Path(image_dir) if image_dir else default_image_dir(path)
     if not image_dir.is_dir():
@@ -149,11 +156,17 @@ def _collect_boxes(cset: CocoSet) -> None:
                 continue  # a class not trained on (val set with extra classes)
             bbox = ann.get("bbox")
             if not isinstance(bbox, list) or len(bbox) != 4:
-                raise DatasetError(f"{cset.annotations_path}: annotation id {ann['id']} bbox must be [x, y, w, h]")
+                raise DatasetError(
+                    f"{cset.annotations_path}: annotation id {ann['id']} bbox must be [x, y, w, h]"
+                )
             x, y, w, h = (float(v) for v in bbox)
             x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
             x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 - x1 < 1e-3 or y2 - y1 < 1e-3:
+            if (
+                not all(math.isfinite(v) for v in (x1, y1, x2, y2))
+                or x2 - x1 < 1e-3
+                or y2 - y1 < 1e-3
+            ):
                 cset.dropped_boxes += 1
                 log.debug("annotation %s: empty after clamping to the image, dropped", ann["id"])
                 continue
@@ -162,8 +175,11 @@ def _collect_boxes(cset: CocoSet) -> None:
         cset.boxes[image_id] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         cset.labels[image_id] = np.asarray(labels, dtype=np.int64)
     if cset.dropped_boxes:
-        log.warning("%s: dropped %d boxes of zero area after clamping to the image",
-                    cset.annotations_path, cset.dropped_boxes)
+        log.warning(
+            "%s: dropped %d boxes of zero area after clamping to the image",
+            cset.annotations_path,
+            cset.dropped_boxes,
+        )
 
 
 def build_augmentation(cfg: AugmentConfig) -> A.Compose | None:
@@ -185,8 +201,12 @@ def build_augmentation(cfg: AugmentConfig) -> A.Compose | None:
         return None
     return A.Compose(
         transforms,
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"],
-                                 min_visibility=cfg.min_visibility, clip=True),
+        bbox_params=A.BboxParams(
+            format="pascal_voc",
+            label_fields=["labels"],
+            min_visibility=cfg.min_visibility,
+            clip=True,
+        ),
     )
 
 
@@ -209,8 +229,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         """Decode every image once and keep it in RAM (workers share it copy-on-write)."""
         infos = [self.cset.image_info(i) for i in self.cset.image_ids]
         need = sum(int(i["width"]) * int(i["height"]) * 3 for i in infos) / 1e9
-        log.info("data.cache_images: %d decoded images, ~%.2f GB in RAM (limit data.cache_images_max_gb=%g)",
-                 len(infos), need, max_gb)
+        log.info(
+            "data.cache_images: %d decoded images, ~%.2f GB in RAM (limit data.cache_images_max_gb=%g)",
+            len(infos),
+            need,
+            max_gb,
+        )
         if need > max_gb:
             raise DatasetError(
                 f"data.cache_images: the {len(infos)} decoded images need ~{need:.2f} GB, over "
@@ -232,7 +256,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             hint = (
                 " The file's EXIF orientation rotates it: the labels were made on the raw, "
                 "unrotated pixels or the stored size is stale."
-                if (height, width) == (int(info["width"]), int(info["height"])) else ""
+                if (height, width) == (int(info["width"]), int(info["height"]))
+                else ""
             )
             raise ImageReadError(
                 f"{path}: image is {width}x{height} but {self.cset.annotations_path.name} says "
@@ -270,8 +295,9 @@ def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[
     return list(images), list(targets)
 
 
-def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
-                  groups: list[int] | None = None) -> list[list[int]]:
+def epoch_batches(
+    num_images: int, batch_size: int, seed: int, epoch: int, groups: list[int] | None = None
+) -> list[list[int]]:
     """The shuffled batches of one epoch, a pure function of (seed, epoch): resumable.
 
     With ``groups`` (aspect-ratio group per index) a batch takes images of one group, as
@@ -282,7 +308,7 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
     generator = torch.Generator().manual_seed(seed * 7919 + epoch)
     order = torch.randperm(num_images, generator=generator).tolist()
     if groups is None:
-        return [order[i:i + batch_size] for i in range(0, num_images, batch_size)]
+        return [order[i : i + batch_size] for i in range(0, num_images, batch_size)]
     batches, buckets = [], defaultdict(list)
     for index in order:
         bucket = buckets[groups[index]]
@@ -291,18 +317,22 @@ def epoch_batches(num_images: int, batch_size: int, seed: int, epoch: int,
             batches.append(bucket.copy())
             bucket.clear()
     rest = [i for bucket in buckets.values() for i in bucket]
-    return batches + [rest[i:i + batch_size] for i in range(0, len(rest), batch_size)]
+    return batches + [rest[i : i + batch_size] for i in range(0, len(rest), batch_size)]
 
 
 def aspect_ratio_groups(cset: CocoSet, factor: int) -> list[int]:
     """Group of each image by width/height, in torchvision references' bins (2 ** linspace(-1, 1, 2k+1))."""
     bins = (2 ** np.linspace(-1, 1, 2 * factor + 1)).tolist() if factor > 0 else [1.0]
-    ratios = [float(cset.image_info(i)["width"]) / float(cset.image_info(i)["height"]) for i in cset.image_ids]
+    ratios = [
+        float(cset.image_info(i)["width"]) / float(cset.image_info(i)["height"])
+        for i in cset.image_ids
+    ]
     return [int(np.digitize(r, bins)) for r in ratios]
 
 
-def make_loader(dataset: DetectionDataset, batches: list[list[int]] | None, batch_size: int,
-                num_workers: int) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: DetectionDataset, batches: list[list[int]] | None, batch_size: int, num_workers: int
+) -> torch.utils.data.DataLoader:
     """A DataLoader over explicit batches (training) or in order (evaluation)."""
     common: dict[str, Any] = {
         "num_workers": num_workers,
@@ -329,9 +359,11 @@ def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
 def describe(cset: CocoSet) -> str:
     num_boxes = sum(len(b) for b in cset.boxes.values())
     negatives = sum(1 for b in cset.boxes.values() if len(b) == 0)
-    return (f"{cset.annotations_path}: {len(cset.image_ids)} images ({negatives} without boxes), "
-            f"{num_boxes} boxes, {len(cset.class_names)} classes, {cset.crowd_boxes} iscrowd boxes "
-            "left out of training")
+    return (
+        f"{cset.annotations_path}: {len(cset.image_ids)} images ({negatives} without boxes), "
+        f"{num_boxes} boxes, {len(cset.class_names)} classes, {cset.crowd_boxes} iscrowd boxes "
+        "left out of training"
+    )
 
 
 def data_sets(cfg: DataConfig) -> tuple[CocoSet, CocoSet | None]:

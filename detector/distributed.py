@@ -77,7 +77,7 @@ def shard(batches: list[list[int]]) -> list[list[int]]:
         return batches
     total = -(-len(batches) // n) * n
     padded = batches + batches[: total - len(batches)]
-    return padded[rank()::n]
+    return padded[rank() :: n]
 
 
 def barrier() -> None:
@@ -120,12 +120,16 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item() > 0)
 
 
-def reduce_epoch(losses: dict[str, float], seen: int, device: torch.device) -> tuple[dict[str, float], int]:
+def reduce_epoch(
+    losses: dict[str, float], seen: int, device: torch.device
+) -> tuple[dict[str, float], int]:
     """Mean losses over ranks, images seen summed over ranks."""
     if not enabled():
         return losses, seen
     keys = sorted(losses)
-    tensor = torch.tensor([losses[k] for k in keys] + [float(seen)], dtype=torch.float64, device=device)
+    tensor = torch.tensor(
+        [losses[k] for k in keys] + [float(seen)], dtype=torch.float64, device=device
+    )
     dist.all_reduce(tensor)
     values = tensor.tolist()
     return {k: v / world_size() for k, v in zip(keys, values, strict=False)}, int(values[-1])
@@ -138,9 +142,14 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     ddp = nn.parallel.DistributedDataParallel
     # Frozen BatchNorm: no buffer changes to share at each forward (the argument was renamed).
-    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                      else {"broadcast_buffers": False})
-    return ddp(module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync)
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )
+    return ddp(
+        module, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+    )
 
 
 def no_sync(module: nn.Module, accumulating: bool):

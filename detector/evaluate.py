@@ -41,15 +41,23 @@ class Metrics:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, cset: CocoSet, device: torch.device, batch_size: int = 4,
-            num_workers: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def predict(
+    model: torch.nn.Module,
+    cset: CocoSet,
+    device: torch.device,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Run the model over every image of ``cset``; COCO results (xywh, COCO category ids).
 
     Batches hold images of one size only (see ``same_size_batches``), so every image's
     detections are what it gets alone and the metrics do not depend on ``batch_size``.
     """
     model.eval()
-    loader = make_loader(DetectionDataset(cset), same_size_batches(cset, batch_size), batch_size, num_workers)
+    loader = make_loader(
+        DetectionDataset(cset), same_size_batches(cset, batch_size), batch_size, num_workers
+    )
     category_of_label = dict(enumerate(cset.category_ids, start=1))
     results: list[dict[str, Any]] = []
     for images, targets in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
@@ -58,14 +66,19 @@ def predict(model: torch.nn.Module, cset: CocoSet, device: torch.device, batch_s
             image_id = int(target["image_id"])
             boxes = out["boxes"].float().cpu().numpy()
             for (x1, y1, x2, y2), score, label in zip(
-                boxes, out["scores"].float().cpu().tolist(), out["labels"].cpu().tolist(), strict=True
+                boxes,
+                out["scores"].float().cpu().tolist(),
+                out["labels"].cpu().tolist(),
+                strict=True,
             ):
-                results.append({
-                    "image_id": image_id,
-                    "category_id": category_of_label[int(label)],
-                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-                    "score": float(score),
-                })
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": category_of_label[int(label)],
+                        "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                        "score": float(score),
+                    }
+                )
     return results
 
 
@@ -83,7 +96,9 @@ def same_size_batches(cset: CocoSet, batch_size: int) -> list[list[int]]:
         info = cset.image_info(image_id)
         by_size.setdefault((int(info["width"]), int(info["height"])), []).append(index)
     size = max(batch_size, 1)
-    batches = [group[i:i + size] for group in by_size.values() for i in range(0, len(group), size)]
+    batches = [
+        group[i : i + size] for group in by_size.values() for i in range(0, len(group), size)
+    ]
     return sorted(batches, key=lambda batch: batch[0])
 
 
@@ -92,7 +107,9 @@ def coco_metrics(cset: CocoSet, results: list[dict[str, Any]]) -> tuple[Metrics,
     metrics = Metrics(num_images=len(cset.image_ids), num_detections=len(results))
     known = set(cset.coco.cats)
     evaluated = [c for c in cset.category_ids if c in known]  # classes this file has
-    has_gt = any(a["category_id"] in set(evaluated) for a in cset.coco.dataset.get("annotations", []))
+    has_gt = any(
+        a["category_id"] in set(evaluated) for a in cset.coco.dataset.get("annotations", [])
+    )
     results = [r for r in results if r["category_id"] in known]
     if not results or not has_gt:
         metrics.per_class_ap = dict.fromkeys(cset.class_names, 0.0)
@@ -121,13 +138,18 @@ def coco_metrics(cset: CocoSet, results: list[dict[str, Any]]) -> tuple[Metrics,
         k = evaluated.index(category)
         all_iou = precision[:, :, k, 0, -1]
         iou50 = precision[0, :, k, 0, -1]
-        metrics.per_class_ap[name] = float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else 0.0
-        metrics.per_class_ap50[name] = float(iou50[iou50 > -1].mean()) if (iou50 > -1).any() else 0.0
+        metrics.per_class_ap[name] = (
+            float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else 0.0
+        )
+        metrics.per_class_ap50[name] = (
+            float(iou50[iou50 > -1].mean()) if (iou50 > -1).any() else 0.0
+        )
     return metrics, evaluator
 
 
-def plot_pr_curves(evaluator: COCOeval | None, class_names: list[str], category_ids: list[int],
-                   path: Path) -> None:
+def plot_pr_curves(
+    evaluator: COCOeval | None, class_names: list[str], category_ids: list[int], path: Path
+) -> None:
     """Precision-recall at IoU 0.5, one curve per class."""
     import matplotlib
 
@@ -142,12 +164,18 @@ def plot_pr_curves(evaluator: COCOeval | None, class_names: list[str], category_
         for k, category in enumerate(evaluator.params.catIds[:20]):  # 80 curves help nobody
             name, curve = names[category], precision[:, k]
             if (curve > -1).any():
-                ax.plot(recall, np.clip(curve, 0, 1), label=f"{name} (AP50 {curve[curve > -1].mean():.3f})")
+                ax.plot(
+                    recall,
+                    np.clip(curve, 0, 1),
+                    label=f"{name} (AP50 {curve[curve > -1].mean():.3f})",
+                )
         if len(class_names) <= 20:
             ax.legend(loc="lower left", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no detections", ha="center")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR curve, IoU 0.5")
+    ax.set(
+        xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="PR curve, IoU 0.5"
+    )
     ax.grid(alpha=0.3)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -155,8 +183,14 @@ def plot_pr_curves(evaluator: COCOeval | None, class_names: list[str], category_
     atomic_write_with(path, lambda f: f.write(buffer.getvalue()))
 
 
-def draw_grid(cset: CocoSet, results: list[dict[str, Any]], path: Path, num_images: int = 8,
-              score_threshold: float = 0.5, tile: int = 320) -> None:
+def draw_grid(
+    cset: CocoSet,
+    results: list[dict[str, Any]],
+    path: Path,
+    num_images: int = 8,
+    score_threshold: float = 0.5,
+    tile: int = 320,
+) -> None:
     """Ground truth (green) and predictions (red, with score) on the first images, tiled."""
     names = dict(zip(cset.category_ids, cset.class_names, strict=True))
     by_image: dict[int, list[dict[str, Any]]] = {}
@@ -175,8 +209,16 @@ def draw_grid(cset: CocoSet, results: list[dict[str, Any]], path: Path, num_imag
             x, y, w, h = (v * scale for v in r["bbox"])
             cv2.rectangle(image, (int(x), int(y)), (int(x + w), int(y + h)), (0, 0, 230), 1)
             text = f"{names.get(r['category_id'], r['category_id'])} {r['score']:.2f}"
-            cv2.putText(image, text, (int(x), max(int(y) - 3, 10)), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                        (0, 0, 230), 1, cv2.LINE_AA)
+            cv2.putText(
+                image,
+                text,
+                (int(x), max(int(y) - 3, 10)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.4,
+                (0, 0, 230),
+                1,
+                cv2.LINE_AA,
+            )
         canvas = np.full((tile, tile, 3), 255, np.uint8)
         canvas[: image.shape[0], : image.shape[1]] = image
         tiles.append(canvas)
@@ -185,15 +227,22 @@ def draw_grid(cset: CocoSet, results: list[dict[str, Any]], path: Path, num_imag
     columns = min(4, len(tiles))
     while len(tiles) % columns:
         tiles.append(np.full((tile, tile, 3), 255, np.uint8))
-    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
+    rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
     ok, encoded = cv2.imencode(".png", np.vstack(rows))
     if ok:
         atomic_write_with(path, lambda f: f.write(encoded.tobytes()))
 
 
-def evaluate(model: torch.nn.Module, cset: CocoSet, device: torch.device, out_dir: Path | None = None,
-             batch_size: int = 4, grid_images: int = 8, draw_score_threshold: float = 0.5,
-             num_workers: int = 0) -> Metrics:
+def evaluate(
+    model: torch.nn.Module,
+    cset: CocoSet,
+    device: torch.device,
+    out_dir: Path | None = None,
+    batch_size: int = 4,
+    grid_images: int = 8,
+    draw_score_threshold: float = 0.5,
+    num_workers: int = 0,
+) -> Metrics:
     """Predict, score with COCOeval and (with ``out_dir``) write results JSON, PR curve and grid."""
     results = predict(model, cset, device, batch_size, num_workers)
     metrics, evaluator = coco_metrics(cset, results)
@@ -202,7 +251,9 @@ def evaluate(model: torch.nn.Module, cset: CocoSet, device: torch.device, out_di
         atomic_write_json(out_dir / "predictions.json", results, indent=None)
         plot_pr_curves(evaluator, cset.class_names, cset.category_ids, out_dir / "pr_curve.png")
         if grid_images > 0:
-            draw_grid(cset, results, out_dir / "predictions_grid.png", grid_images, draw_score_threshold)
+            draw_grid(
+                cset, results, out_dir / "predictions_grid.png", grid_images, draw_score_threshold
+            )
     return metrics
 
 

@@ -131,7 +131,9 @@ def _torch_classes() -> dict[str, type]:
         (GeneralizedRCNNTransform), so the results are those of ``model(list_of_images)``.
         """
 
-        def __init__(self, model: nn.Module, batch: int, raw_input: bool = False, fp16: bool = False):
+        def __init__(
+            self, model: nn.Module, batch: int, raw_input: bool = False, fp16: bool = False
+        ):
             super().__init__()
             if batch < 1:
                 raise ExportError(f"batch must be >= 1, got {batch}")
@@ -202,16 +204,24 @@ def _resize_exact(self: Any, image: torch.Tensor, target: Any = None) -> tuple[t
     if self.training or self.fixed_size is not None or target is not None:
         return type(self).resize(self, image, target)
     shape = operators.shape_as_tensor(image)[-2:].to(torch.float64)
-    sides = torch.cat([shape.min(dim=0, keepdim=True).values, shape.max(dim=0, keepdim=True).values])
+    sides = torch.cat(
+        [shape.min(dim=0, keepdim=True).values, shape.max(dim=0, keepdim=True).values]
+    )
     limits = torch.tensor([float(self.min_size[-1]), float(self.max_size)], dtype=torch.float64)
     scale = (limits / sides).min(dim=0, keepdim=True).values
     size = torch.floor(shape * scale).to(torch.int64)
-    out_size: list[Any] = [size[0], size[1]] if torch.jit.is_tracing() else [int(size[0]), int(size[1])]
-    image = torch.nn.functional.interpolate(image[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    out_size: list[Any] = (
+        [size[0], size[1]] if torch.jit.is_tracing() else [int(size[0]), int(size[1])]
+    )
+    image = torch.nn.functional.interpolate(
+        image[None], size=out_size, mode="bilinear", align_corners=False
+    )[0]
     return image, target
 
 
-def _decode_traceable(self: Any, rel_codes: torch.Tensor, boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+def _decode_traceable(
+    self: Any, rel_codes: torch.Tensor, boxes: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """BoxCoder.decode without ``reshape(box_sum, -1)`` and ``if box_sum > 0``.
 
     Both are fine in eager mode; traced, the branch is frozen and ONNX Runtime cannot reshape an
@@ -263,17 +273,27 @@ class ParityReport:
         lines = [
             f"parity {verdict} (PyTorch eager fp32 vs ONNX Runtime {self.provider}):",
             f"  images compared        {self.images}"
-            + ("  (synthetic frames only: pass --images for real ones)" if self.synthetic_only else ""),
+            + (
+                "  (synthetic frames only: pass --images for real ones)"
+                if self.synthetic_only
+                else ""
+            ),
             f"  detections             {self.detections_torch} PyTorch, {self.detections_onnx} ONNX, "
             f"{self.matched} matched, {self.tolerated} tolerated (threshold edge"
-            + (f", or below score {self.required_score}" if self.required_score > 0 else "") + ")",
+            + (f", or below score {self.required_score}" if self.required_score > 0 else "")
+            + ")",
             f"  max box difference     {self.max_box_diff:.4f} px "
-            + (f"(lowest IoU {self.worst_iou:.3f}, at least {self.min_iou})" if self.min_iou is not None
-               else f"(tolerance {self.box_tolerance})"),
+            + (
+                f"(lowest IoU {self.worst_iou:.3f}, at least {self.min_iou})"
+                if self.min_iou is not None
+                else f"(tolerance {self.box_tolerance})"
+            ),
             f"  max score difference   {self.max_score_diff:.6f} (tolerance {self.score_tolerance})",
         ]
         if self.required_score > 0:
-            lines.append(f"  detections below score {self.required_score} may differ (half precision)")
+            lines.append(
+                f"  detections below score {self.required_score} may differ (half precision)"
+            )
         for failure in self.failures[:20]:
             lines.append(f"  MISMATCH {failure}")
         if len(self.failures) > 20:
@@ -340,7 +360,9 @@ def match_detections(
         dist = np.abs(test["boxes"][candidates] - ref["boxes"][i]).max(axis=1)
         j = int(candidates[int(np.argmin(dist))])
         used[j] = True
-        pairs.append((int(i), j, float(dist.min()), float(abs(test["scores"][j] - ref["scores"][i]))))
+        pairs.append(
+            (int(i), j, float(dist.min()), float(abs(test["scores"][j] - ref["scores"][i])))
+        )
     return pairs, unmatched_ref, [int(j) for j in np.flatnonzero(~used)]
 
 
@@ -384,7 +406,10 @@ def compare_detections(
             edges.append(float(dets["scores"].min()))
         for i in missing:
             score = float(dets["scores"][i])
-            if score < report.required_score or min(abs(score - e) for e in edges) <= report.score_tolerance:
+            if (
+                score < report.required_score
+                or min(abs(score - e) for e in edges) <= report.score_tolerance
+            ):
                 report.tolerated += 1
             else:
                 report.failures.append(
@@ -393,7 +418,9 @@ def compare_detections(
                 )
 
 
-def _torch_reference(model: nn.Module, rgb_float: np.ndarray, device: str) -> list[dict[str, np.ndarray]]:
+def _torch_reference(
+    model: nn.Module, rgb_float: np.ndarray, device: str
+) -> list[dict[str, np.ndarray]]:
     import torch
 
     with torch.inference_mode():
@@ -442,7 +469,9 @@ def run_parity(
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
     session = ort.InferenceSession(onnx_bytes, options, providers=providers)
-    report = ParityReport(images=0, provider=session.get_providers()[0], synthetic_only=synthetic_only)
+    report = ParityReport(
+        images=0, provider=session.get_providers()[0], synthetic_only=synthetic_only
+    )
     if fp16:
         report.min_iou, report.score_tolerance = FP16_MIN_IOU, FP16_SCORE_TOLERANCE
         report.required_score = FP16_REQUIRED_SCORE
@@ -452,18 +481,28 @@ def run_parity(
     group_names = [names[i : i + batch] for i in range(0, len(names), batch)]
     for group, group_name in zip(groups, group_names, strict=True):
         bgr = np.stack(group)
-        rgb_float = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        rgb_float = (
+            np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        )
         feed = bgr if raw_input else rgb_float
         boxes, scores, labels, counts = session.run(list(C.OUTPUT_NAMES), {C.INPUT_NAME: feed})
         reference = _torch_reference(model, rgb_float, device)
         for i, name in enumerate(group_name):
             n = int(counts[i])
-            if not (0 <= n <= boxes.shape[1]) or np.any(labels[i, n:] != 0) or np.any(scores[i, n:] != 0):
+            if (
+                not (0 <= n <= boxes.shape[1])
+                or np.any(labels[i, n:] != 0)
+                or np.any(scores[i, n:] != 0)
+            ):
                 report.failures.append(f"{name}: padding rows past num_detections={n} are not zero")
             test = {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
             compare_detections(
-                reference[i], test, report,
-                score_threshold=score_threshold, max_detections=max_detections, where=name,
+                reference[i],
+                test,
+                report,
+                score_threshold=score_threshold,
+                max_detections=max_detections,
+                where=name,
             )
             report.images += 1
     return report
@@ -527,7 +566,9 @@ def _synthetic_frames(size: tuple[int, int]) -> tuple[list[np.ndarray], list[str
     h, w = size
     gray = np.full((h, w, 3), 128, dtype=np.uint8)
     yy, xx = np.mgrid[0:h, 0:w]
-    pattern = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), (xx ^ yy) & 255], -1)
+    pattern = np.stack(
+        [(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), (xx ^ yy) & 255], -1
+    )
     return [gray, pattern.astype(np.uint8)], ["<flat gray>", "<gradient>"]
 
 
@@ -689,10 +730,17 @@ def export_model(
         example = torch.from_numpy(example_bgr).to(device)
     else:
         example = torch.from_numpy(
-            np.ascontiguousarray(example_bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+            np.ascontiguousarray(example_bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+            / 255.0
         ).to(device)
-    log.info("exporting %s, batch %d, %s input, %s, opset %d", arch or "model", batch,
-             "uint8 BGR" if raw_input else "float RGB", "fp16" if fp16 else "fp32", opset)
+    log.info(
+        "exporting %s, batch %d, %s input, %s, opset %d",
+        arch or "model",
+        batch,
+        "uint8 BGR" if raw_input else "float RGB",
+        "fp16" if fp16 else "fp32",
+        opset,
+    )
     try:
         onnx_bytes = _trace_to_onnx(wrapper, example, opset)
     except Exception as e:
@@ -700,8 +748,15 @@ def export_model(
 
     proto = onnx.load_model_from_string(onnx_bytes)
     metadata = build_metadata(
-        model, class_names=class_names, category_ids=category_ids, arch=arch, config_hash=config_hash,
-        batch=batch, raw_input=raw_input, fp16=fp16, opset=opset,
+        model,
+        class_names=class_names,
+        category_ids=category_ids,
+        arch=arch,
+        config_hash=config_hash,
+        batch=batch,
+        raw_input=raw_input,
+        fp16=fp16,
+        opset=opset,
     )
     _declare_output_shapes(proto, batch, wrapper.detections)
     del proto.metadata_props[:]
@@ -723,8 +778,15 @@ def export_model(
     report_parity = None
     if parity:
         report_parity = run_parity(
-            model, onnx_bytes, frames, names, batch=batch, raw_input=raw_input, fp16=fp16,
-            device=device, synthetic_only=synthetic_only,
+            model,
+            onnx_bytes,
+            frames,
+            names,
+            batch=batch,
+            raw_input=raw_input,
+            fp16=fp16,
+            device=device,
+            synthetic_only=synthetic_only,
         )
         if not report_parity.passed:
             raise ParityError(
@@ -738,10 +800,17 @@ def export_model(
     atomic_write_with(out, lambda f: f.write(onnx_bytes))
     shape: list[Any] = [batch, "H", "W", 3] if raw_input else [batch, 3, "H", "W"]
     return ExportReport(
-        path=Path(out), batch=batch, input_format=metadata[C.KEY_INPUT_FORMAT],
-        precision=metadata[C.KEY_PRECISION], opset=opset, exporter="torchscript (dynamo=False)",
-        input_shape=shape, size_bytes=len(onnx_bytes), seconds=time.perf_counter() - started,
-        metadata=metadata, parity=report_parity,
+        path=Path(out),
+        batch=batch,
+        input_format=metadata[C.KEY_INPUT_FORMAT],
+        precision=metadata[C.KEY_PRECISION],
+        opset=opset,
+        exporter="torchscript (dynamo=False)",
+        input_shape=shape,
+        size_bytes=len(onnx_bytes),
+        seconds=time.perf_counter() - started,
+        metadata=metadata,
+        parity=report_parity,
     )
 
 
@@ -783,13 +852,20 @@ def export_onnx(
     if parity:
         frames, names = _load_frames(find_parity_images(parity_images, ckpt, parity_limit))
     return export_model(
-        model, out,
+        model,
+        out,
         class_names=list(ckpt["class_names"]),
         category_ids=[int(c) for c in ckpt["category_ids"]] if ckpt.get("category_ids") else None,
         arch=str(ckpt.get("arch", "")),
         config_hash=str(ckpt.get("config_hash", "")),
-        batch=batch, fp16=fp16, raw_input=raw_input, opset=opset,
-        parity_frames=frames, parity_names=names, parity=parity, device=device,
+        batch=batch,
+        fp16=fp16,
+        raw_input=raw_input,
+        opset=opset,
+        parity_frames=frames,
+        parity_names=names,
+        parity=parity,
+        device=device,
     )
 
 
@@ -799,30 +875,61 @@ def export_onnx(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="checkpoint written by training (e.g. runs/x/best.pt)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="ONNX file to write (default: the checkpoint's name with .onnx)")
-    parser.add_argument("--batch", type=int, default=1,
-                        help="fixed batch size N of the graph (height and width stay dynamic)")
-    parser.add_argument("--fp16", action="store_true",
-                        help="half-precision backbone/RPN/box head, for CUDA or TensorRT")
-    parser.add_argument("--raw-input", action="store_true",
-                        help="graph input uint8 [N,H,W,3] BGR frames instead of float32 [N,3,H,W] RGB 0..1")
+    parser.add_argument(
+        "checkpoint", type=Path, help="checkpoint written by training (e.g. runs/x/best.pt)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="ONNX file to write (default: the checkpoint's name with .onnx)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="fixed batch size N of the graph (height and width stay dynamic)",
+    )
+    parser.add_argument(
+        "--fp16",
+        action="store_true",
+        help="half-precision backbone/RPN/box head, for CUDA or TensorRT",
+    )
+    parser.add_argument(
+        "--raw-input",
+        action="store_true",
+        help="graph input uint8 [N,H,W,3] BGR frames instead of float32 [N,3,H,W] RGB 0..1",
+    )
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset (>= {MIN_OPSET})")
-    parser.add_argument("--images", type=Path, default=None,
-                        help="folder of images for the parity check (default: the config's val set)")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="folder of images for the parity check (default: the config's val set)",
+    )
     parser.add_argument("--parity-images", type=int, default=8, help="how many images parity uses")
-    parser.add_argument("--no-parity", action="store_true", help="skip the PyTorch vs ONNX Runtime check")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (tracing and reference)")
+    parser.add_argument(
+        "--no-parity", action="store_true", help="skip the PyTorch vs ONNX Runtime check"
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu | cuda | cuda:N (tracing and reference)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path(args.checkpoint).with_suffix(".onnx")
     try:
         report = export_onnx(
-            args.checkpoint, out, batch=args.batch, fp16=args.fp16, raw_input=args.raw_input,
-            opset=args.opset, parity_images=args.images, device=args.device,
-            parity=not args.no_parity, parity_limit=args.parity_images,
+            args.checkpoint,
+            out,
+            batch=args.batch,
+            fp16=args.fp16,
+            raw_input=args.raw_input,
+            opset=args.opset,
+            parity_images=args.images,
+            device=args.device,
+            parity=not args.no_parity,
+            parity_limit=args.parity_images,
         )
     except ParityError as e:
         print(f"export: error: {e}", file=sys.stderr)

@@ -83,14 +83,18 @@ def plan_cache(cfg: Config) -> tuple[CachePlan | None, str]:
         return None, "train.cache_features is false"
     reasons = []
     if not cfg.model.freeze_backbone:
-        reasons.append("model.freeze_backbone is false (the features change as the backbone trains)")
+        reasons.append(
+            "model.freeze_backbone is false (the features change as the backbone trains)"
+        )
     aug = cfg.augment
     for name in ("scale", "crop", "blur"):
         if getattr(aug, name) > 0:
             reasons.append(f"augment.{name}={getattr(aug, name)} makes new pixels every epoch")
     photometric = max(aug.brightness_contrast, aug.hue_saturation)
     if photometric > 0 and cfg.train.cache_views == 0:
-        reasons.append("photometric augmentation is on but train.cache_views=0 caches no variant of it")
+        reasons.append(
+            "photometric augmentation is on but train.cache_views=0 caches no variant of it"
+        )
     if reasons:
         return None, "; ".join(reasons)
     variants = cfg.train.cache_views if photometric > 0 else 0
@@ -115,12 +119,19 @@ def _photometric(cfg: Config) -> A.Compose:
     return A.Compose(transforms)
 
 
-def _view_pixels(image: np.ndarray, boxes: np.ndarray, name: str, photometric: A.Compose | None,
-                 seed: int, index: int, hflip: float) -> tuple[np.ndarray, np.ndarray]:
+def _view_pixels(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    name: str,
+    photometric: A.Compose | None,
+    seed: int,
+    index: int,
+    hflip: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 HWC image and xyxy boxes of one view (flip as albumentations' HorizontalFlip)."""
     flip = name == "hflip"
     if name.startswith("photometric"):
-        k = int(name[len("photometric"):])
+        k = int(name[len("photometric") :])
         photometric.set_random_seed(sample_seed(seed, -1 - k, index))
         image = photometric(image=image)["image"]
         flip = hflip > 0 and k % 2 == 1  # odd variants are flipped: both orientations are covered
@@ -167,8 +178,14 @@ class FeatureCache(torch.utils.data.Dataset):
         view = self.views[index][view_of(self.plan, self.seed, self.epoch, index)]
         if view.features is None:
             stored = torch.load(view.path, map_location="cpu", weights_only=True)
-            view = CachedView(view.image_size, view.padded_size, view.target, stored["features"],
-                              stored.get("proposals"), view.path)
+            view = CachedView(
+                view.image_size,
+                view.padded_size,
+                view.target,
+                stored["features"],
+                stored.get("proposals"),
+                view.path,
+            )
         return view, view.target
 
 
@@ -183,12 +200,16 @@ class CachedHeads(nn.Module):
         super().__init__()
         self.rpn = model.rpn
         self.roi_heads = model.roi_heads
-        self.padding = padding  # FeatureCache.padding; a plain attribute, so DDP never broadcasts it
+        self.padding = (
+            padding  # FeatureCache.padding; a plain attribute, so DDP never broadcasts it
+        )
         # In training mode GeneralizedRCNNTransform draws one number per image to pick the size
         # (torch_choice); drawing it here too keeps the RNG stream (anchor/RoI sampling) aligned.
         self.resize_draws = not getattr(model.transform, "_skip_resize", False)
 
-    def forward(self, views: list[CachedView], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, views: list[CachedView], targets: list[dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
         device = next(self.roi_heads.parameters()).device
         if self.resize_draws:
             for _ in views:
@@ -204,14 +225,17 @@ class CachedHeads(nn.Module):
             height = max(v.padded_size[0] for v in views)
             width = max(v.padded_size[1] for v in views)
             # The anchor generator reads only the padded batch shape of ImageList.tensors.
-            images = ImageList(torch.empty((len(views), 0, height, width), device=device), image_sizes)
+            images = ImageList(
+                torch.empty((len(views), 0, height, width), device=device), image_sizes
+            )
             proposals, proposal_losses = self.rpn(images, features, targets)
         _, detector_losses = self.roi_heads(features, proposals, image_sizes, targets)
         return {**detector_losses, **proposal_losses}
 
 
-def stack_features(views: list[CachedView], device: torch.device,
-                   padding: dict[str, torch.Tensor] | None = None) -> OrderedDict[str, torch.Tensor]:
+def stack_features(
+    views: list[CachedView], device: torch.device, padding: dict[str, torch.Tensor] | None = None
+) -> OrderedDict[str, torch.Tensor]:
     """Per level, the views' fp16 maps padded to the largest and stacked, as fp32.
 
     The padding is ``padding`` (the backbone's features of an all-padding image, cropped), what
@@ -225,7 +249,9 @@ def stack_features(views: list[CachedView], device: torch.device,
         if padding is None:
             batch = torch.zeros(shape, device=device)
         else:
-            batch = padding[name][:, :height, :width].to(device, torch.float32).expand(shape).clone()
+            batch = (
+                padding[name][:, :height, :width].to(device, torch.float32).expand(shape).clone()
+            )
         for i, m in enumerate(maps):
             batch[i, :, : m.shape[1], : m.shape[2]] = m.to(device, non_blocking=True)
         out[name] = batch
@@ -235,14 +261,21 @@ def stack_features(views: list[CachedView], device: torch.device,
 def _resized_shape(model: nn.Module, height: int, width: int) -> tuple[int, int, int, int]:
     """(h, w, padded h, padded w) after model.transform, without running it (for the estimate)."""
     transform = model.transform
-    scale = min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width))
+    scale = min(
+        transform.min_size[-1] / min(height, width), transform.max_size / max(height, width)
+    )
     h, w = math.floor(height * scale), math.floor(width * scale)
     divisor = transform.size_divisible
     return h, w, math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
 
 
-def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg: Config,
-               amp_dtype: torch.dtype | None = None) -> str:
+def _cache_key(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    plan: CachePlan,
+    cfg: Config,
+    amp_dtype: torch.dtype | None = None,
+) -> str:
     """Content key of a disk cache: weights that make the features, resize, views, image files,
     and the autocast dtype they were computed in."""
     digest = hashlib.sha256()
@@ -250,14 +283,23 @@ def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg
     for module in modules:
         for name, tensor in module.state_dict().items():
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(
+                tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
     t = model.transform
     for image_id in dataset.cset.image_ids:
         stat = dataset.cset.image_path(image_id).stat()
         digest.update(f"{image_id}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    settings = {"min": list(t.min_size), "max": t.max_size, "mean": list(t.image_mean), "std": list(t.image_std),
-                "plan": plan.__dict__, "augment": cfg.augment.__dict__, "seed": cfg.train.seed,
-                "boxes": {str(k): v.tolist() for k, v in dataset.cset.boxes.items()}}
+    settings = {
+        "min": list(t.min_size),
+        "max": t.max_size,
+        "mean": list(t.image_mean),
+        "std": list(t.image_std),
+        "plan": plan.__dict__,
+        "augment": cfg.augment.__dict__,
+        "seed": cfg.train.seed,
+        "boxes": {str(k): v.tolist() for k, v in dataset.cset.boxes.items()},
+    }
     if amp_dtype is not None:  # (float32 caches keep the keys they had before this setting existed)
         settings["autocast"] = str(amp_dtype)
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -265,9 +307,15 @@ def _cache_key(model: nn.Module, dataset: DetectionDataset, plan: CachePlan, cfg
 
 
 @torch.no_grad()
-def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config, plan: CachePlan,
-                        device: torch.device, progress: bool = True,
-                        amp_dtype: torch.dtype | None = None) -> FeatureCache:
+def build_feature_cache(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    cfg: Config,
+    plan: CachePlan,
+    device: torch.device,
+    progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> FeatureCache:
     """Announce the size, refuse past ``train.cache_max_gb``, then compute every view once.
 
     Runs in eval mode inside ``torch.random.fork_rng``: building never moves the global RNG, so
@@ -282,14 +330,28 @@ def build_feature_cache(model: nn.Module, dataset: DetectionDataset, cfg: Config
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            return _build(model, dataset, cfg, plan, device, progress,
-                          amp_dtype if amp_dtype == torch.bfloat16 else None)
+            return _build(
+                model,
+                dataset,
+                cfg,
+                plan,
+                device,
+                progress,
+                amp_dtype if amp_dtype == torch.bfloat16 else None,
+            )
     finally:
         model.train(was_training)
 
 
-def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, device: torch.device,
-           progress: bool, amp_dtype: torch.dtype | None) -> FeatureCache:
+def _build(
+    model,
+    dataset: DetectionDataset,
+    cfg: Config,
+    plan: CachePlan,
+    device: torch.device,
+    progress: bool,
+    amp_dtype: torch.dtype | None,
+) -> FeatureCache:
     cset = dataset.cset
     names = plan.views
     photometric = _photometric(cfg) if plan.variants else None
@@ -297,34 +359,61 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
 
     def compute(index: int, view: str) -> CachedView:
         image_id = cset.image_ids[index]
-        pixels, boxes = _view_pixels(dataset.load_image(image_id), cset.boxes[image_id], view,
-                                     photometric, cfg.train.seed, index, plan.hflip)
+        pixels, boxes = _view_pixels(
+            dataset.load_image(image_id),
+            cset.boxes[image_id],
+            view,
+            photometric,
+            cfg.train.seed,
+            index,
+            plan.hflip,
+        )
         tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
-        target = {"boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
-                  "labels": torch.from_numpy(cset.labels[image_id].copy()),
-                  "image_id": torch.tensor(image_id, dtype=torch.int64)}
-        images, targets = model.transform([tensor.to(device)], [{k: v.to(device) for k, v in target.items()}])
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        target = {
+            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+            "labels": torch.from_numpy(cset.labels[image_id].copy()),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+        }
+        images, targets = model.transform(
+            [tensor.to(device)], [{k: v.to(device) for k, v in target.items()}]
+        )
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+        ):
             features = model.backbone(images.tensors)
         proposals = None
-        if plan.proposals:  # the RPN in float32 even under amp: cached proposals are used every epoch
+        if (
+            plan.proposals
+        ):  # the RPN in float32 even under amp: cached proposals are used every epoch
             features = OrderedDict((k, v.float()) for k, v in features.items())
             proposals = model.rpn(images, features, targets)[0][0].float().cpu()
-            features = OrderedDict((k, v) for k, v in features.items() if k in levels)  # what RoIAlign reads
+            features = OrderedDict(
+                (k, v) for k, v in features.items() if k in levels
+            )  # what RoIAlign reads
         stored = {}
         for key, value in features.items():
             stored[key] = _for_storage(value[0])
             if device.type == "cuda" and not cfg.train.cache_dir:
                 stored[key] = stored[key].pin_memory()  # asynchronous copies to the GPU each batch
-        resized = {"boxes": targets[0]["boxes"].float().cpu(), "labels": targets[0]["labels"].cpu(),
-                   "image_id": target["image_id"]}
-        return CachedView(tuple(images.image_sizes[0]), tuple(images.tensors.shape[-2:]), resized,
-                          stored, proposals)
+        resized = {
+            "boxes": targets[0]["boxes"].float().cpu(),
+            "labels": targets[0]["labels"].cpu(),
+            "image_id": target["image_id"],
+        }
+        return CachedView(
+            tuple(images.image_sizes[0]),
+            tuple(images.tensors.shape[-2:]),
+            resized,
+            stored,
+            proposals,
+        )
 
     # Estimate from the first view's level shapes and every image's resized size.
     first = compute(0, names[0])
-    per_pixel = [(f.shape[0], first.padded_size[0] / f.shape[1], f.element_size())
-                 for f in first.features.values()]
+    per_pixel = [
+        (f.shape[0], first.padded_size[0] / f.shape[1], f.element_size())
+        for f in first.features.values()
+    ]
     proposal_bytes = first.proposals.numel() * 4 if first.proposals is not None else 0
     total = 0
     for image_id in cset.image_ids:
@@ -334,9 +423,21 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
         total += (one + proposal_bytes) * len(names)
     limit = cfg.train.cache_max_gb * 1e9
     where = f"disk ({cfg.train.cache_dir})" if cfg.train.cache_dir else "RAM"
-    what = "features + proposals (frozen RPN: only the RoI heads train)" if plan.proposals else "FPN features"
-    log.info("feature cache: %d images x %d views (%s) of %s, ~%.2f GB fp16 in %s (limit train.cache_max_gb=%g)",
-             len(cset.image_ids), len(names), ", ".join(names), what, total / 1e9, where, cfg.train.cache_max_gb)
+    what = (
+        "features + proposals (frozen RPN: only the RoI heads train)"
+        if plan.proposals
+        else "FPN features"
+    )
+    log.info(
+        "feature cache: %d images x %d views (%s) of %s, ~%.2f GB fp16 in %s (limit train.cache_max_gb=%g)",
+        len(cset.image_ids),
+        len(names),
+        ", ".join(names),
+        what,
+        total / 1e9,
+        where,
+        cfg.train.cache_max_gb,
+    )
     if total > limit:
         raise FeatureCacheError(
             f"the feature cache needs ~{total / 1e9:.2f} GB ({len(cset.image_ids)} images x {len(names)} views) "
@@ -352,14 +453,24 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
             meta = json.loads(manifest.read_text())
             log.info("feature cache: reusing %s", folder)
             views = [[_from_meta(folder, m) for m in image] for image in meta["views"]]
-            return FeatureCache(views, plan, cfg.train.seed, meta["bytes"], where=where,
-                                padding=_padding_features(model, views, device, amp_dtype, levels))
+            return FeatureCache(
+                views,
+                plan,
+                cfg.train.seed,
+                meta["bytes"],
+                where=where,
+                padding=_padding_features(model, views, device, amp_dtype, levels),
+            )
         folder.mkdir(parents=True, exist_ok=True)
 
     views: list[list[CachedView]] = []
     stored_bytes = 0
-    bar = tqdm(total=len(cset.image_ids) * len(names), desc="feature cache", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(cset.image_ids) * len(names),
+        desc="feature cache",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for index in range(len(cset.image_ids)):
         row = []
         for v, name in enumerate(names):
@@ -380,12 +491,23 @@ def _build(model, dataset: DetectionDataset, cfg: Config, plan: CachePlan, devic
         meta = {"bytes": stored_bytes, "views": [[_to_meta(v) for v in row] for row in views]}
         atomic_write_text(folder / "manifest.json", json.dumps(meta))
     log.info("feature cache: %.2f GB stored in %s", stored_bytes / 1e9, where)
-    return FeatureCache(views, plan, cfg.train.seed, stored_bytes, where=where,
-                        padding=_padding_features(model, views, device, amp_dtype, levels))
+    return FeatureCache(
+        views,
+        plan,
+        cfg.train.seed,
+        stored_bytes,
+        where=where,
+        padding=_padding_features(model, views, device, amp_dtype, levels),
+    )
 
 
-def _padding_features(model: nn.Module, views: list[list[CachedView]], device: torch.device,
-                      amp_dtype: torch.dtype | None, levels: list[str] | None) -> dict[str, torch.Tensor]:
+def _padding_features(
+    model: nn.Module,
+    views: list[list[CachedView]],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    levels: list[str] | None,
+) -> dict[str, torch.Tensor]:
     """The backbone's features of an all-padding image as large as the largest padded view.
 
     GeneralizedRCNNTransform pads after normalising, with zeros, so the image is zeros. Any
@@ -393,9 +515,15 @@ def _padding_features(model: nn.Module, views: list[list[CachedView]], device: t
     """
     height = max(v.padded_size[0] for row in views for v in row)
     width = max(v.padded_size[1] for row in views for v in row)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+    with torch.autocast(
+        device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+    ):
         features = model.backbone(torch.zeros((1, 3, height, width), device=device))
-    return {key: _for_storage(value[0]) for key, value in features.items() if levels is None or key in levels}
+    return {
+        key: _for_storage(value[0])
+        for key, value in features.items()
+        if levels is None or key in levels
+    }
 
 
 def _for_storage(feature: torch.Tensor) -> torch.Tensor:
@@ -405,13 +533,22 @@ def _for_storage(feature: torch.Tensor) -> torch.Tensor:
 
 
 def _to_meta(view: CachedView) -> dict[str, Any]:
-    return {"image_size": list(view.image_size), "padded_size": list(view.padded_size),
-            "boxes": view.target["boxes"].tolist(), "labels": view.target["labels"].tolist(),
-            "image_id": int(view.target["image_id"]), "file": view.path.name}
+    return {
+        "image_size": list(view.image_size),
+        "padded_size": list(view.padded_size),
+        "boxes": view.target["boxes"].tolist(),
+        "labels": view.target["labels"].tolist(),
+        "image_id": int(view.target["image_id"]),
+        "file": view.path.name,
+    }
 
 
 def _from_meta(folder: Path, meta: dict[str, Any]) -> CachedView:
-    target = {"boxes": torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4),
-              "labels": torch.tensor(meta["labels"], dtype=torch.int64),
-              "image_id": torch.tensor(meta["image_id"], dtype=torch.int64)}
-    return CachedView(tuple(meta["image_size"]), tuple(meta["padded_size"]), target, path=folder / meta["file"])
+    target = {
+        "boxes": torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.tensor(meta["labels"], dtype=torch.int64),
+        "image_id": torch.tensor(meta["image_id"], dtype=torch.int64),
+    }
+    return CachedView(
+        tuple(meta["image_size"]), tuple(meta["padded_size"]), target, path=folder / meta["file"]
+    )

@@ -90,7 +90,9 @@ def refuse_overwrite(output: str | os.PathLike, *inputs: str | os.PathLike) -> N
     out = Path(output).resolve()
     for src in inputs:
         if Path(src).resolve() == out:
-            raise ValueError(f"{output}: refusing to overwrite the input file; choose another output path")
+            raise ValueError(
+                f"{output}: refusing to overwrite the input file; choose another output path"
+            )
 
 
 def resolve_inside(root: str | os.PathLike, relative: str, what: str = "file_name") -> Path:
@@ -167,5 +169,7 @@ def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
                     return np.ascontiguousarray(np.stack([arr] * 3, axis=-1))
                 return np.ascontiguousarray(np.asarray(im.convert("RGB")))
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise ImageReadError(f"{path}: cannot decode image (corrupt or truncated?): {e}") from None
+            raise ImageReadError(
+                f"{path}: cannot decode image (corrupt or truncated?): {e}"
+            ) from None
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -154,13 +154,17 @@ def _torch_load(path: str | Path) -> Any:
             "Only load checkpoints written by this pipeline or torchvision state_dicts."
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}") from None
+        raise WeightsError(
+            f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}"
+        ) from None
 
 
 def _resolve_weights_path(text: str, what: str) -> Path:
     path = Path(os.path.expanduser(text))
     if not path.is_file():
-        raise WeightsError(f"{what}: {path} is not a file ('coco', 'imagenet' and 'none' are the other choices)")
+        raise WeightsError(
+            f"{what}: {path} is not a file ('coco', 'imagenet' and 'none' are the other choices)"
+        )
     check_hub_hash(path)
     return path
 
@@ -176,8 +180,16 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     backbone forward on CPU; see README, Benchmarks)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, momentum=0.0, eps=self.eps)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=False,
+            momentum=0.0,
+            eps=self.eps,
+        )
 
 
 def frozen_batchnorm(module: nn.Module) -> nn.Module:
@@ -217,7 +229,9 @@ def _mobilenet_v2_fpn(num_classes: int, **kwargs: Any) -> FasterRCNN:
     )
 
 
-def _proposal_kwargs(pre_nms_top_n_test: int | None, post_nms_top_n_test: int | None) -> dict[str, int]:
+def _proposal_kwargs(
+    pre_nms_top_n_test: int | None, post_nms_top_n_test: int | None
+) -> dict[str, int]:
     """Builder kwargs for the inference proposal counts; a None keeps the arch default."""
     kwargs = {}
     if pre_nms_top_n_test is not None:
@@ -227,10 +241,15 @@ def _proposal_kwargs(pre_nms_top_n_test: int | None, post_nms_top_n_test: int | 
     return kwargs
 
 
-def _build_arch(arch: str, num_classes: int, box_score_thresh: float, detections_per_img: int,
-                **extra: Any) -> FasterRCNN:
+def _build_arch(
+    arch: str, num_classes: int, box_score_thresh: float, detections_per_img: int, **extra: Any
+) -> FasterRCNN:
     spec = ARCH_SPECS[arch]
-    kwargs = {"box_score_thresh": box_score_thresh, "box_detections_per_img": detections_per_img, **extra}
+    kwargs = {
+        "box_score_thresh": box_score_thresh,
+        "box_detections_per_img": detections_per_img,
+        **extra,
+    }
     if spec.builder is None:
         return _mobilenet_v2_fpn(num_classes, **kwargs)
     return spec.builder(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
@@ -247,7 +266,7 @@ def _load_backbone_classifier_weights(model: FasterRCNN, spec: ArchSpec, path: P
     for key, value in state.items():
         if spec.backbone_prefix and not key.startswith(spec.backbone_prefix):
             continue  # the classifier head
-        short = key[len(spec.backbone_prefix):]
+        short = key[len(spec.backbone_prefix) :]
         if short in wanted or short.endswith("num_batches_tracked"):
             mapped[short] = value
         elif not spec.backbone_prefix and short.startswith("fc."):
@@ -299,12 +318,16 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
     as torchvision does for fine-tuning (batches of a few images give useless BN statistics).
     """
     if cfg.arch not in ARCH_SPECS:
-        raise WeightsError(f"model.arch: unknown architecture {cfg.arch!r}; one of {', '.join(ARCH_SPECS)}")
+        raise WeightsError(
+            f"model.arch: unknown architecture {cfg.arch!r}; one of {', '.join(ARCH_SPECS)}"
+        )
     spec = ARCH_SPECS[cfg.arch]
     num_classes = len(class_names) + 1
-    head_kwargs = {"box_batch_size_per_image": cfg.box_batch_size_per_image,
-                   "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
-                   **_proposal_kwargs(cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test)}
+    head_kwargs = {
+        "box_batch_size_per_image": cfg.box_batch_size_per_image,
+        "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
+        **_proposal_kwargs(cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test),
+    }
     weights = cfg.weights.strip()
     pretrained = weights.lower() != "none" or cfg.weights_backbone.lower() != "none"
 
@@ -316,21 +339,29 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
             )
         path = resolve_hub_weights(spec.coco_weights, f"model.weights=coco ({cfg.arch})")
         state = _torch_load(path)
-        model = _build_arch(cfg.arch, _num_classes_in(state, path), cfg.score_threshold, cfg.detections_per_image,
-                            **head_kwargs)
+        model = _build_arch(
+            cfg.arch,
+            _num_classes_in(state, path),
+            cfg.score_threshold,
+            cfg.detections_per_image,
+            **head_kwargs,
+        )
         frozen_batchnorm(model.backbone)
         _load_strict(model, state, path)
         replace_predictor(model, num_classes)
         info = BuildInfo(f"coco:{path}", True)
     elif weights.lower() == "none":
-        model = _build_arch(cfg.arch, num_classes, cfg.score_threshold, cfg.detections_per_image,
-                            **head_kwargs)
+        model = _build_arch(
+            cfg.arch, num_classes, cfg.score_threshold, cfg.detections_per_image, **head_kwargs
+        )
         if pretrained or cfg.freeze_backbone:
             frozen_batchnorm(model.backbone)
         source = "random"
         backbone_weights = cfg.weights_backbone.strip()
         if backbone_weights.lower() == "imagenet":
-            path = resolve_hub_weights(spec.backbone_weights, f"model.weights_backbone=imagenet ({cfg.arch})")
+            path = resolve_hub_weights(
+                spec.backbone_weights, f"model.weights_backbone=imagenet ({cfg.arch})"
+            )
             _load_backbone_classifier_weights(model, spec, path)
             source = f"imagenet:{path}"
         elif backbone_weights.lower() != "none":
@@ -354,8 +385,13 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
             state = obj
         else:
             raise WeightsError(f"{path}: neither a state_dict nor a checkpoint written by detector")
-        model = _build_arch(cfg.arch, _num_classes_in(state, path), cfg.score_threshold, cfg.detections_per_image,
-                            **head_kwargs)
+        model = _build_arch(
+            cfg.arch,
+            _num_classes_in(state, path),
+            cfg.score_threshold,
+            cfg.detections_per_image,
+            **head_kwargs,
+        )
         frozen_batchnorm(model.backbone)
         _load_strict(model, state, path)
         same_classes = previous_classes == list(class_names)
@@ -373,8 +409,11 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         for p in model.rpn.parameters():
             p.requires_grad_(False)
     log.info(
-        "model %s, %d classes + background, weights %s%s", cfg.arch, len(class_names),
-        info.weights_source, ", new box predictor" if info.predictor_replaced else "",
+        "model %s, %d classes + background, weights %s%s",
+        cfg.arch,
+        len(class_names),
+        info.weights_source,
+        ", new box predictor" if info.predictor_replaced else "",
     )
     return model, info
 
@@ -427,8 +466,9 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
         atomic_write_with(path, lambda f: f.write(buffer.getbuffer()))
     except OSError as e:
         raise OSError(
-            e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous file there, "
-            "if any, is intact"
+            e.errno,
+            f"could not write checkpoint {path} ({e.strerror}); the previous file there, "
+            "if any, is intact",
         ) from e
 
 
@@ -438,7 +478,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not is_pipeline_checkpoint(obj):
         raise WeightsError(f"{path}: not a checkpoint written by detector (no format tag)")
     if obj.get("version", 0) > CHECKPOINT_VERSION:
-        raise WeightsError(f"{path}: checkpoint version {obj['version']} is newer than this detector")
+        raise WeightsError(
+            f"{path}: checkpoint version {obj['version']} is newer than this detector"
+        )
     return obj
 
 
@@ -450,7 +492,9 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN:
         len(checkpoint["class_names"]) + 1,
         float(model_cfg.get("score_threshold", 0.05)),
         int(model_cfg.get("detections_per_image", 100)),
-        **_proposal_kwargs(model_cfg.get("rpn_pre_nms_top_n_test"), model_cfg.get("rpn_post_nms_top_n_test")),
+        **_proposal_kwargs(
+            model_cfg.get("rpn_pre_nms_top_n_test"), model_cfg.get("rpn_post_nms_top_n_test")
+        ),
     )
     frozen_batchnorm(model.backbone)
     _load_strict(model, checkpoint["model"], Path(checkpoint.get("path", "checkpoint")))

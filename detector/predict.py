@@ -91,18 +91,21 @@ def coco_results(det: Detections, image_id: int, detector: Detector) -> list[dic
     out = []
     for box, score, label in zip(det.boxes, det.scores, det.labels, strict=True):
         x1, y1, x2, y2 = (float(v) for v in box)
-        out.append({
-            "image_id": int(image_id),
-            "category_id": detector.category_id(int(label)),
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-            "score": round(float(score), 5),
-        })
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": detector.category_id(int(label)),
+                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                "score": round(float(score), 5),
+            }
+        )
     return out
 
 
 def _categories(detector: Detector) -> list[dict[str, Any]]:
     return [
-        {"id": detector.category_id(i + 1), "name": name} for i, name in enumerate(detector.class_names)
+        {"id": detector.category_id(i + 1), "name": name}
+        for i, name in enumerate(detector.class_names)
     ]
 
 
@@ -159,7 +162,9 @@ def predict_images(
             for path in paths[start : start + chunk]:
                 frame = _read(path)
                 if frame is None:
-                    log.warning("%s: not a readable image (or outside the size limits), skipped", path)
+                    log.warning(
+                        "%s: not a readable image (or outside the size limits), skipped", path
+                    )
                     summary.skipped.append(str(path))
                     continue
                 if gt_ids is not None and path.name not in gt_ids:
@@ -177,14 +182,25 @@ def predict_images(
                         image_id = gt_ids[path.name]
                     else:
                         image_id, next_id = next_id, next_id + 1
-                    images.append({"id": image_id, "file_name": path.name,
-                                   "height": int(frame.shape[0]), "width": int(frame.shape[1])})
+                    images.append(
+                        {
+                            "id": image_id,
+                            "file_name": path.name,
+                            "height": int(frame.shape[0]),
+                            "width": int(frame.shape[1]),
+                        }
+                    )
                     results.extend(coco_results(det, image_id, detector))
                     summary.images += 1
                     summary.detections += len(det)
                     summary.per_class.update(det.names)
-                    if draw and not cv2.imwrite(str(image_dir / path.name), draw_detections(frame, det)):
-                        cv2.imwrite(str((image_dir / path.name).with_suffix(".jpg")), draw_detections(frame, det))
+                    if draw and not cv2.imwrite(
+                        str(image_dir / path.name), draw_detections(frame, det)
+                    ):
+                        cv2.imwrite(
+                            str((image_dir / path.name).with_suffix(".jpg")),
+                            draw_detections(frame, det),
+                        )
             bar.update(min(chunk, len(paths) - start))
     _finish(detector, out, results, images, summary)
     return summary
@@ -203,7 +219,9 @@ def _video_frames(cap: cv2.VideoCapture, n: int) -> Iterator[list[np.ndarray]]:
         yield frames
 
 
-def predict_video(detector: Detector, video: Path, out: Path, *, draw: bool = True) -> PredictSummary:
+def predict_video(
+    detector: Detector, video: Path, out: Path, *, draw: bool = True
+) -> PredictSummary:
     summary = PredictSummary(provider=detector.provider)
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
@@ -226,8 +244,14 @@ def predict_video(detector: Detector, video: Path, out: Path, *, draw: bool = Tr
                 for frame, det in zip(frames, dets, strict=True):
                     index += 1
                     h, w = frame.shape[:2]
-                    images.append({"id": index, "file_name": f"{video.name}#frame{index:06d}",
-                                   "height": h, "width": w})
+                    images.append(
+                        {
+                            "id": index,
+                            "file_name": f"{video.name}#frame{index:06d}",
+                            "height": h,
+                            "width": w,
+                        }
+                    )
                     results.extend(coco_results(det, index, detector))
                     summary.images += 1
                     summary.detections += len(det)
@@ -247,7 +271,9 @@ def predict_video(detector: Detector, video: Path, out: Path, *, draw: bool = Tr
     return summary
 
 
-def _open_writer(out: Path, video: Path, fps: float, size: tuple[int, int]) -> tuple[cv2.VideoWriter, Path]:
+def _open_writer(
+    out: Path, video: Path, fps: float, size: tuple[int, int]
+) -> tuple[cv2.VideoWriter, Path]:
     for suffix, codec in ((".mp4", "mp4v"), (".avi", "MJPG")):
         path = out / f"{video.stem}_annotated{suffix}"
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
@@ -256,28 +282,46 @@ def _open_writer(out: Path, video: Path, fps: float, size: tuple[int, int]) -> t
     raise OSError(f"OpenCV cannot write a video in {out} (no mp4v or MJPG encoder)")
 
 
-def _finish(detector: Detector, out: Path, results: list, images: list, summary: PredictSummary) -> None:
+def _finish(
+    detector: Detector, out: Path, results: list, images: list, summary: PredictSummary
+) -> None:
     summary.results_path = out / "results.json"
     _atomic_write_json(summary.results_path, results)
-    _atomic_write_json(out / "images.json", {
-        "info": {"description": f"images predicted by {detector.path.name}"},
-        "images": images,
-        "annotations": [],
-        "categories": _categories(detector),
-    })
+    _atomic_write_json(
+        out / "images.json",
+        {
+            "info": {"description": f"images predicted by {detector.path.name}"},
+            "images": images,
+            "annotations": [],
+            "categories": _categories(detector),
+        },
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="ONNX model written by `detector export`")
     parser.add_argument("source", type=Path, help="an image, a folder of images, or a video file")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
-    parser.add_argument("--score", type=float, default=0.5,
-                        help="keep (draw and write) detections scoring at least this")
-    parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
-                        help="execution providers in order (tensorrt cuda cpu; default: all three)")
+    parser.add_argument(
+        "--score",
+        type=float,
+        default=0.5,
+        help="keep (draw and write) detections scoring at least this",
+    )
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="execution providers in order (tensorrt cuda cpu; default: all three)",
+    )
     parser.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine cache folder")
-    parser.add_argument("--annotations", type=Path, default=None,
-                        help="COCO JSON of these images: use its image ids (matched on file name)")
+    parser.add_argument(
+        "--annotations",
+        type=Path,
+        default=None,
+        help="COCO JSON of these images: use its image ids (matched on file name)",
+    )
     parser.add_argument("--no-draw", action="store_true", help="write only the JSON files")
 
 
@@ -287,17 +331,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"predict: error: {source}: no such file or folder", file=sys.stderr)
         return 2
     try:
-        detector = Detector(args.model, providers=args.providers, trt_cache_dir=args.trt_cache,
-                            score_threshold=args.score)
+        detector = Detector(
+            args.model,
+            providers=args.providers,
+            trt_cache_dir=args.trt_cache,
+            score_threshold=args.score,
+        )
         if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
             summary = predict_video(detector, source, args.out, draw=not args.no_draw)
         else:
             paths = list_images(source)
             if not paths:
-                print(f"predict: error: {source}: no images ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
+                print(
+                    f"predict: error: {source}: no images ({', '.join(IMAGE_SUFFIXES)})",
+                    file=sys.stderr,
+                )
                 return 2
-            summary = predict_images(detector, paths, args.out, annotations=args.annotations,
-                                     draw=not args.no_draw)
+            summary = predict_images(
+                detector, paths, args.out, annotations=args.annotations, draw=not args.no_draw
+            )
     except (ModelError, InputError, ProviderError, FileNotFoundError, OSError, ValueError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2

@@ -38,9 +38,17 @@ SKIPPED_BOX_KINDS = {
 # Warnings that stop the run: training on them would waste the night.
 STOPPING_WARNINGS = {"bbox_looks_xyxy"}
 # Errors about an image record or its file ("N of M images are unusable").
-IMAGE_KINDS = {"missing_image", "unreadable_image", "image_too_large", "size_mismatch",
-               "bad_image_size", "unsafe_path", "symlink_outside", "duplicate_image_id",
-               "wrong_image_dir"}
+IMAGE_KINDS = {
+    "missing_image",
+    "unreadable_image",
+    "image_too_large",
+    "size_mismatch",
+    "bad_image_size",
+    "unsafe_path",
+    "symlink_outside",
+    "duplicate_image_id",
+    "wrong_image_dir",
+}
 SHOWN_PER_SET = 200  # lines of the message; tools/validate.py --all lists everything
 
 
@@ -56,7 +64,9 @@ def preflight_data(cfg: DataConfig, progress: bool = True) -> None:
     """
     items: list[tuple[Path, Path | None]] = []
     if cfg.train_annotations:
-        items.append((Path(cfg.train_annotations), Path(cfg.train_images) if cfg.train_images else None))
+        items.append(
+            (Path(cfg.train_annotations), Path(cfg.train_images) if cfg.train_images else None)
+        )
     if cfg.val_annotations:
         items.append((Path(cfg.val_annotations), Path(cfg.val_images) if cfg.val_images else None))
     _run(items, progress, announce=False)  # the caller re-raises the loader's error
@@ -79,8 +89,11 @@ def _run(items: list[tuple[Path, Path | None]], progress: bool, announce: bool =
         sections.append(
             f"{json_path} (images in {report.images_dir}): {len(problems)} problems\n    "
             + "\n    ".join(shown)
-            + (f"\n    ... and {more} more: python tools/validate.py {json_path} --decode --all"
-               if more else "")
+            + (
+                f"\n    ... and {more} more: python tools/validate.py {json_path} --decode --all"
+                if more
+                else ""
+            )
             + f"\n  Repair: python tools/validate.py {json_path} --decode --fix "
             f"{_fixed_name(json_path)} writes a repaired copy and lists every change; "
             "then train on that copy."
@@ -103,8 +116,10 @@ def _stopping_problems(report: ValidationReport) -> list[str]:
     path = report.annotations_path
     for p in report.warnings:
         if p.kind == "bbox_looks_xyxy":
-            lines.append(f"[{p.kind}] {p.message}. Convert them with: python tools/validate.py "
-                         f"{path} --fix {_fixed_name(path, 'xywh')} --xyxy")
+            lines.append(
+                f"[{p.kind}] {p.message}. Convert them with: python tools/validate.py "
+                f"{path} --fix {_fixed_name(path, 'xywh')} --xyxy"
+            )
         elif p.kind in STOPPING_WARNINGS:
             lines.append(f"[{p.kind}] {p.message}")
     hint = _zero_based_hint(report.data)
@@ -123,15 +138,19 @@ def _zero_based_hint(data: Any) -> str | None:
     int_ids = [c for c in cat_ids if isinstance(c, int) and not isinstance(c, bool)]
     used = {a.get("category_id") for a in annotations if isinstance(a, dict)}
     if 0 in used and 0 not in cat_ids and int_ids and min(int_ids) == 1:
-        return ("[zero_based_category_ids] boxes use category_id 0 but the categories are "
-                "numbered from 1: the ids look 0-based (YOLO class indices copied as COCO ids), "
-                "so every other box may carry the class next to its own too. Re-convert the "
-                "labels with tools/convert.py instead of renumbering by hand")
+        return (
+            "[zero_based_category_ids] boxes use category_id 0 but the categories are "
+            "numbered from 1: the ids look 0-based (YOLO class indices copied as COCO ids), "
+            "so every other box may carry the class next to its own too. Re-convert the "
+            "labels with tools/convert.py instead of renumbering by hand"
+        )
     return None
 
 
 def _image_key(problem: Problem) -> Any:
-    return problem.image_id if problem.image_id is not None else (problem.file_name or problem.message)
+    return (
+        problem.image_id if problem.image_id is not None else (problem.file_name or problem.message)
+    )
 
 
 def _fixed_name(path: Path | None, tag: str = "fixed") -> str:
@@ -146,8 +165,13 @@ def _log_findings(report: ValidationReport) -> None:
     if skipped:
         counts = Counter(p.kind for p in skipped)
         what = ", ".join(f"{n} {SKIPPED_BOX_KINDS[k]}" for k, n in counts.items())
-        log.warning("pre-flight %s: %d boxes are skipped in training (%s), e.g. %s", name,
-                    len(skipped), what, skipped[0].message)
+        log.warning(
+            "pre-flight %s: %d boxes are skipped in training (%s), e.g. %s",
+            name,
+            len(skipped),
+            what,
+            skipped[0].message,
+        )
     by_kind: dict[str, list[Problem]] = defaultdict(list)
     for p in report.warnings:
         if p.kind not in STOPPING_WARNINGS:
@@ -158,8 +182,11 @@ def _log_findings(report: ValidationReport) -> None:
         log.warning("pre-flight %s: [%s] x%d: %s%s", name, kind, len(group), examples, more)
     infos = Counter(p.kind for p in report.infos)
     if infos.get("negative"):
-        log.info("pre-flight %s: %d images without boxes, trained as negatives (background only)",
-                 name, infos["negative"])
+        log.info(
+            "pre-flight %s: %d images without boxes, trained as negatives (background only)",
+            name,
+            infos["negative"],
+        )
     for p in report.infos:
         if p.kind == "crowd_boxes":
             log.info("pre-flight %s: %s", name, p.message)

@@ -171,8 +171,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, later_params: list[torc
     if later_params:
         groups.append({"params": later_params, "lr": cfg.train.lr * cfg.train.unfreeze.lr_scale})
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum,
-                               weight_decay=cfg.train.weight_decay)
+        return torch.optim.SGD(
+            groups,
+            lr=cfg.train.lr,
+            momentum=cfg.train.momentum,
+            weight_decay=cfg.train.weight_decay,
+        )
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
@@ -196,9 +200,18 @@ def unfreeze_candidates(model: torch.nn.Module, cfg: Config) -> list[torch.nn.Pa
     return params
 
 
-def _checkpoint(model, cfg: Config, cset: CocoSet, state: TrainState, optimizer=None, scheduler=None,
-                scaler=None, metrics: Metrics | None = None, info: BuildInfo | None = None,
-                rank_rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _checkpoint(
+    model,
+    cfg: Config,
+    cset: CocoSet,
+    state: TrainState,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    metrics: Metrics | None = None,
+    info: BuildInfo | None = None,
+    rank_rng: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     checkpoint: dict[str, Any] = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "arch": cfg.model.arch,
@@ -234,10 +247,13 @@ def restore_rng(checkpoint: dict[str, Any]) -> None:
         return
     set_rng_state(checkpoint["rng"])
     if saved is not None or world > 1:
-        log.warning("resuming with %d process(es) a run saved with %d: the random streams and the "
-                    "split of the current epoch's batches differ, so the result will differ from "
-                    "an uninterrupted run",
-                    world, len(saved) if saved is not None else 1)
+        log.warning(
+            "resuming with %d process(es) a run saved with %d: the random streams and the "
+            "split of the current epoch's batches differ, so the result will differ from "
+            "an uninterrupted run",
+            world,
+            len(saved) if saved is not None else 1,
+        )
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -279,8 +295,12 @@ def resolve_resume(resume: str | Path) -> Path:
     return path
 
 
-def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    resume: str | Path | None = None,
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train (or resume) a run; returns where it went and how it ended."""
     start_time = time.time()
     started_distributed = distributed.init_from_env(cfg.train.device)
@@ -291,8 +311,9 @@ def train(cfg: Config, resume: str | Path | None = None, run_dir: Path | None = 
             distributed.cleanup()
 
 
-def _train_entry(cfg: Config, resume: str | Path | None, run_dir: Path | None, progress: bool,
-                 start_time: float) -> TrainResult:
+def _train_entry(
+    cfg: Config, resume: str | Path | None, run_dir: Path | None, progress: bool, start_time: float
+) -> TrainResult:
     resume_checkpoint = None
     if resume is not None:
         resume_path = resolve_resume(resume)
@@ -302,13 +323,19 @@ def _train_entry(cfg: Config, resume: str | Path | None, run_dir: Path | None, p
         saved.train.max_hours, saved.train.until = cfg.train.max_hours, cfg.train.until
         cfg = saved
         run_dir = resume_path.parent
-        log.info("resuming %s at epoch %d, batch %d", resume_path,
-                 resume_checkpoint["state"]["epoch"] + 1, resume_checkpoint["state"]["iteration"])
+        log.info(
+            "resuming %s at epoch %d, batch %d",
+            resume_path,
+            resume_checkpoint["state"]["epoch"] + 1,
+            resume_checkpoint["state"]["iteration"],
+        )
     elif run_dir is None:
         run_dir = distributed.broadcast_object(new_run_dir(cfg) if distributed.is_main() else None)
     run_dir = Path(run_dir)
     if not distributed.is_main():  # rank 0 writes the run folder, its log included
-        return _train(cfg, run_dir, resume_checkpoint, start_time, progress and distributed.is_main())
+        return _train(
+            cfg, run_dir, resume_checkpoint, start_time, progress and distributed.is_main()
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in run_dir.glob(".*.tmp"):  # fileio.atomic_open's half-written file of a killed save
         log.info("removing %s, left by a run killed while saving", stale)
@@ -323,8 +350,13 @@ def _train_entry(cfg: Config, resume: str | Path | None, run_dir: Path | None, p
         file_log.close()
 
 
-def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None, start_time: float,
-           progress: bool) -> TrainResult:
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    resume_checkpoint: dict[str, Any] | None,
+    start_time: float,
+    progress: bool,
+) -> TrainResult:
     main = distributed.is_main()
     if main:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -361,14 +393,20 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         dataset.groups = aspect_ratio_groups(train_set, cfg.data.aspect_ratio_groups)
     if cfg.data.cache_images:
         dataset.preload(cfg.data.cache_images_max_gb)
-    batches_per_epoch = math.ceil(math.ceil(len(dataset) / cfg.train.batch_size) / distributed.world_size())
+    batches_per_epoch = math.ceil(
+        math.ceil(len(dataset) / cfg.train.batch_size) / distributed.world_size()
+    )
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.accumulate)
     total_epochs = cfg.train.epochs + cfg.train.unfreeze.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_lr_lambda(cfg, steps_per_epoch, total_epochs * steps_per_epoch)
     )
     amp_dtype = autocast_dtype(cfg, device)
-    log.info("device %s, %s", device, f"autocast {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "float32")
+    log.info(
+        "device %s, %s",
+        device,
+        f"autocast {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "float32",
+    )
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     state = TrainState()
@@ -392,8 +430,9 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         if plan is None:
             log.warning("train.cache_features: not used, training on images: %s", why_not)
         elif state.epoch < cfg.train.epochs:
-            cache = feature_cache.build_feature_cache(model, dataset, cfg, plan, device, progress,
-                                                      amp_dtype=amp_dtype)
+            cache = feature_cache.build_feature_cache(
+                model, dataset, cfg, plan, device, progress, amp_dtype=amp_dtype
+            )
             cache.groups = dataset.groups
 
     from torch.utils.tensorboard import SummaryWriter
@@ -401,7 +440,10 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
     writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
     flags = StopFlags(deadline=compute_deadline(cfg, start_time))
     if flags.deadline is not None:
-        log.info("time budget: stopping by %s", dt.datetime.fromtimestamp(flags.deadline).strftime("%Y-%m-%d %H:%M"))
+        log.info(
+            "time budget: stopping by %s",
+            dt.datetime.fromtimestamp(flags.deadline).strftime("%Y-%m-%d %H:%M"),
+        )
     previous_handlers = _install_signal_handlers(flags)
     stop_reason = "completed"
     images_seen = 0
@@ -412,17 +454,33 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 for p in later_params:
                     p.requires_grad_(True)
                 state.unfrozen = True
-                log.info("unfreeze phase: %d backbone tensors + FPN now train at lr x %g",
-                         len(later_params), cfg.train.unfreeze.lr_scale)
+                log.info(
+                    "unfreeze phase: %d backbone tensors + FPN now train at lr x %g",
+                    len(later_params),
+                    cfg.train.unfreeze.lr_scale,
+                )
             epoch_start = time.time()
             if cache is not None and state.unfrozen:
-                log.info("unfreeze phase: the backbone trains, so the feature cache is left for images")
+                log.info(
+                    "unfreeze phase: the backbone trains, so the feature cache is left for images"
+                )
                 cache = None
             data = cache if cache is not None else dataset  # cached views, or images
             data.epoch = state.epoch
             losses, seen, stopped = train_one_epoch(
-                model, optimizer, scheduler, scaler, data, cfg, state, device, flags,
-                last_eval_seconds, progress, writer, amp_dtype=amp_dtype,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                data,
+                cfg,
+                state,
+                device,
+                flags,
+                last_eval_seconds,
+                progress,
+                writer,
+                amp_dtype=amp_dtype,
             )
             losses, seen = distributed.reduce_epoch(losses, seen, device)
             rank_rng = distributed.gather_object(rng_state())
@@ -432,13 +490,33 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 stop_reason = stopped
                 # Save where we are: a resume continues from this very batch.
                 if main:
-                    save_checkpoint(run_dir / "last.pt", _checkpoint(
-                        model, cfg, train_set, state, optimizer, scheduler, scaler, info=info, rank_rng=rank_rng))
+                    save_checkpoint(
+                        run_dir / "last.pt",
+                        _checkpoint(
+                            model,
+                            cfg,
+                            train_set,
+                            state,
+                            optimizer,
+                            scheduler,
+                            scaler,
+                            info=info,
+                            rank_rng=rank_rng,
+                        ),
+                    )
                     if not (run_dir / "best.pt").is_file():
                         # Stopped inside the first epoch: the current model is the best there is.
-                        save_checkpoint(run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info))
+                        save_checkpoint(
+                            run_dir / "best.pt",
+                            _checkpoint(model, cfg, train_set, state, info=info),
+                        )
                 distributed.barrier()
-                log.info("%s: checkpoint saved at epoch %d batch %d", stopped, state.epoch + 1, state.iteration)
+                log.info(
+                    "%s: checkpoint saved at epoch %d batch %d",
+                    stopped,
+                    state.epoch + 1,
+                    state.iteration,
+                )
                 break
             state.epoch += 1
             state.iteration = 0
@@ -449,34 +527,65 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
                 state.__dict__.update(distributed.broadcast_object(None))
             elif val_set is not None and (state.epoch % cfg.eval.every == 0 or final_epoch):
                 eval_start = time.time()
-                metrics = evaluate(model, val_set, device, batch_size=cfg.train.batch_size,
-                                   grid_images=0, num_workers=0)
+                metrics = evaluate(
+                    model,
+                    val_set,
+                    device,
+                    batch_size=cfg.train.batch_size,
+                    grid_images=0,
+                    num_workers=0,
+                )
                 last_eval_seconds = time.time() - eval_start
                 log.info("epoch %d val: %s", state.epoch, format_metrics(metrics).splitlines()[0])
                 for key, value in metrics.as_row().items():
                     writer.add_scalar(f"val/{key}", value, state.epoch)
                 if metrics.map > state.best_map:
-                    state.best_map, state.best_epoch, state.evals_since_best = metrics.map, state.epoch, 0
-                    save_checkpoint(run_dir / "best.pt", _checkpoint(
-                        model, cfg, train_set, state, metrics=metrics, info=info))
+                    state.best_map, state.best_epoch, state.evals_since_best = (
+                        metrics.map,
+                        state.epoch,
+                        0,
+                    )
+                    save_checkpoint(
+                        run_dir / "best.pt",
+                        _checkpoint(model, cfg, train_set, state, metrics=metrics, info=info),
+                    )
                 else:
                     state.evals_since_best += 1
             elif val_set is None:
                 state.best_epoch = state.epoch  # no val set: the latest model is the best we know
-                save_checkpoint(run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info))
-            row = {"epoch": state.epoch, "phase": "unfreeze" if state.unfrozen else "frozen",
-                   "lr": optimizer.param_groups[0]["lr"], **{k: round(v, 5) for k, v in losses.items()},
-                   "epoch_seconds": round(epoch_seconds, 2),
-                   "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3),
-                   **_peak_memory(device)}
+                save_checkpoint(
+                    run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info)
+                )
+            row = {
+                "epoch": state.epoch,
+                "phase": "unfreeze" if state.unfrozen else "frozen",
+                "lr": optimizer.param_groups[0]["lr"],
+                **{k: round(v, 5) for k, v in losses.items()},
+                "epoch_seconds": round(epoch_seconds, 2),
+                "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3),
+                **_peak_memory(device),
+            }
             if metrics is not None:
                 row.update({k: round(v, 5) for k, v in metrics.as_row().items()})
             rows.append(row)
             if main:  # before last.pt: a resume drops rows past its last.pt, never misses one
                 write_metrics_csv(run_dir / "metrics.csv", rows)
             if main:
-                save_checkpoint(run_dir / "last.pt", _checkpoint(
-                    model, cfg, train_set, state, optimizer, scheduler, scaler, metrics, info, rank_rng))
+                save_checkpoint(
+                    run_dir / "last.pt",
+                    _checkpoint(
+                        model,
+                        cfg,
+                        train_set,
+                        state,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        metrics,
+                        info,
+                        rank_rng,
+                    ),
+                )
                 distributed.barrier()
                 distributed.broadcast_object(state.__dict__)
             if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
@@ -494,14 +603,29 @@ def _train(cfg: Config, run_dir: Path, resume_checkpoint: dict[str, Any] | None,
         # Plots and prediction grid of the model the user will deploy.
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
-        final_metrics = evaluate(model, val_set, device, out_dir=run_dir,
-                                 batch_size=cfg.train.batch_size, grid_images=cfg.eval.grid_images,
-                                 draw_score_threshold=cfg.eval.draw_score_threshold)
+        final_metrics = evaluate(
+            model,
+            val_set,
+            device,
+            out_dir=run_dir,
+            batch_size=cfg.train.batch_size,
+            grid_images=cfg.eval.grid_images,
+            draw_score_threshold=cfg.eval.draw_score_threshold,
+        )
         atomic_write_text(run_dir / "best_metrics.txt", format_metrics(final_metrics) + "\n")
     distributed.barrier()
-    result = TrainResult(run_dir, state.best_map, state.best_epoch, state.epoch, stop_reason,
-                         final_metrics, time.time() - start_time, images_seen, **_peak_memory(device),
-                         rank=distributed.rank())
+    result = TrainResult(
+        run_dir,
+        state.best_map,
+        state.best_epoch,
+        state.epoch,
+        stop_reason,
+        final_metrics,
+        time.time() - start_time,
+        images_seen,
+        **_peak_memory(device),
+        rank=distributed.rank(),
+    )
     log.info("run finished: %s", result.stop_reason)
     if distributed.is_main():
         atomic_write_text(run_dir / "summary.txt", summary(result) + "\n")
@@ -521,10 +645,16 @@ def summary(result: TrainResult) -> str:
         f"run {result.run_dir}: {result.stop_reason} after {result.epochs_done} epochs in "
         f"{result.seconds / 60:.1f} min ({result.images_seen / max(result.seconds, 1e-9):.2f} images/s overall, "
         f"peak RAM {result.peak_ram_mb:.0f} MiB"
-        + (f", peak GPU memory {result.peak_gpu_mb:.0f} MiB)" if result.peak_gpu_mb is not None else ")"),
+        + (
+            f", peak GPU memory {result.peak_gpu_mb:.0f} MiB)"
+            if result.peak_gpu_mb is not None
+            else ")"
+        ),
     ]
     if result.final_metrics is not None:
-        lines.append(f"best.pt (epoch {result.best_epoch}): " + format_metrics(result.final_metrics))
+        lines.append(
+            f"best.pt (epoch {result.best_epoch}): " + format_metrics(result.final_metrics)
+        )
     elif result.best_epoch >= 0:
         lines.append(f"best.pt: epoch {result.best_epoch} (no val set: the latest model)")
     else:
@@ -542,12 +672,16 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
         if cfg.train.amp_dtype == "bfloat16" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         if cfg.train.amp_dtype == "bfloat16":
-            log.warning("train.amp_dtype=bfloat16: this GPU has no bf16; using float16 with loss scaling")
+            log.warning(
+                "train.amp_dtype=bfloat16: this GPU has no bf16; using float16 with loss scaling"
+            )
         return torch.float16
     if device.type == "cpu" and cfg.train.amp_cpu:
         if cpu_has_native_bf16():
             return torch.bfloat16
-        log.warning("train.amp_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32")
+        log.warning(
+            "train.amp_cpu: this CPU has no native bf16 (AVX512-BF16 or AMX); training in float32"
+        )
     return None
 
 
@@ -556,10 +690,21 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDataset | feature_cache.FeatureCache,
-                    cfg: Config, state: TrainState, device: torch.device, flags: StopFlags,
-                    reserve_seconds: float, progress: bool, writer,
-                    amp_dtype: torch.dtype | None = None) -> tuple[dict[str, float], int, str | None]:
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    dataset: DetectionDataset | feature_cache.FeatureCache,
+    cfg: Config,
+    state: TrainState,
+    device: torch.device,
+    flags: StopFlags,
+    reserve_seconds: float,
+    progress: bool,
+    writer,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, float], int, str | None]:
     """One pass over the shuffled batches from ``state.iteration`` on (this rank's share).
 
     ``dataset`` gives images, or cached views of them (train.cache_features): then the batch's
@@ -570,19 +715,29 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
     set_train_mode(model, cfg, state.unfrozen)
     cached = isinstance(dataset, feature_cache.FeatureCache)
     batches = distributed.shard(
-        epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch, dataset.groups))
+        epoch_batches(
+            len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch, dataset.groups
+        )
+    )
     # A private generator keeps the DataLoader from drawing on the global RNG, which the
     # model's samplers use: a resumed run then draws exactly what an uninterrupted one would.
     workers = 0 if cached and dataset.where == "RAM" else cfg.data.num_workers
-    loader = make_loader(dataset, batches[state.iteration:], cfg.train.batch_size, workers)
+    loader = make_loader(dataset, batches[state.iteration :], cfg.train.batch_size, workers)
     loader.generator = torch.Generator()
-    net = distributed.wrap(feature_cache.CachedHeads(model, dataset.padding) if cached else model, device)
+    net = distributed.wrap(
+        feature_cache.CachedHeads(model, dataset.padding) if cached else model, device
+    )
     accumulate = cfg.train.accumulate
     sums: dict[str, float] = defaultdict(float)
     counted = seen = 0
     iteration_seconds = None
-    bar = tqdm(total=len(batches), initial=state.iteration, disable=not progress, dynamic_ncols=True,
-               desc=f"epoch {state.epoch + 1}/{cfg.train.epochs + cfg.train.unfreeze.epochs}")
+    bar = tqdm(
+        total=len(batches),
+        initial=state.iteration,
+        disable=not progress,
+        dynamic_ncols=True,
+        desc=f"epoch {state.epoch + 1}/{cfg.train.epochs + cfg.train.unfreeze.epochs}",
+    )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer.zero_grad(set_to_none=True)
     tic = time.time()
@@ -591,7 +746,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
         window_start = index % accumulate == 0
         window_end = (index + 1) % accumulate == 0 or index + 1 == len(batches)
         if window_start:
-            reason = distributed.first_reason(_should_stop(flags, iteration_seconds, accumulate, reserve_seconds))
+            reason = distributed.first_reason(
+                _should_stop(flags, iteration_seconds, accumulate, reserve_seconds)
+            )
             if reason:
                 bar.close()
                 return _means(sums, counted), seen, reason
@@ -599,7 +756,9 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
             images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         with distributed.no_sync(net, not window_end):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+            ):
                 loss_dict = net(images, targets)
             loss = sum(loss_dict.values())
             nonfinite = distributed.any_true(not torch.isfinite(loss), device)
@@ -610,8 +769,13 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
                     (loss / accumulate).backward()
         if nonfinite:
             ids = [int(t["image_id"]) for t in targets]
-            log.warning("non-finite loss %s at epoch %d batch %d (image ids %s): batch skipped",
-                        {k: float(v.detach()) for k, v in loss_dict.items()}, state.epoch + 1, index, ids)
+            log.warning(
+                "non-finite loss %s at epoch %d batch %d (image ids %s): batch skipped",
+                {k: float(v.detach()) for k, v in loss_dict.items()},
+                state.epoch + 1,
+                index,
+                ids,
+            )
             _count_nonfinite(flags, cfg, ids)
             state.iteration += 1
             bar.update(1)
@@ -627,8 +791,14 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
                 # A finite loss with a NaN/inf gradient would turn every weight into NaN, and
                 # the epoch's checkpoints with them: skip the step (GradScaler does the same).
                 ids = [int(t["image_id"]) for t in targets]
-                log.warning("non-finite gradient (norm %s) at epoch %d batch %d (image ids %s): "
-                            "optimizer step skipped", float(grad_norm), state.epoch + 1, index, ids)
+                log.warning(
+                    "non-finite gradient (norm %s) at epoch %d batch %d (image ids %s): "
+                    "optimizer step skipped",
+                    float(grad_norm),
+                    state.epoch + 1,
+                    index,
+                    ids,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 _count_nonfinite(flags, cfg, ids)
             else:
@@ -649,9 +819,14 @@ def train_one_epoch(model, optimizer, scheduler, scaler, dataset: DetectionDatas
         counted += 1
         now = time.time()
         elapsed, tic = now - tic, now
-        iteration_seconds = elapsed if iteration_seconds is None else 0.9 * iteration_seconds + 0.1 * elapsed
-        bar.set_postfix(loss=f"{sums['loss'] / counted:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                        img_s=f"{len(images) / max(elapsed, 1e-9):.1f}")
+        iteration_seconds = (
+            elapsed if iteration_seconds is None else 0.9 * iteration_seconds + 0.1 * elapsed
+        )
+        bar.set_postfix(
+            loss=f"{sums['loss'] / counted:.3f}",
+            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            img_s=f"{len(images) / max(elapsed, 1e-9):.1f}",
+        )
         bar.update(1)
         if writer is not None and state.step % max(cfg.train.log_every, 1) == 0 and window_end:
             writer.add_scalar("train/loss", float(loss.detach()), state.step)
@@ -684,8 +859,9 @@ def _means(sums: dict[str, float], count: int) -> dict[str, float]:
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def _should_stop(flags: StopFlags, iteration_seconds: float | None, accumulate: int,
-                 reserve_seconds: float) -> str | None:
+def _should_stop(
+    flags: StopFlags, iteration_seconds: float | None, accumulate: int, reserve_seconds: float
+) -> str | None:
     if flags.signal_name:
         return f"stopped by {flags.signal_name}"
     if flags.deadline is not None:
@@ -704,8 +880,10 @@ def _install_signal_handlers(flags: StopFlags) -> dict[int, Any]:
         if flags.signal_name and signum == signal.SIGINT:
             raise KeyboardInterrupt
         flags.signal_name = signal.Signals(signum).name
-        log.warning("%s received: saving a checkpoint after this batch (Ctrl-C again to abort)",
-                    flags.signal_name)
+        log.warning(
+            "%s received: saving a checkpoint after this batch (Ctrl-C again to abort)",
+            flags.signal_name,
+        )
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread: leave signals alone

@@ -11,9 +11,15 @@ import cv2
 from detector.config import Config, config_from_dict
 
 
-def write_coco128_subset(shared_datasets: Path, out: Path, image_ids: list[int] | None = None,
-                         count: int = 4, max_side: int = 192, keep_negatives: int = 0,
-                         name: str = "annotations.json") -> Path:
+def write_coco128_subset(
+    shared_datasets: Path,
+    out: Path,
+    image_ids: list[int] | None = None,
+    count: int = 4,
+    max_side: int = 192,
+    keep_negatives: int = 0,
+    name: str = "annotations.json",
+) -> Path:
     """Copy ``count`` annotated coco128 images (+ negatives) downscaled, with their boxes scaled."""
     src = shared_datasets / "coco128"
     data = json.loads((src / "annotations/instances_train2017.json").read_text())
@@ -32,8 +38,11 @@ def write_coco128_subset(shared_datasets: Path, out: Path, image_ids: list[int] 
     for info in chosen:
         image = cv2.imread(str(src / "images/train2017" / info["file_name"]))
         scale = max_side / max(image.shape[:2])
-        small = cv2.resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale)),
-                           interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            image,
+            (round(image.shape[1] * scale), round(image.shape[0] * scale)),
+            interpolation=cv2.INTER_AREA,
+        )
         cv2.imwrite(str(out / "images" / info["file_name"]), small)
         out_images.append({**info, "width": small.shape[1], "height": small.shape[0]})
         for a in anns_by_image.get(info["id"], []):
@@ -42,21 +51,38 @@ def write_coco128_subset(shared_datasets: Path, out: Path, image_ids: list[int] 
     used = {a["category_id"] for a in out_anns}
     categories = [c for c in data["categories"] if c["id"] in used]
     path = out / name
-    path.write_text(json.dumps({"images": out_images, "annotations": out_anns, "categories": categories}))
+    path.write_text(
+        json.dumps({"images": out_images, "annotations": out_anns, "categories": categories})
+    )
     return path
 
 
 def tiny_config(train_json: Path, val_json: Path | None, out_dir: Path, **sections: dict) -> Config:
     """mobilenet_v3_large_320_fpn at 160 px with light sampling: a few seconds per epoch."""
     values: dict[str, Any] = {
-        "data": {"train_annotations": str(train_json), "val_annotations": str(val_json or ""),
-                 "num_workers": 0},
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none",
-                  "min_size": 160, "max_size": 192, "box_batch_size_per_image": 64,
-                  "rpn_batch_size_per_image": 64},
+        "data": {
+            "train_annotations": str(train_json),
+            "val_annotations": str(val_json or ""),
+            "num_workers": 0,
+        },
+        "model": {
+            "arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "weights": "none",
+            "min_size": 160,
+            "max_size": 192,
+            "box_batch_size_per_image": 64,
+            "rpn_batch_size_per_image": 64,
+        },
         "augment": {"hflip": 0.5, "brightness_contrast": 0.3},
-        "train": {"epochs": 2, "batch_size": 2, "lr": 0.01, "warmup_iters": 2, "seed": 0,
-                  "out_dir": str(out_dir), "name": "t"},
+        "train": {
+            "epochs": 2,
+            "batch_size": 2,
+            "lr": 0.01,
+            "warmup_iters": 2,
+            "seed": 0,
+            "out_dir": str(out_dir),
+            "name": "t",
+        },
         "eval": {"grid_images": 2},
     }
     for section, updates in sections.items():

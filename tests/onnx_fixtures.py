@@ -96,12 +96,16 @@ def trained_checkpoint(work: Path, datasets: Path) -> Path:
 
     with torch_threads(1):
         torch.manual_seed(0)
-        cfg = config_from_dict({"model": {"arch": ARCH, "weights": "none", "freeze_backbone": False}})
+        cfg = config_from_dict(
+            {"model": {"arch": ARCH, "weights": "none", "freeze_backbone": False}}
+        )
         model, _ = build_model(cfg.model, ["raccoon"])
         images = [to_tensor(raccoon_image(datasets, n)) for n in TRAIN]
         targets = [
-            {"boxes": torch.tensor(raccoon_boxes(datasets, n)),
-             "labels": torch.ones(len(raccoon_boxes(datasets, n)), dtype=torch.int64)}
+            {
+                "boxes": torch.tensor(raccoon_boxes(datasets, n)),
+                "labels": torch.ones(len(raccoon_boxes(datasets, n)), dtype=torch.int64),
+            }
             for n in TRAIN
         ]
         # Calibrate the backbone's batch-norm statistics on the images (cumulative average).
@@ -130,19 +134,24 @@ def trained_checkpoint(work: Path, datasets: Path) -> Path:
             loss.backward()
             optimizer.step()
         model.eval()
-        save_checkpoint(path, {
-            "model": model.state_dict(),
-            "arch": ARCH,
-            "class_names": ["raccoon"],
-            "category_ids": [1],
-            "config": cfg.to_dict(),
-            "config_hash": cfg.hash(),
-            "epoch": 0,
-        })
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "arch": ARCH,
+                "class_names": ["raccoon"],
+                "category_ids": [1],
+                "config": cfg.to_dict(),
+                "config_hash": cfg.hash(),
+                "epoch": 0,
+            },
+        )
     return path
 
 
-def exported(work: Path, datasets: Path, name: str, parity_limit: int = 4, **options: Any) -> tuple[Path, Any]:
+def exported(
+    work: Path, datasets: Path, name: str, parity_limit: int = 4, **options: Any
+) -> tuple[Path, Any]:
     """Export the trained checkpoint once per session with ``options`` (export_onnx keywords).
 
     Returns ``(path, ExportReport)``; the report is None when another test already wrote the
@@ -155,7 +164,10 @@ def exported(work: Path, datasets: Path, name: str, parity_limit: int = 4, **opt
         checkpoint = trained_checkpoint(work, datasets)
         with torch_threads(1):
             _reports[name] = export_onnx(
-                checkpoint, out, parity_images=val_dir(work, datasets), parity_limit=parity_limit,
+                checkpoint,
+                out,
+                parity_images=val_dir(work, datasets),
+                parity_limit=parity_limit,
                 **options,
             )
     return out, _reports.get(name)

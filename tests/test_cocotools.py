@@ -53,8 +53,9 @@ def write_image(path: Path, width: int = 64, height: int = 48, seed: int = 0) ->
     assert cv2.imwrite(str(path), rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def make_set(root: Path, n: int = 4, categories: tuple[str, ...] = ("cat", "dog"),
-             seed: int = 0) -> tuple[Path, dict[str, Any]]:
+def make_set(
+    root: Path, n: int = 4, categories: tuple[str, ...] = ("cat", "dog"), seed: int = 0
+) -> tuple[Path, dict[str, Any]]:
     """DIR/annotations.json + DIR/images/img<i>.jpg (64x48), one 'cat' box and one of class
     i % len(categories) per image; nothing wrong with it."""
     images, annotations = [], []
@@ -62,10 +63,21 @@ def make_set(root: Path, n: int = 4, categories: tuple[str, ...] = ("cat", "dog"
         write_image(root / "images" / f"img{i}.jpg", seed=seed * 1000 + i)
         images.append({"id": i + 1, "file_name": f"img{i}.jpg", "width": 64, "height": 48})
         for k, cid in enumerate((1, 1 + i % len(categories))):
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cid,
-                                "bbox": [4 + 20 * k, 4, 16, 12], "area": 192.0, "iscrowd": 0})
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(categories)]}
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": cid,
+                    "bbox": [4 + 20 * k, 4, 16, 12],
+                    "area": 192.0,
+                    "iscrowd": 0,
+                }
+            )
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": c} for i, c in enumerate(categories)],
+    }
     return save(root / "annotations.json", data), data
 
 
@@ -206,18 +218,25 @@ def test_size_mismatch_and_exif_raw_size(tmp_path):
 
 def test_bad_boxes(tmp_path):
     ann, data = make_set(tmp_path, n=4)
-    boxes = {1: [100, 100, 5, 5],  # entirely outside the 64x48 image
-             2: [50, 40, 30, 20],  # runs past the right and bottom edges
-             3: [4, 4, 0, 10],  # zero width
-             4: [4, 4, 10, -3],  # negative height
-             5: [float("nan"), 4, 10, 10],  # NaN (json writes NaN, json reads it back)
-             6: [1, 2, 3]}  # not four numbers
+    boxes = {
+        1: [100, 100, 5, 5],  # entirely outside the 64x48 image
+        2: [50, 40, 30, 20],  # runs past the right and bottom edges
+        3: [4, 4, 0, 10],  # zero width
+        4: [4, 4, 10, -3],  # negative height
+        5: [float("nan"), 4, 10, 10],  # NaN (json writes NaN, json reads it back)
+        6: [1, 2, 3],
+    }  # not four numbers
     for ann_rec in data["annotations"]:
         ann_rec["bbox"] = boxes.get(ann_rec["id"], ann_rec["bbox"])
     save(ann, data)
     report = validate_coco(ann, progress=False)
     assert [(p.kind, p.ann_id) for p in report.errors] == [
-        ("box_outside", 1), ("box_empty", 3), ("box_empty", 4), ("box_nan", 5), ("bad_bbox", 6)]
+        ("box_outside", 1),
+        ("box_empty", 3),
+        ("box_empty", 4),
+        ("box_nan", 5),
+        ("bad_bbox", 6),
+    ]
     past = only(report.warnings, "box_past_edge")
     assert (past.ann_id, past.image_id, past.file_name) == (2, 1, "img0.jpg")
 
@@ -311,21 +330,29 @@ def test_fix_repairs_everything_and_lists_changes(tmp_path):
     validate = load_tool("validate")
     out = tmp_path / "fixed.json"
     report_json = tmp_path / "report.json"
-    assert validate.main([str(ann), "--fix", str(out), "--json", str(report_json),
-                          "--no-progress"]) == 1
+    assert (
+        validate.main([str(ann), "--fix", str(out), "--json", str(report_json), "--no-progress"])
+        == 1
+    )
     fixed = json.loads(out.read_text())
     again = validate_coco(out, tmp_path / "images", progress=False)
     assert again.ok and again.warnings == [], again.format()
     changes = json.loads(report_json.read_text())["fix"]["changes"]
     text = "\n".join(changes)
-    for expected in ("dropped image id 6 (img5.jpg): file not found",
-                     "width x height 640 x 48 -> 64 x 48",
-                     "renumbered to 7", "dropped repeated record of image id 3",
-                     "merged category 7 'DOG' into 2 'dog' (1 boxes moved)",
-                     "dropped category 0 'animals': Roboflow's placeholder",
-                     "clipped to [50, 40, 14, 8]", "entirely outside",
-                     "zero or negative width/height", "NaN/infinite", "unknown category_id 42",
-                     "area set to 192"):
+    for expected in (
+        "dropped image id 6 (img5.jpg): file not found",
+        "width x height 640 x 48 -> 64 x 48",
+        "renumbered to 7",
+        "dropped repeated record of image id 3",
+        "merged category 7 'DOG' into 2 'dog' (1 boxes moved)",
+        "dropped category 0 'animals': Roboflow's placeholder",
+        "clipped to [50, 40, 14, 8]",
+        "entirely outside",
+        "zero or negative width/height",
+        "NaN/infinite",
+        "unknown category_id 42",
+        "area set to 192",
+    ):
         assert expected in text, expected
     assert {c["name"] for c in fixed["categories"]} == {"cat", "dog"}
     assert len({a["id"] for a in fixed["annotations"]}) == len(fixed["annotations"])
@@ -347,15 +374,21 @@ def test_validate_cli_exit_codes_and_refusals(tmp_path, coco128):
 
 def test_validate_script_runs_standalone(tmp_path):
     ann, _ = make_set(tmp_path)
-    run = subprocess.run([sys.executable, str(REPO / "tools" / "validate.py"), str(ann)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "validate.py"), str(ann)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert "summary: 0 errors, 0 warnings, 0 infos: OK" in run.stdout
 
 
 def test_validate_does_not_import_torch():
-    code = ("import sys, detector.cocotools.validate, detector.cocotools.split; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, detector.cocotools.validate, detector.cocotools.split; "
+        "print('torch' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "False", run.stderr
 
@@ -376,8 +409,10 @@ def group_of(file_name: str) -> str:
 
 
 def test_roboflow_names():
-    assert roboflow_stem("0a5b1f2391bcbbb5_jpg.rf.87b4245f28d2c6626f7536372f1e2277.jpg") == \
-        "0a5b1f2391bcbbb5"
+    assert (
+        roboflow_stem("0a5b1f2391bcbbb5_jpg.rf.87b4245f28d2c6626f7536372f1e2277.jpg")
+        == "0a5b1f2391bcbbb5"
+    )
     assert roboflow_stem("IMG_001_png.rf.abc123.png") == "IMG_001"
     assert roboflow_stem("plain.jpg") is None
     assert source_key("sub/a_jpg.rf.1.jpg") == source_key("sub/a_jpg.rf.2.jpg") == "sub/a"
@@ -390,8 +425,9 @@ def test_split_rabbit_deterministic_and_proportional(rabbit, tmp_path):
     other = split_file(ann, 0.2, 0.1, seed=1, out_dir=tmp_path / "c", progress=False)
     assert second.splits == first.splits
     for side in ("train", "val", "test"):
-        assert (tmp_path / "a" / f"{side}.json").read_bytes() == \
-            (tmp_path / "b" / f"{side}.json").read_bytes()
+        assert (tmp_path / "a" / f"{side}.json").read_bytes() == (
+            tmp_path / "b" / f"{side}.json"
+        ).read_bytes()
     names = {s: [r["file_name"] for r in p["images"]] for s, p in first.splits.items()}
     assert names["val"] != [r["file_name"] for r in other.splits["val"]["images"]]
     assert [len(v) for v in names.values()] == [280, 80, 40]
@@ -417,8 +453,15 @@ def test_split_keeps_roboflow_copies_together(rabbit, tmp_path):
             next_image += 1
     src = save(tmp_path / "augmented.json", data)
     for seed in range(3):
-        result = split_file(src, 0.25, 0.1, seed=seed, out_dir=tmp_path / f"s{seed}",
-                            images_dir=folder, progress=False)
+        result = split_file(
+            src,
+            0.25,
+            0.1,
+            seed=seed,
+            out_dir=tmp_path / f"s{seed}",
+            images_dir=folder,
+            progress=False,
+        )
         assert result.multi_image_groups == 120
         side_of: dict[str, set[str]] = defaultdict(set)
         for side, part in result.splits.items():
@@ -452,11 +495,18 @@ def test_split_is_stratified_by_class():
 
     def add(classes: list[int]) -> None:
         image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": f"p{image_id}.jpg", "width": 100,
-                       "height": 100})
+        images.append(
+            {"id": image_id, "file_name": f"p{image_id}.jpg", "width": 100, "height": 100}
+        )
         for c in classes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": c, "bbox": [1, 1, 5, 5]})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": c,
+                    "bbox": [1, 1, 5, 5],
+                }
+            )
 
     for i in range(300):
         add([1, 2] if i < 60 else [1])
@@ -466,8 +516,11 @@ def test_split_is_stratified_by_class():
         add([3, 3])
     for _ in range(80):
         add([])
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)]}
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": f"c{c}"} for c in (1, 2, 3)],
+    }
     for seed in range(3):
         result = split_coco(data, 0.2, 0.1, seed=seed)
         for cid, total in ((1, 300), (2, 100), (3, 20)):
@@ -475,10 +528,10 @@ def test_split_is_stratified_by_class():
                 part = result.splits[side]
                 count = len({a["image_id"] for a in part["annotations"] if a["category_id"] == cid})
                 assert abs(count / total - share) <= 0.05 + 1 / total, (seed, cid, side, count)
-        negatives = {s: sum(1 for r in p["images"] if r["id"] > 360) for s, p in
-                     result.splits.items()}
-        assert all(abs(negatives[s] - n) <= 1 for s, n in (("train", 56), ("val", 16),
-                                                             ("test", 8)))
+        negatives = {
+            s: sum(1 for r in p["images"] if r["id"] > 360) for s, p in result.splits.items()
+        }
+        assert all(abs(negatives[s] - n) <= 1 for s, n in (("train", 56), ("val", 16), ("test", 8)))
         ids = [r["id"] for p in result.splits.values() for r in p["images"]]
         assert sorted(ids) == list(range(1, 441))
 
@@ -512,8 +565,21 @@ def test_merge_coco128_and_rabbit(coco128, rabbit, tmp_path):
     (c_ann, c_images), (r_ann, r_folder) = coco128, rabbit
     merge = load_tool("merge")
     out = tmp_path / "merged" / "merged.json"
-    assert merge.main([str(c_ann), str(r_ann), "--images", str(c_images), "-", "--out", str(out),
-                       "--no-progress"]) == 0
+    assert (
+        merge.main(
+            [
+                str(c_ann),
+                str(r_ann),
+                "--images",
+                str(c_images),
+                "-",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     merged = json.loads(out.read_text())
     cats = {c["id"]: c["name"] for c in merged["categories"]}
     assert len(cats) == 81 and cats[81] == "rabbit" and "z" not in cats.values()
@@ -523,8 +589,9 @@ def test_merge_coco128_and_rabbit(coco128, rabbit, tmp_path):
         data = json.loads(path.read_text())
         present = {r["id"] for r in data["images"] if (folder / r["file_name"]).is_file()}
         cat_name = {c["id"]: c["name"] for c in data["categories"]}
-        return Counter(cat_name[a["category_id"]] for a in data["annotations"]
-                       if a["image_id"] in present)
+        return Counter(
+            cat_name[a["category_id"]] for a in data["annotations"] if a["image_id"] in present
+        )
 
     prefix_of = {r["id"]: r["file_name"].split("/")[0] for r in merged["images"]}
     got: dict[str, Counter[str]] = defaultdict(Counter)
@@ -536,37 +603,82 @@ def test_merge_coco128_and_rabbit(coco128, rabbit, tmp_path):
     assert Counter(prefix_of.values()) == {"coco128": 128, "rabbit-roboflow-labelstudio": 197}
     assert len({a["id"] for a in merged["annotations"]}) == 939 + 260
     first = merged["images"][0]
-    assert os.path.samefile(out.parent / "images" / first["file_name"],
-                            c_images / first["file_name"].split("/", 1)[1])
+    assert os.path.samefile(
+        out.parent / "images" / first["file_name"], c_images / first["file_name"].split("/", 1)[1]
+    )
     report = validate_coco(out, progress=False)  # self-contained: images/ beside it
     assert report.ok and report.images_found == 325
     # a second run finds the same files there; --out onto an input is refused
-    assert merge.main([str(c_ann), str(r_ann), "--images", str(c_images), "-", "--out", str(out),
-                       "--no-progress"]) == 0
-    assert merge.main([str(c_ann), str(out), "--images", str(c_images), "-", "--out", str(out),
-                       "--no-progress"]) == 2
+    assert (
+        merge.main(
+            [
+                str(c_ann),
+                str(r_ann),
+                "--images",
+                str(c_images),
+                "-",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        merge.main(
+            [
+                str(c_ann),
+                str(out),
+                "--images",
+                str(c_images),
+                "-",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
 
 
 def test_merge_matches_names_case_and_space_insensitively(tmp_path):
     a_ann, _ = make_set(tmp_path / "farm", n=2, categories=("Car", "truck"), seed=1)
     b_ann, b_data = make_set(tmp_path / "city", n=3, categories=("  car ", "Bus"), seed=2)
     result = merge_coco([MergeSource(a_ann), MergeSource(b_ann)])
-    assert [(c["id"], c["name"]) for c in result.data["categories"]] == \
-        [(1, "Car"), (2, "truck"), (3, "Bus")]
+    assert [(c["id"], c["name"]) for c in result.data["categories"]] == [
+        (1, "Car"),
+        (2, "truck"),
+        (3, "Bus"),
+    ]
     assert result.category_maps == {"farm": {1: 1, 2: 2}, "city": {1: 1, 2: 3}}
     names = [r["file_name"] for r in result.data["images"]]
-    assert names == ["farm/img0.jpg", "farm/img1.jpg", "city/img0.jpg", "city/img1.jpg",
-                     "city/img2.jpg"]  # same file names, kept apart by source folder
+    assert names == [
+        "farm/img0.jpg",
+        "farm/img1.jpg",
+        "city/img0.jpg",
+        "city/img1.jpg",
+        "city/img2.jpg",
+    ]  # same file names, kept apart by source folder
     b_cats = [a["category_id"] for a in b_data["annotations"]]
     merged_b = [a["category_id"] for a in result.data["annotations"][4:]]
     assert merged_b == [{1: 1, 2: 3}[c] for c in b_cats]
-    stats = write_merged(result, tmp_path / "out" / "all.json", copy=True,
-                         inputs=[MergeSource(a_ann), MergeSource(b_ann)], progress=False)
+    stats = write_merged(
+        result,
+        tmp_path / "out" / "all.json",
+        copy=True,
+        inputs=[MergeSource(a_ann), MergeSource(b_ann)],
+        progress=False,
+    )
     assert stats.copied == 5
     assert validate_coco(tmp_path / "out" / "all.json", progress=False).ok
     with pytest.raises(CocoError, match="image folder"):
-        write_merged(result, tmp_path / "x.json", images_out=tmp_path / "farm" / "images" / "m",
-                     inputs=[MergeSource(a_ann)], progress=False)
+        write_merged(
+            result,
+            tmp_path / "x.json",
+            images_out=tmp_path / "farm" / "images" / "m",
+            inputs=[MergeSource(a_ann)],
+            progress=False,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,19 +697,24 @@ def test_stats_match_independent_counts(coco128, tmp_path):
         assert c.boxes == boxes[c.id] and c.images == len(image_sets[c.id])
         assert c.small + c.medium + c.large == boxes[c.id]
     areas = np.array([a["bbox"][2] * a["bbox"][3] for a in data["annotations"]])
-    assert stats.size_buckets == {"small": int((areas < 1024).sum()),
-                                  "medium": int(((areas >= 1024) & (areas < 9216)).sum()),
-                                  "large": int((areas >= 9216).sum())}
+    assert stats.size_buckets == {
+        "small": int((areas < 1024).sum()),
+        "medium": int(((areas >= 1024) & (areas < 9216)).sum()),
+        "large": int((areas >= 9216).sum()),
+    }
     assert sum(n for _, _, n in stats.side_histogram) == 939
     assert stats.negatives == 128 - len({a["image_id"] for a in data["annotations"]}) == 2
     assert stats.crowd == sum(a["iscrowd"] for a in data["annotations"]) == 10
     assert stats.image_sizes[(640, 480)] == sum(
-        1 for r in data["images"] if (r["width"], r["height"]) == (640, 480))
+        1 for r in data["images"] if (r["width"], r["height"]) == (640, 480)
+    )
     assert stats.images_on_disk == 128
     tool = load_tool("stats")
     plot, numbers = tmp_path / "stats.png", tmp_path / "stats.json"
-    assert tool.main([str(ann), "--images", str(images), "--plot", str(plot), "--json",
-                      str(numbers)]) == 0
+    assert (
+        tool.main([str(ann), "--images", str(images), "--plot", str(plot), "--json", str(numbers)])
+        == 0
+    )
     picture = cv2.imread(str(plot))
     assert picture is not None and picture.shape[0] > 300
     assert json.loads(numbers.read_text())["annotations"] == 939
@@ -618,12 +735,17 @@ def test_show_writes_decodable_pngs(tmp_path, capsys):
     tool = load_tool("show")
     assert tool.main([str(ann), "--out", str(tmp_path / "all"), "-n", "10", "--no-progress"]) == 0
     assert "wrote 4 PNGs" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == \
-        ["1_img0.png", "2_img1.png", "3_img2.png", "4_img3.png"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [
+        "1_img0.png",
+        "2_img1.png",
+        "3_img2.png",
+        "4_img3.png",
+    ]
     # the box of image 1 is drawn in its class colour (its bottom edge; the caption is above)
     drawn = cv2.imread(str(tmp_path / "all" / "1_img0.png"))
     offset = drawn.shape[0] - 48
     from detector.cocotools.show import class_color
+
     assert tuple(int(v) for v in drawn[offset + 30, 25]) == class_color(1)
     assert tool.main([str(ann), "--out", str(tmp_path / "set" / "images")]) == 2
     assert tool.main([str(ann), "--out", str(tmp_path / "ids"), "--ids", "2", "3"]) == 0
@@ -645,8 +767,9 @@ def test_symlinked_images_are_accepted(tmp_path):
     linked = tmp_path / "converted"
     (linked / "images").mkdir(parents=True)
     for rec in data["images"]:
-        os.symlink(tmp_path / "export" / "images" / rec["file_name"],
-                   linked / "images" / rec["file_name"])
+        os.symlink(
+            tmp_path / "export" / "images" / rec["file_name"], linked / "images" / rec["file_name"]
+        )
     ann = save(linked / "annotations.json", data)
     report = validate_coco(ann, progress=False)
     assert report.errors == [] and report.warnings == []
@@ -655,6 +778,7 @@ def test_symlinked_images_are_accepted(tmp_path):
     assert split_file(ann, 0.34, out_dir=tmp_path / "split", progress=False).missing_images == 0
     assert len(show_coco(ann, tmp_path / "show", n=3, progress=False).written) == 3
     merged = merge_coco([MergeSource(ann)])
-    stats = write_merged(merged, tmp_path / "m" / "merged.json", inputs=[MergeSource(ann)],
-                         progress=False)
+    stats = write_merged(
+        merged, tmp_path / "m" / "merged.json", inputs=[MergeSource(ann)], progress=False
+    )
     assert stats.linked == 3 and validate_coco(tmp_path / "m" / "merged.json", progress=False).ok

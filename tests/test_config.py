@@ -17,8 +17,14 @@ def test_shipped_configs_load(path):
 def test_defaults_and_overrides():
     cfg = config_from_dict(
         {"train": {"epochs": 3}},
-        ["train.epochs=20", "model.arch=fasterrcnn_mobilenet_v3_large_fpn", "train.lr=1e-3",
-         "train.milestones=[2, 4]", "train.max_hours=0.5", "train.unfreeze.epochs=2"],
+        [
+            "train.epochs=20",
+            "model.arch=fasterrcnn_mobilenet_v3_large_fpn",
+            "train.lr=1e-3",
+            "train.milestones=[2, 4]",
+            "train.max_hours=0.5",
+            "train.unfreeze.epochs=2",
+        ],
     )
     assert cfg.train.epochs == 20
     assert cfg.model.arch == "fasterrcnn_mobilenet_v3_large_fpn"

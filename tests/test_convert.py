@@ -28,8 +28,11 @@ def shared_untouched(shared_datasets):
     """No converter may modify, add or remove anything in the shared exports."""
 
     def snapshot():
-        return {p: (p.stat().st_size, p.stat().st_mtime_ns)
-                for p in shared_datasets.rglob("*") if p.is_file()}
+        return {
+            p: (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in shared_datasets.rglob("*")
+            if p.is_file()
+        }
 
     before = snapshot()
     yield
@@ -69,13 +72,18 @@ def check_coco(out: Path, coco: dict) -> None:
 def boxes(coco: dict, file_name: str, crowd: bool = True) -> list[tuple[str, list[float]]]:
     cat = {c["id"]: c["name"] for c in coco["categories"]}
     (img,) = [i for i in coco["images"] if i["file_name"] == file_name]
-    return [(cat[a["category_id"]], a["bbox"]) for a in coco["annotations"]
-            if a["image_id"] == img["id"] and (crowd or not a["iscrowd"])]
+    return [
+        (cat[a["category_id"]], a["bbox"])
+        for a in coco["annotations"]
+        if a["image_id"] == img["id"] and (crowd or not a["iscrowd"])
+    ]
 
 
 def has_box(coco: dict, file_name: str, label: str, bbox: list[float], tol: float = 0.01) -> bool:
-    return any(lab == label and all(abs(p - q) <= tol for p, q in zip(b, bbox, strict=True))
-               for lab, b in boxes(coco, file_name))
+    return any(
+        lab == label and all(abs(p - q) <= tol for p, q in zip(b, bbox, strict=True))
+        for lab, b in boxes(coco, file_name)
+    )
 
 
 def cat_names(coco: dict) -> list[str]:
@@ -117,8 +125,10 @@ def test_cvat_coco(shared_datasets, tmp_path):
     # CVAT writes its two ellipses as RLE masks with iscrowd=1: kept as given
     crowd = [a for a in coco["annotations"] if a["iscrowd"]]
     assert len(crowd) == 2 == report.crowd
-    assert sorted(a["bbox"] for a in crowd) == [[41.0, 262.0, 219.0, 153.0],
-                                                [366.0, 233.0, 165.0, 165.0]]
+    assert sorted(a["bbox"] for a in crowd) == [
+        [41.0, 262.0, 219.0, 153.0],
+        [366.0, 233.0, 165.0, 165.0],
+    ]
 
 
 def test_voc_from_cvat(shared_datasets, tmp_path):
@@ -136,8 +146,16 @@ def test_voc_labelimg(shared_datasets, tmp_path):
     report, coco = run(shared_datasets / LF / "labelImg", tmp_path / "o")
     assert (report.images, report.boxes, len(report.categories)) == (4, 25, 8)
     # no class list in LabelImg output: order of first appearance (birds, crack, shapes, ...)
-    assert cat_names(coco) == ["bird", "crack", "rectangle", "ellipse", "line", "triangle",
-                               "circle", "strawberry"]
+    assert cat_names(coco) == [
+        "bird",
+        "crack",
+        "rectangle",
+        "ellipse",
+        "line",
+        "triangle",
+        "circle",
+        "strawberry",
+    ]
     # shapes.xml rectangle <xmin>42 <ymin>43 <xmax>233 <ymax>189
     assert has_box(coco, "shapes.jpg", "rectangle", [41, 42, 192, 147])
     # strawberry.xml first object 242,210,273,241
@@ -229,7 +247,9 @@ def test_labelme_json(shared_datasets, tmp_path):
     assert cat_names(coco) == ["bird", "rectangle", "triangle", "circle", "ellipse", "strawberry"]
     # crack and line are linestrips: not regions
     assert sorted(s.record.split(", ")[1] for s in report.skipped) == [
-        "shape #1 linestrip (crack)", "shape #4 linestrip (line)"]
+        "shape #1 linestrip (crack)",
+        "shape #4 linestrip (line)",
+    ]
     # strawberry.json first rectangle [[242.99065, 211.68224], [272.89720, 241.58879]]
     assert has_box(coco, "strawberry.jpg", "strawberry", [242.991, 211.682, 29.907, 29.907])
     # circle: centre (448.4776, 314.4104), rim (505.9403, 371.8731) -> r = 81.265
@@ -282,8 +302,9 @@ def test_via_json_duplicates(shared_datasets, tmp_path):
     assert (report.images, report.boxes) == (4, 23)
     dups = [s for s in report.skipped if s.reason.startswith("exact duplicate")]
     assert len(dups) == 17
-    csv_report, csv_coco = run(shared_datasets / LF / "via" / "via_region_data.csv",
-                               tmp_path / "csv")
+    csv_report, csv_coco = run(
+        shared_datasets / LF / "via" / "via_region_data.csv", tmp_path / "csv"
+    )
     for name in ("strawberry.jpg", "shapes.jpg", "birds.jpg"):
         assert sorted(boxes(coco, name)) == sorted(boxes(csv_coco, name))
 
@@ -304,13 +325,15 @@ def test_automl_deer(shared_datasets, tmp_path):
     assert (report.images, report.boxes, report.categories) == (700, 946, ["Deer"])
     assert report.skipped == [] and report.negatives == 0
     # line 1: Deer_Train1109.jpg (500x375) 0.4375975728,0.5184312463,,,0.6996808649,0.9871643186
-    assert has_box(coco, "Deer_Train1109.jpg", "Deer", [218.799, 194.412, 131.042, 175.775],
-                   tol=0.01)
+    assert has_box(
+        coco, "Deer_Train1109.jpg", "Deer", [218.799, 194.412, 131.042, 175.775], tol=0.01
+    )
     # Deer_Train691.jpg is a PNG named .jpg (500x352): size read by content, box scaled with it
     (img,) = [i for i in coco["images"] if i["file_name"] == "Deer_Train691.jpg"]
     assert (img["width"], img["height"]) == (500, 352)
-    assert has_box(coco, "Deer_Train691.jpg", "Deer", [122.860, 124.477, 193.804, 154.272],
-                   tol=0.01)
+    assert has_box(
+        coco, "Deer_Train691.jpg", "Deer", [122.860, 124.477, 193.804, 154.272], tol=0.01
+    )
 
 
 def test_phones_yolo_and_voc_agree(shared_datasets, tmp_path):
@@ -362,13 +385,17 @@ def test_coco128_yolo_matches_official_json(shared_datasets, tmp_path):
     boxes, within 1 px.
     """
     ry, yolo = run(shared_datasets / "coco128", tmp_path / "y", "yolo", link=True)
-    rc, official = run(shared_datasets / "coco128" / "annotations" / "instances_train2017.json",
-                       tmp_path / "c", link=True)
+    rc, official = run(
+        shared_datasets / "coco128" / "annotations" / "instances_train2017.json",
+        tmp_path / "c",
+        link=True,
+    )
     assert (rc.images, rc.boxes, rc.crowd, len(rc.categories)) == (128, 939, 10, 80)
     assert (ry.images, ry.boxes, ry.crowd) == (128, 929, 0)
     assert cat_names(yolo) == cat_names(official)  # data.yaml order == COCO id order
-    assert {i["file_name"]: (i["width"], i["height"]) for i in yolo["images"]} == \
-        {i["file_name"]: (i["width"], i["height"]) for i in official["images"]}
+    assert {i["file_name"]: (i["width"], i["height"]) for i in yolo["images"]} == {
+        i["file_name"]: (i["width"], i["height"]) for i in official["images"]
+    }
     ya, oa = per_image(yolo, crowd=True), per_image(official, crowd=False)
     assert set(ya) == set(oa) and len(ya) == 128
     worst = 0.0
@@ -376,8 +403,11 @@ def test_coco128_yolo_matches_official_json(shared_datasets, tmp_path):
         a, b = sorted(ya[name]), sorted(oa[name])
         assert len(a) == len(b), name
         for label, box in a:  # greedy nearest match within the same label
-            cands = [(max(abs(u - v) for u, v in zip(xyxy(box), xyxy(q), strict=True)), j)
-                     for j, (lab, q) in enumerate(b) if lab == label]
+            cands = [
+                (max(abs(u - v) for u, v in zip(xyxy(box), xyxy(q), strict=True)), j)
+                for j, (lab, q) in enumerate(b)
+                if lab == label
+            ]
             d, j = min(cands)
             b.pop(j)
             worst = max(worst, d)
@@ -419,12 +449,15 @@ def test_rabbit_labelstudio_and_roboflow_agree_on_shared_images(shared_datasets,
         if len(a[n]) != len(b[n]):
             continue
         p, q = [x[1] for x in a[n]], [x[1] for x in b[n]]
-        best = max(itertools.permutations(range(len(q))),
-                   key=lambda perm, p=p, q=q: sum(_iou(p[i], q[j]) for i, j in enumerate(perm)))
+        best = max(
+            itertools.permutations(range(len(q))),
+            key=lambda perm, p=p, q=q: sum(_iou(p[i], q[j]) for i, j in enumerate(perm)),
+        )
         pair = [(p[i], q[j]) for i, j in enumerate(best)]
         ious += [_iou(u, v) for u, v in pair]
-        close += all(max(abs(s - t) for s, t in zip(xyxy(u), xyxy(v), strict=True)) <= 10
-                     for u, v in pair)
+        close += all(
+            max(abs(s - t) for s, t in zip(xyxy(u), xyxy(v), strict=True)) <= 10 for u, v in pair
+        )
     ious.sort()
     assert len(ious) == 124
     assert ious[len(ious) // 2] > 0.75 and min(ious) > 0.25
@@ -436,41 +469,47 @@ def test_rabbit_labelstudio_and_roboflow_agree_on_shared_images(shared_datasets,
 # Auto-detection.
 
 
-@pytest.mark.parametrize("rel, fmt", [
-    (f"{LF}/cvat1.1", "cvat"),
-    (f"{LF}/cvat1.1/annotations.xml", "cvat"),
-    (f"{LF}/coco1.0", "coco"),
-    (f"{LF}/voc1.1", "voc"),
-    (f"{LF}/labelImg", "voc"),
-    ("raccoon-voc", "voc"),
-    (f"{LF}/yolo1.1", "yolo"),
-    (f"{LF}/yolo1.1/obj.data", "yolo"),
-    (f"{LF}/yolo", "yolo"),
-    ("coco128/data.yaml", "yolo"),
-    ("coco128/annotations/instances_train2017.json", "coco"),
-    (f"{LF}/labelme", "labelme"),
-    (f"{LF}/grapes", "labelme"),
-    (f"{LF}/labelme3.0", "labelme3"),
-    (f"{LF}/via", "via"),
-    (f"{LF}/via/via_region_data.csv", "via"),
-    (f"{LF}/via/via_region_data.json", "via"),
-    (f"{LF}/CreateML", "createml"),
-    ("deer-automl", "automl"),
-    ("deer-automl/labels.csv", "automl"),
-    (ROBOFLOW_FILE, "coco"),
-    (LS_FILE, "labelstudio"),
-    (f"{LF}/phones/vocs", "voc"),
-    (f"{LF}/phones/labels", "yolo"),
-])
+@pytest.mark.parametrize(
+    "rel, fmt",
+    [
+        (f"{LF}/cvat1.1", "cvat"),
+        (f"{LF}/cvat1.1/annotations.xml", "cvat"),
+        (f"{LF}/coco1.0", "coco"),
+        (f"{LF}/voc1.1", "voc"),
+        (f"{LF}/labelImg", "voc"),
+        ("raccoon-voc", "voc"),
+        (f"{LF}/yolo1.1", "yolo"),
+        (f"{LF}/yolo1.1/obj.data", "yolo"),
+        (f"{LF}/yolo", "yolo"),
+        ("coco128/data.yaml", "yolo"),
+        ("coco128/annotations/instances_train2017.json", "coco"),
+        (f"{LF}/labelme", "labelme"),
+        (f"{LF}/grapes", "labelme"),
+        (f"{LF}/labelme3.0", "labelme3"),
+        (f"{LF}/via", "via"),
+        (f"{LF}/via/via_region_data.csv", "via"),
+        (f"{LF}/via/via_region_data.json", "via"),
+        (f"{LF}/CreateML", "createml"),
+        ("deer-automl", "automl"),
+        ("deer-automl/labels.csv", "automl"),
+        (ROBOFLOW_FILE, "coco"),
+        (LS_FILE, "labelstudio"),
+        (f"{LF}/phones/vocs", "voc"),
+        (f"{LF}/phones/labels", "yolo"),
+    ],
+)
 def test_detect_format(shared_datasets, rel, fmt):
     assert detect_format(shared_datasets / rel) == fmt
 
 
-@pytest.mark.parametrize("rel, candidates", [
-    ("coco128", ["coco", "yolo"]),  # both the official JSON and the YOLO labels
-    (RABBIT, ["coco", "labelstudio"]),  # the Roboflow and the Label Studio export
-    (f"{LF}/phones", ["voc", "yolo"]),
-])
+@pytest.mark.parametrize(
+    "rel, candidates",
+    [
+        ("coco128", ["coco", "yolo"]),  # both the official JSON and the YOLO labels
+        (RABBIT, ["coco", "labelstudio"]),  # the Roboflow and the Label Studio export
+        (f"{LF}/phones", ["voc", "yolo"]),
+    ],
+)
 def test_detect_ambiguous(shared_datasets, rel, candidates):
     with pytest.raises(FormatDetectionError) as err:
         detect_format(shared_datasets / rel)

@@ -31,12 +31,16 @@ def make_image(path: Path, size=(200, 100), fmt="JPEG") -> Path:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
-def expect_error(src: Path, out: Path, fmt: str | None = None, match: str | None = None,
-                 **kw) -> str:
+def expect_error(
+    src: Path, out: Path, fmt: str | None = None, match: str | None = None, **kw
+) -> str:
     with pytest.raises(ConversionError, match=match) as err:
         convert(src, out, fmt, **kw)
     assert not out.exists(), "nothing may be written when a conversion fails"
@@ -102,7 +106,10 @@ def test_coco_bad_bbox_names_annotation(shared_datasets, tmp_path):
 
 def test_malformed_labelstudio_json(shared_datasets, tmp_path):
     src = tmp_path / "ls.json"
-    ls = shared_datasets / "rabbit-roboflow-labelstudio/train/project-3-at-2022-11-30-15-10-6dd53f9a.json"
+    ls = (
+        shared_datasets
+        / "rabbit-roboflow-labelstudio/train/project-3-at-2022-11-30-15-10-6dd53f9a.json"
+    )
     src.write_text(ls.read_text()[:5000])
     msg = expect_error(src, tmp_path / "out", "labelstudio")
     assert str(src) in msg and "malformed JSON" in msg
@@ -157,17 +164,23 @@ def test_malformed_yolo_line(shared_datasets, tmp_path):
 
 def _coco(root: Path, file_name: str) -> Path:
     make_image(root / "images" / "ok.jpg")
-    data = {"images": [{"id": 1, "file_name": "ok.jpg", "width": 200, "height": 100},
-                       {"id": 2, "file_name": file_name, "width": 200, "height": 100}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
-            "categories": [{"id": 1, "name": "thing"}]}
+    data = {
+        "images": [
+            {"id": 1, "file_name": "ok.jpg", "width": 200, "height": 100},
+            {"id": 2, "file_name": file_name, "width": 200, "height": 100},
+        ],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     path = root / "coco.json"
     path.write_text(json.dumps(data))
     return path
 
 
-@pytest.mark.parametrize("name", ["../secret.jpg", "../../etc/hosts", "/etc/hosts",
-                                  "C:\\Windows\\x.jpg", "sub/../../x.jpg"])
+@pytest.mark.parametrize(
+    "name",
+    ["../secret.jpg", "../../etc/hosts", "/etc/hosts", "C:\\Windows\\x.jpg", "sub/../../x.jpg"],
+)
 def test_coco_escaping_file_name(tmp_path, name):
     make_image(tmp_path / "secret.jpg")  # exists outside the image folder: must not be read
     src = _coco(tmp_path / "export", name)
@@ -202,8 +215,17 @@ def test_labelstudio_escaping_local_file(tmp_path):
     make_image(tmp_path / "secret.jpg")
     src = tmp_path / "ls" / "export.json"
     src.parent.mkdir()
-    src.write_text(json.dumps([{"id": 1, "data": {"image": "/data/local-files/?d=../secret.jpg"},
-                                "annotations": [{"id": 1, "result": []}]}]))
+    src.write_text(
+        json.dumps(
+            [
+                {
+                    "id": 1,
+                    "data": {"image": "/data/local-files/?d=../secret.jpg"},
+                    "annotations": [{"id": 1, "result": []}],
+                }
+            ]
+        )
+    )
     msg = expect_error(src, tmp_path / "out", "labelstudio")
     assert "task id 1" in msg and "escapes" in msg
 
@@ -255,11 +277,14 @@ def test_yolo_clip_outside_zero_area_unknown_class(tmp_path):
         "0 1.5 0.5 0.1 0.1\n"  # entirely right of the image
         "0 0.5 0.5 0 0.1\n"  # zero width
         "3 0.5 0.5 0.1 0.1\n"  # class 3 of 1
-        "0 0.5 0.5 0.2 0.2\n")
+        "0 0.5 0.5 0.2 0.2\n"
+    )
     report = convert(src, tmp_path / "out")
     coco = load(tmp_path / "out")
-    assert [a["bbox"] for a in coco["annotations"]] == [[85.0, 20.0, 15.0, 10.0],
-                                                        [40.0, 20.0, 20.0, 10.0]]
+    assert [a["bbox"] for a in coco["annotations"]] == [
+        [85.0, 20.0, 15.0, 10.0],
+        [40.0, 20.0, 20.0, 10.0],
+    ]
     assert report.clipped == 1
     reasons = {s.record.split(", ")[-1]: s.reason for s in report.skipped}
     assert set(reasons) == {"line 2", "line 3", "line 4"}
@@ -272,27 +297,64 @@ def test_yolo_clip_outside_zero_area_unknown_class(tmp_path):
 def test_labelstudio_rotation_prefix_and_missing(tmp_path):
     root = tmp_path / "ls"
     make_image(root / "photo.jpg", (200, 100))
-    task = {"id": 7, "data": {"image": "/data/upload/3/0a1b2c3d-photo.jpg"},
-            "annotations": [{"id": 1, "result": [
-                {"id": "r1", "type": "rectanglelabels", "original_width": 200,
-                 "original_height": 100, "image_rotation": 0,
-                 "value": {"x": 10, "y": 10, "width": 20, "height": 10, "rotation": 90,
-                           "rectanglelabels": ["cat"]}},
-                {"id": "r2", "type": "rectanglelabels", "value": {
-                    "x": 50, "y": 50, "width": 10, "height": 10, "rotation": 0,
-                    "rectanglelabels": ["dog"]}},
-                {"id": "r3", "type": "keypointlabels", "value": {"x": 1, "y": 1,
-                                                                 "keypointlabels": ["cat"]}}]}]}
-    gone = {"id": 8, "data": {"image": "/data/upload/3/deadbeef-gone.jpg"},
-            "annotations": [{"id": 2, "result": []}]}
+    task = {
+        "id": 7,
+        "data": {"image": "/data/upload/3/0a1b2c3d-photo.jpg"},
+        "annotations": [
+            {
+                "id": 1,
+                "result": [
+                    {
+                        "id": "r1",
+                        "type": "rectanglelabels",
+                        "original_width": 200,
+                        "original_height": 100,
+                        "image_rotation": 0,
+                        "value": {
+                            "x": 10,
+                            "y": 10,
+                            "width": 20,
+                            "height": 10,
+                            "rotation": 90,
+                            "rectanglelabels": ["cat"],
+                        },
+                    },
+                    {
+                        "id": "r2",
+                        "type": "rectanglelabels",
+                        "value": {
+                            "x": 50,
+                            "y": 50,
+                            "width": 10,
+                            "height": 10,
+                            "rotation": 0,
+                            "rectanglelabels": ["dog"],
+                        },
+                    },
+                    {
+                        "id": "r3",
+                        "type": "keypointlabels",
+                        "value": {"x": 1, "y": 1, "keypointlabels": ["cat"]},
+                    },
+                ],
+            }
+        ],
+    }
+    gone = {
+        "id": 8,
+        "data": {"image": "/data/upload/3/deadbeef-gone.jpg"},
+        "annotations": [{"id": 2, "result": []}],
+    }
     src = root / "export.json"
     src.write_text(json.dumps([task, gone]))
     report = convert(src, tmp_path / "out")
     coco = load(tmp_path / "out")
     # 40x10 px rectangle at (20, 10), rotated 90 deg clockwise about its top-left corner:
     # it now spans x 10..20, y 10..50
-    assert [a["bbox"] for a in coco["annotations"]] == [[10.0, 10.0, 10.0, 40.0],
-                                                        [100.0, 50.0, 20.0, 10.0]]
+    assert [a["bbox"] for a in coco["annotations"]] == [
+        [10.0, 10.0, 10.0, 40.0],
+        [100.0, 50.0, 20.0, 10.0],
+    ]
     assert coco["images"][0]["file_name"] == "photo.jpg"
     assert any("rotated rectangles" in n for n in report.notes)
     reasons = [s.reason for s in report.skipped]
@@ -301,8 +363,9 @@ def test_labelstudio_rotation_prefix_and_missing(tmp_path):
 
 
 def test_voc_names_restrict_categories(shared_datasets, tmp_path):
-    report = convert(shared_datasets / LF / "labelImg", tmp_path / "out",
-                     names=["strawberry", "bird"])
+    report = convert(
+        shared_datasets / LF / "labelImg", tmp_path / "out", names=["strawberry", "bird"]
+    )
     coco = load(tmp_path / "out")
     assert [c["name"] for c in coco["categories"]] == ["strawberry", "bird"]
     assert report.boxes == 19  # 17 strawberries + 2 birds
@@ -317,7 +380,9 @@ def test_voc_missing_image_reported(shared_datasets, tmp_path):
     report = convert(src, tmp_path / "out")
     assert report.images == 3 and report.boxes == 24
     (skip,) = report.skipped
-    assert skip.file.endswith("crack.xml") and "not found" in skip.reason and "1 boxes" in skip.reason
+    assert (
+        skip.file.endswith("crack.xml") and "not found" in skip.reason and "1 boxes" in skip.reason
+    )
 
 
 def test_labelme_uses_image_data_when_file_missing(shared_datasets, tmp_path):
@@ -335,7 +400,9 @@ def test_labelme_uses_image_data_when_file_missing(shared_datasets, tmp_path):
 
 def test_automl_four_vertices_without_set_column(tmp_path):
     make_image(tmp_path / "a" / "images" / "x.png", (200, 100), "PNG")
-    (tmp_path / "a" / "labels.csv").write_text("gs://bucket/dir/x.png,Deer,0.1,0.2,0.5,0.2,0.5,0.6,0.1,0.6\n")
+    (tmp_path / "a" / "labels.csv").write_text(
+        "gs://bucket/dir/x.png,Deer,0.1,0.2,0.5,0.2,0.5,0.6,0.1,0.6\n"
+    )
     report = convert(tmp_path / "a", tmp_path / "out", "automl")
     assert report.boxes == 1
     assert load(tmp_path / "out")["annotations"][0]["bbox"] == [20.0, 20.0, 80.0, 40.0]
@@ -350,10 +417,14 @@ def test_flat_unique_output_names(tmp_path):
     names = ["train/a.jpg", "val/a.jpg", "train__a.jpg", "sub/deep/b.jpg"]
     for n in names:
         make_image(root / "images" / n)
-    data = {"images": [{"id": i + 1, "file_name": n} for i, n in enumerate(names)],
-            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 5,
-                             "bbox": [1, 2, 3, 4]} for i in range(len(names))],
-            "categories": [{"id": 5, "name": "thing"}]}
+    data = {
+        "images": [{"id": i + 1, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [
+            {"id": i + 1, "image_id": i + 1, "category_id": 5, "bbox": [1, 2, 3, 4]}
+            for i in range(len(names))
+        ],
+        "categories": [{"id": 5, "name": "thing"}],
+    }
     (root / "coco.json").write_text(json.dumps(data))
     convert(root / "coco.json", tmp_path / "out")
     out = [i["file_name"] for i in load(tmp_path / "out")["images"]]
@@ -372,8 +443,9 @@ def test_input_unchanged_and_copies(shared_datasets, tmp_path):
     assert tree_digest(src) == before
     out_images = tmp_path / "out" / "images"
     assert not any(p.is_symlink() for p in out_images.iterdir())
-    assert tree_digest(out_images) == {k.removeprefix("images/"): v for k, v in before.items()
-                                       if k.startswith("images/")}
+    assert tree_digest(out_images) == {
+        k.removeprefix("images/"): v for k, v in before.items() if k.startswith("images/")
+    }
 
 
 def test_refuses_to_write_into_the_source(shared_datasets, tmp_path):
@@ -387,8 +459,10 @@ def test_refuses_to_write_into_the_source(shared_datasets, tmp_path):
     (src / "annotations" / "instances_default.json").rename(src / "annotations.json")
     with pytest.raises(ConversionError):
         convert(src / "annotations.json", src, overwrite=True)
-    assert tree_digest(src) == {k.replace("annotations/instances_default.json", "annotations.json"): v
-                                for k, v in before.items()}
+    assert tree_digest(src) == {
+        k.replace("annotations/instances_default.json", "annotations.json"): v
+        for k, v in before.items()
+    }
 
 
 def test_existing_output_needs_overwrite(shared_datasets, tmp_path):
@@ -421,9 +495,18 @@ def _cli():
 
 def test_cli_end_to_end(shared_datasets, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"),
-                           str(shared_datasets / LF / "cvat1.1"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert.py"),
+            str(shared_datasets / LF / "cvat1.1"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "detected format: cvat (annotations.xml)" in proc.stdout
     assert "polyline #1 (crack): a polyline is not a region" in proc.stdout
@@ -439,8 +522,21 @@ def test_cli_errors_and_names_file(shared_datasets, tmp_path, capsys):
     assert err.startswith("error: ") and "voc" in err and "yolo" in err and "--from" in err
     names = tmp_path / "names.txt"
     names.write_text("logo\ncamera\nled\n")
-    assert cli.main([str(shared_datasets / LF / "phones"), "--from", "yolo", "--out",
-                     str(tmp_path / "o"), "--names-file", str(names), "--link"]) == 0
+    assert (
+        cli.main(
+            [
+                str(shared_datasets / LF / "phones"),
+                "--from",
+                "yolo",
+                "--out",
+                str(tmp_path / "o"),
+                "--names-file",
+                str(names),
+                "--link",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "class names from --names" in out and "yolo: 2 images, 10 boxes" in out
     assert (tmp_path / "o" / "images").is_dir()
@@ -448,13 +544,16 @@ def test_cli_errors_and_names_file(shared_datasets, tmp_path, capsys):
 
 def test_coco_negative_size_and_unknown_ids_skipped(tmp_path):
     make_image(tmp_path / "e" / "a.jpg", (200, 100))
-    data = {"images": [{"id": 3, "file_name": "a.jpg"}],
-            "annotations": [
-                {"id": 10, "image_id": 3, "category_id": 1, "bbox": [50, 10, -20, 10]},
-                {"id": 11, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5]},
-                {"id": 12, "image_id": 3, "category_id": 42, "bbox": [1, 1, 5, 5]},
-                {"id": 13, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 1}],
-            "categories": [{"id": 1, "name": "thing"}]}
+    data = {
+        "images": [{"id": 3, "file_name": "a.jpg"}],
+        "annotations": [
+            {"id": 10, "image_id": 3, "category_id": 1, "bbox": [50, 10, -20, 10]},
+            {"id": 11, "image_id": 99, "category_id": 1, "bbox": [1, 1, 5, 5]},
+            {"id": 12, "image_id": 3, "category_id": 42, "bbox": [1, 1, 5, 5]},
+            {"id": 13, "image_id": 3, "category_id": 1, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (tmp_path / "e" / "c.json").write_text(json.dumps(data))
     report = convert(tmp_path / "e" / "c.json", tmp_path / "out")
     reasons = {s.record.split(", ")[-1]: s.reason for s in report.skipped}

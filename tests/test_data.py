@@ -20,16 +20,26 @@ from detector.fileio import ImageReadError, UnsafePathError, exif_image_size, re
 def write_set(root, images, annotations, categories=None):
     (root / "images").mkdir(parents=True, exist_ok=True)
     path = root / "annotations.json"
-    path.write_text(json.dumps({
-        "images": images, "annotations": annotations,
-        "categories": categories or [{"id": 3, "name": "deer"}, {"id": 7, "name": "sign"}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": categories or [{"id": 3, "name": "deer"}, {"id": 7, "name": "sign"}],
+            }
+        )
+    )
     return path
 
 
 def blank(root, name, width=64, height=48):
     cv2.imwrite(str(root / "images" / name), np.full((height, width, 3), 128, np.uint8))
-    return {"id": len(list((root / "images").iterdir())), "file_name": name, "width": width, "height": height}
+    return {
+        "id": len(list((root / "images").iterdir())),
+        "file_name": name,
+        "width": width,
+        "height": height,
+    }
 
 
 def test_boxes_converted_clamped_and_filtered(tmp_path):
@@ -38,10 +48,34 @@ def test_boxes_converted_clamped_and_filtered(tmp_path):
     b = blank(tmp_path, "b.jpg")  # a negative: no boxes at all
     anns = [
         {"id": 1, "image_id": a["id"], "category_id": 7, "bbox": [10, 5, 20, 10], "iscrowd": 0},
-        {"id": 2, "image_id": a["id"], "category_id": 3, "bbox": [50, 40, 30, 30], "iscrowd": 0},  # clamped
-        {"id": 3, "image_id": a["id"], "category_id": 3, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # zero width
-        {"id": 4, "image_id": a["id"], "category_id": 3, "bbox": [70, 10, 5, 5], "iscrowd": 0},  # outside
-        {"id": 5, "image_id": a["id"], "category_id": 3, "bbox": [1, 1, 30, 30], "iscrowd": 1},  # crowd
+        {
+            "id": 2,
+            "image_id": a["id"],
+            "category_id": 3,
+            "bbox": [50, 40, 30, 30],
+            "iscrowd": 0,
+        },  # clamped
+        {
+            "id": 3,
+            "image_id": a["id"],
+            "category_id": 3,
+            "bbox": [5, 5, 0, 10],
+            "iscrowd": 0,
+        },  # zero width
+        {
+            "id": 4,
+            "image_id": a["id"],
+            "category_id": 3,
+            "bbox": [70, 10, 5, 5],
+            "iscrowd": 0,
+        },  # outside
+        {
+            "id": 5,
+            "image_id": a["id"],
+            "category_id": 3,
+            "bbox": [1, 1, 30, 30],
+            "iscrowd": 1,
+        },  # crowd
     ]
     cset = load_coco(write_set(tmp_path, [a, b], anns))
     assert cset.class_names == ["deer", "sign"]  # category order of the file
@@ -59,7 +93,9 @@ def test_boxes_converted_clamped_and_filtered(tmp_path):
 def test_unknown_category_and_duplicate_ids_name_the_record(tmp_path):
     (tmp_path / "images").mkdir()
     a = blank(tmp_path, "a.jpg")
-    path = write_set(tmp_path, [a], [{"id": 9, "image_id": a["id"], "category_id": 0, "bbox": [1, 1, 5, 5]}])
+    path = write_set(
+        tmp_path, [a], [{"id": 9, "image_id": a["id"], "category_id": 0, "bbox": [1, 1, 5, 5]}]
+    )
     with pytest.raises(DatasetError, match=r"annotation id 9 has category_id 0"):
         load_coco(path)
     path = write_set(tmp_path, [a, {**a}], [])
@@ -79,7 +115,9 @@ def test_malformed_json(tmp_path):
 
 def test_path_escaping_file_name_refused(tmp_path):
     (tmp_path / "images").mkdir()
-    path = write_set(tmp_path, [{"id": 1, "file_name": "../../etc/passwd", "width": 5, "height": 5}], [])
+    path = write_set(
+        tmp_path, [{"id": 1, "file_name": "../../etc/passwd", "width": 5, "height": 5}], []
+    )
     dataset = DetectionDataset(load_coco(path))
     with pytest.raises(UnsafePathError, match="escapes"):
         dataset[0]
@@ -89,7 +127,9 @@ def test_image_formats_become_rgb_uint8(tmp_path):
     gray = tmp_path / "gray.png"
     cv2.imwrite(str(gray), np.full((10, 12), 200, np.uint8))
     rgba = tmp_path / "rgba.png"
-    cv2.imwrite(str(rgba), np.dstack([np.zeros((10, 12, 3), np.uint8), np.full((10, 12), 9, np.uint8)]))
+    cv2.imwrite(
+        str(rgba), np.dstack([np.zeros((10, 12, 3), np.uint8), np.full((10, 12), 9, np.uint8)])
+    )
     deep = tmp_path / "deep.png"
     cv2.imwrite(str(deep), np.full((10, 12, 3), 65535, np.uint16))
     png_named_jpg = tmp_path / "really_png.jpg"
@@ -129,8 +169,11 @@ def test_exif_rotation_is_honoured(tmp_path):
     image = read_image_rgb(tmp_path / "images/rot.jpg")
     assert image.shape == (40, 20, 3)
     assert image[2, 10, 0] > 200 and image[-2, 10, 0] < 60  # raw left edge is now the top
-    ok = write_set(tmp_path, [{"id": 1, "file_name": "rot.jpg", "width": 20, "height": 40}],
-                   [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 1, 10, 5]}])
+    ok = write_set(
+        tmp_path,
+        [{"id": 1, "file_name": "rot.jpg", "width": 20, "height": 40}],
+        [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 1, 10, 5]}],
+    )
     image, target = DetectionDataset(load_coco(ok))[0]
     assert image.shape == (3, 40, 20)
     stale = write_set(tmp_path, [{"id": 1, "file_name": "rot.jpg", "width": 40, "height": 20}], [])
@@ -141,10 +184,14 @@ def test_exif_rotation_is_honoured(tmp_path):
 def test_augmentation_is_bbox_safe_and_reproducible(tmp_path):
     (tmp_path / "images").mkdir()
     images = [blank(tmp_path, f"{i}.jpg", 96, 64) for i in range(3)]
-    anns = [{"id": i + 1, "image_id": img["id"], "category_id": 3, "bbox": [60, 10, 30, 40]}
-            for i, img in enumerate(images)]
+    anns = [
+        {"id": i + 1, "image_id": img["id"], "category_id": 3, "bbox": [60, 10, 30, 40]}
+        for i, img in enumerate(images)
+    ]
     cset = load_coco(write_set(tmp_path, images, anns))
-    augment = build_augmentation(AugmentConfig(hflip=1.0, scale=1.0, crop=1.0, brightness_contrast=1.0, blur=1.0))
+    augment = build_augmentation(
+        AugmentConfig(hflip=1.0, scale=1.0, crop=1.0, brightness_contrast=1.0, blur=1.0)
+    )
     dataset = DetectionDataset(cset, augment, seed=3)
     first = [dataset[i] for i in range(3)]
     again = [dataset[i] for i in range(3)]
@@ -152,10 +199,14 @@ def test_augmentation_is_bbox_safe_and_reproducible(tmp_path):
         assert torch.equal(img1, img2) and torch.equal(t1["boxes"], t2["boxes"])
         h, w = img1.shape[1:]
         boxes = t1["boxes"]
-        assert ((boxes[:, 0] >= 0) & (boxes[:, 2] <= w) & (boxes[:, 1] >= 0) & (boxes[:, 3] <= h)).all()
+        assert (
+            (boxes[:, 0] >= 0) & (boxes[:, 2] <= w) & (boxes[:, 1] >= 0) & (boxes[:, 3] <= h)
+        ).all()
     dataset.epoch = 1
     assert not all(torch.equal(dataset[i][0], first[i][0]) for i in range(3))
-    flip_only = DetectionDataset(cset, build_augmentation(AugmentConfig(hflip=1.0, brightness_contrast=0)))
+    flip_only = DetectionDataset(
+        cset, build_augmentation(AugmentConfig(hflip=1.0, brightness_contrast=0))
+    )
     _, target = flip_only[0]
     np.testing.assert_allclose(target["boxes"].numpy(), [[6, 10, 36, 50]], atol=1e-3)
 

@@ -21,20 +21,39 @@ def test_torchrun_two_cpu_processes_train_and_write_one_run(shared_datasets, tmp
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
-    train_json = write_coco128_subset(shared_datasets, tmp_path / "data", count=4, keep_negatives=1,
-                                      name="train.json")
+    train_json = write_coco128_subset(
+        shared_datasets, tmp_path / "data", count=4, keep_negatives=1, name="train.json"
+    )
     ids = [i["id"] for i in json.loads(train_json.read_text())["images"]][:2]
-    val_json = write_coco128_subset(shared_datasets, tmp_path / "data", image_ids=ids, name="val.json")
-    values = tiny_config(train_json, val_json, tmp_path / "runs",
-                         train={"epochs": 2, "cache_features": cache, "device": "cpu"}).to_dict()
+    val_json = write_coco128_subset(
+        shared_datasets, tmp_path / "data", image_ids=ids, name="val.json"
+    )
+    values = tiny_config(
+        train_json,
+        val_json,
+        tmp_path / "runs",
+        train={"epochs": 2, "cache_features": cache, "device": "cpu"},
+    ).to_dict()
     values["train"]["name"] = None
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(values))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "detector", "train", str(config),
-         "--no-progress"],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "detector",
+            "train",
+            str(config),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = [p for p in (tmp_path / "runs").iterdir()]
@@ -59,10 +78,20 @@ def _torchrun_driver(driver, args, cwd, stop_at: int | None = None, timeout: flo
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FAULT_FORWARD_SLEEP": "0.3"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "FAULT_FORWARD_SLEEP": "0.3",
+    }
     proc = subprocess.Popen(
         [torchrun, "--standalone", "--nproc_per_node=2", str(driver), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
     )
     timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     timer.start()
@@ -82,22 +111,31 @@ def _torchrun_driver(driver, args, cwd, stop_at: int | None = None, timeout: flo
     return proc.returncode, output
 
 
-def test_torchrun_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(shared_datasets, tmp_path):
+def test_torchrun_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(
+    shared_datasets, tmp_path
+):
     """Each rank draws its own random numbers (RPN/RoI sampling on its own images), so a resume
     must give every rank back its own stream, not rank 0's."""
     from test_faults import DRIVER, assert_same_training
 
     driver = tmp_path / "fault_driver.py"
     driver.write_text(DRIVER)
-    train_json = write_coco128_subset(shared_datasets, tmp_path / "data", count=8, name="train.json")
-    values = tiny_config(train_json, None, tmp_path / "runs",
-                         train={"epochs": 2, "batch_size": 1, "accumulate": 2, "warmup_iters": 2,
-                                "device": "cpu"}).to_dict()
+    train_json = write_coco128_subset(
+        shared_datasets, tmp_path / "data", count=8, name="train.json"
+    )
+    values = tiny_config(
+        train_json,
+        None,
+        tmp_path / "runs",
+        train={"epochs": 2, "batch_size": 1, "accumulate": 2, "warmup_iters": 2, "device": "cpu"},
+    ).to_dict()
     values["train"]["name"] = "night"
     config = tmp_path / "night.yaml"
     config.write_text(yaml.safe_dump(values))
 
-    code, output = _torchrun_driver(driver, [str(config), "--no-progress", "train.name=reference"], tmp_path)
+    code, output = _torchrun_driver(
+        driver, [str(config), "--no-progress", "train.name=reference"], tmp_path
+    )
     assert code == 0, output[-3000:]
     reference = load_checkpoint(tmp_path / "runs/reference/last.pt")
 
@@ -108,6 +146,8 @@ def test_torchrun_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(shared
     state = load_checkpoint(run / "last.pt")["state"]
     assert "stopped by SIGTERM" in output, output[-3000:]
     assert state["epoch"] == 1 and 0 < state["iteration"] < 4, state
-    code, output = _torchrun_driver(driver, [str(config), "--resume", str(run), "--no-progress"], tmp_path)
+    code, output = _torchrun_driver(
+        driver, [str(config), "--resume", str(run), "--no-progress"], tmp_path
+    )
     assert code == 0, output[-3000:]
     assert_same_training(load_checkpoint(run / "last.pt"), reference)

@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_tool(*args: str) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -24,8 +26,13 @@ def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path
     report = run_tool("tools/convert.py", str(shared_datasets / "deer-automl"), "--out", str(out))
     assert "700 images, 946 boxes, 1 categories" in report
     run_tool("tools/split.py", str(out / "annotations.json"), "--val", "0.2", "--seed", "0")
-    cfg = tiny_config(out / "train.json", out / "val.json", tmp_path / "runs",
-                      train={"epochs": 1, "max_hours": 20 / 3600}, data={"preflight": False})
+    cfg = tiny_config(
+        out / "train.json",
+        out / "val.json",
+        tmp_path / "runs",
+        train={"epochs": 1, "max_hours": 20 / 3600},
+        data={"preflight": False},
+    )
     result = train(cfg, progress=False)
     assert result.stop_reason == "time budget reached" and result.images_seen > 0
     model, checkpoint = load_model(result.run_dir / "last.pt")
@@ -34,8 +41,15 @@ def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path
 
 
 def test_readme_sample_job_runs(tmp_path, capsys):
-    code = cli.main(["train", str(REPO / "configs/sample.yaml"), "train.epochs=1",
-                     f"train.out_dir={tmp_path}", "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            str(REPO / "configs/sample.yaml"),
+            "train.epochs=1",
+            f"train.out_dir={tmp_path}",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     run = tmp_path / "sample"
     rows = read_metrics_csv(run / "metrics.csv")

@@ -30,10 +30,17 @@ def b1_cli(work, shared_datasets, checkpoint) -> tuple[Path, str]:
     out = work / "b1.onnx"
     parser = argparse.ArgumentParser()
     export.add_arguments(parser)
-    args = parser.parse_args([
-        str(checkpoint), "--out", str(out), "--images", str(fx.val_dir(work, shared_datasets)),
-        "--parity-images", "4",
-    ])
+    args = parser.parse_args(
+        [
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--images",
+            str(fx.val_dir(work, shared_datasets)),
+            "--parity-images",
+            "4",
+        ]
+    )
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = export.run(args)
@@ -56,7 +63,10 @@ def session(path: Path) -> ort.InferenceSession:
 
 
 def float_batch(frames: list[np.ndarray]) -> np.ndarray:
-    return np.ascontiguousarray(np.stack(frames)[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+    return (
+        np.ascontiguousarray(np.stack(frames)[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        / 255.0
+    )
 
 
 def torch_detections(model, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -73,7 +83,9 @@ def onnx_detections(outputs: list[np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 def assert_same(ref: dict, test: dict, where: str = "image") -> export.ParityReport:
     report = export.ParityReport(images=1, provider="CPU")
-    export.compare_detections(ref, test, report, score_threshold=0.05, max_detections=100, where=where)
+    export.compare_detections(
+        ref, test, report, score_threshold=0.05, max_detections=100, where=where
+    )
     assert report.passed, report.format()
     return report
 
@@ -191,11 +203,16 @@ def test_fp16_graph_builds_and_runs_on_cpu(work, shared_datasets, torch_model):
     assert out[0].dtype == np.float32 and out[0].shape == (1, 100, 4)
     (ref,) = torch_detections(torch_model, [frame])
     assert (ref["scores"] >= 0.5).any()
-    report = export.ParityReport(images=1, provider="CPU", min_iou=export.FP16_MIN_IOU,
-                                 score_tolerance=export.FP16_SCORE_TOLERANCE,
-                                 required_score=export.FP16_REQUIRED_SCORE)
-    export.compare_detections(ref, onnx_detections(out, 0), report, score_threshold=0.05,
-                              max_detections=100, where="fp16")
+    report = export.ParityReport(
+        images=1,
+        provider="CPU",
+        min_iou=export.FP16_MIN_IOU,
+        score_tolerance=export.FP16_SCORE_TOLERANCE,
+        required_score=export.FP16_REQUIRED_SCORE,
+    )
+    export.compare_detections(
+        ref, onnx_detections(out, 0), report, score_threshold=0.05, max_detections=100, where="fp16"
+    )
     assert report.passed and report.matched >= 1, report.format()
     assert report.worst_iou >= export.FP16_MIN_IOU
 
@@ -214,7 +231,9 @@ def test_no_rpn_proposals_does_not_crash(work, torch_model):
     assert counts.tolist() == [0] and boxes.shape == (1, 100, 4) and not boxes.any()
 
 
-def test_parity_failure_refuses_and_leaves_previous_file(work, b1_cli, torch_model, monkeypatch, shared_datasets):
+def test_parity_failure_refuses_and_leaves_previous_file(
+    work, b1_cli, torch_model, monkeypatch, shared_datasets
+):
     onnx_bytes = b1_cli[0].read_bytes()
     monkeypatch.setattr(export, "_trace_to_onnx", lambda wrapper, example, opset: onnx_bytes)
     real_reference = export._torch_reference
@@ -240,23 +259,35 @@ def test_parity_failure_refuses_and_leaves_previous_file(work, b1_cli, torch_mod
 
 
 def test_match_detections_tolerates_only_threshold_edge():
-    ref = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32),
-           "scores": np.array([0.9, 0.0505], np.float32), "labels": np.array([1, 1])}
-    test = {"boxes": np.array([[0.2, 0, 10, 10.1]], np.float32),
-            "scores": np.array([0.9004], np.float32), "labels": np.array([1])}
+    ref = {
+        "boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32),
+        "scores": np.array([0.9, 0.0505], np.float32),
+        "labels": np.array([1, 1]),
+    }
+    test = {
+        "boxes": np.array([[0.2, 0, 10, 10.1]], np.float32),
+        "scores": np.array([0.9004], np.float32),
+        "labels": np.array([1]),
+    }
     report = export.ParityReport(images=1, provider="x")
-    export.compare_detections(ref, test, report, score_threshold=0.05, max_detections=100, where="a")
+    export.compare_detections(
+        ref, test, report, score_threshold=0.05, max_detections=100, where="a"
+    )
     assert report.passed and report.matched == 1 and report.tolerated == 1
     assert report.max_box_diff == pytest.approx(0.2, abs=1e-5)
     assert report.max_score_diff == pytest.approx(4e-4, abs=1e-5)
     # a confident detection missing on one side fails; so does a wrong label
     ref["scores"][1] = 0.7
     report = export.ParityReport(images=1, provider="x")
-    export.compare_detections(ref, test, report, score_threshold=0.05, max_detections=100, where="a")
+    export.compare_detections(
+        ref, test, report, score_threshold=0.05, max_detections=100, where="a"
+    )
     assert not report.passed and "PyTorch only" in report.failures[0]
     test["labels"][0] = 2
     report = export.ParityReport(images=1, provider="x")
-    export.compare_detections(ref, test, report, score_threshold=0.05, max_detections=100, where="a")
+    export.compare_detections(
+        ref, test, report, score_threshold=0.05, max_detections=100, where="a"
+    )
     assert report.matched == 0 and len(report.failures) == 3
 
 

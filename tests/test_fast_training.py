@@ -33,7 +33,9 @@ NO_AUGMENT = {"hflip": 0.0, "brightness_contrast": 0.0}
 @pytest.fixture(scope="module")
 def tiny(shared_datasets, tmp_path_factory):
     root = tmp_path_factory.mktemp("coco128_fast")
-    train_json = write_coco128_subset(shared_datasets, root, count=4, keep_negatives=1, name="train.json")
+    train_json = write_coco128_subset(
+        shared_datasets, root, count=4, keep_negatives=1, name="train.json"
+    )
     ids = [i["id"] for i in json.loads(train_json.read_text())["images"]][:2]
     val_json = write_coco128_subset(shared_datasets, root, image_ids=ids, name="val.json")
     return train_json, val_json
@@ -44,13 +46,23 @@ def image_run(tiny, tmp_path_factory):
     """The normal loop, augmentation off: the reference for the cached path."""
     train_json, val_json = tiny
     out = tmp_path_factory.mktemp("image_run")
-    return train(tiny_config(train_json, val_json, out, augment=NO_AUGMENT, train={"epochs": 1}), progress=False)
+    return train(
+        tiny_config(train_json, val_json, out, augment=NO_AUGMENT, train={"epochs": 1}),
+        progress=False,
+    )
 
 
-def test_cached_path_matches_the_image_path_and_gives_the_same_kind_of_checkpoint(tiny, image_run, tmp_path):
+def test_cached_path_matches_the_image_path_and_gives_the_same_kind_of_checkpoint(
+    tiny, image_run, tmp_path
+):
     train_json, val_json = tiny
-    cfg = tiny_config(train_json, val_json, tmp_path, augment=NO_AUGMENT,
-                      train={"epochs": 1, "cache_features": True})
+    cfg = tiny_config(
+        train_json,
+        val_json,
+        tmp_path,
+        augment=NO_AUGMENT,
+        train={"epochs": 1, "cache_features": True},
+    )
     cached = train(cfg, progress=False)
     ref = read_metrics_csv(image_run.run_dir / "metrics.csv")[0]
     got = read_metrics_csv(cached.run_dir / "metrics.csv")[0]
@@ -70,16 +82,21 @@ def test_cached_path_matches_the_image_path_and_gives_the_same_kind_of_checkpoin
     assert set(best) == set(reference)
     assert set(best["model"]) == set(reference["model"])
     model, _ = load_model(cached.run_dir / "best.pt")
-    metrics = evaluate(model, load_coco(val_json, class_names=best["class_names"]), torch.device("cpu"),
-                       grid_images=0)
+    metrics = evaluate(
+        model,
+        load_coco(val_json, class_names=best["class_names"]),
+        torch.device("cpu"),
+        grid_images=0,
+    )
     assert metrics.num_images == 2
     export = pytest.importorskip("detector.export")
     report = export.export_onnx(cached.run_dir / "best.pt", tmp_path / "cached.onnx", parity=False)
     assert report.path.is_file() and report.size_bytes > 1000
 
 
-def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny, image_run, tmp_path,
-                                                                             monkeypatch, caplog):
+def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(
+    tiny, image_run, tmp_path, monkeypatch, caplog
+):
     """train.amp_cpu on the cached path: heads in bf16 where the CPU has it, a warning where not."""
     train_json, val_json = tiny
     native = train_mod.cpu_has_native_bf16()
@@ -97,8 +114,13 @@ def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny
         return model, info
 
     monkeypatch.setattr(train_mod, "build_model", build_and_watch)
-    cfg = tiny_config(train_json, val_json, tmp_path, augment=NO_AUGMENT,
-                      train={"epochs": 1, "cache_features": True, "amp_cpu": True})
+    cfg = tiny_config(
+        train_json,
+        val_json,
+        tmp_path,
+        augment=NO_AUGMENT,
+        train={"epochs": 1, "cache_features": True, "amp_cpu": True},
+    )
     with caplog.at_level(logging.WARNING, logger="detector"):
         run = train(cfg, progress=False)
     if native:  # the heads in training and the backbone in the cache build (evaluation: float32)
@@ -107,50 +129,75 @@ def test_cpu_bf16_autocast_runs_the_heads_in_bf16_and_keeps_float32_weights(tiny
         assert seen == {torch.float32} and backbone_seen == {torch.float32}
         assert any("no native bf16" in r.message for r in caplog.records)
     checkpoint = load_checkpoint(run.run_dir / "best.pt")
-    assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
+    assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {
+        torch.float32
+    }
     # bf16 keeps 8 bits of mantissa: the epoch's losses stay close to the float32 run's.
     ref = read_metrics_csv(image_run.run_dir / "metrics.csv")[0]
     got = read_metrics_csv(run.run_dir / "metrics.csv")[0]
     assert float(got["loss"]) == pytest.approx(float(ref["loss"]), rel=0.1)
 
 
-@pytest.mark.parametrize("device, amp, amp_dtype, amp_cpu, bf16_hardware, expected", [
-    ("cuda", True, "bfloat16", False, True, torch.bfloat16),
-    ("cuda", True, "bfloat16", False, False, torch.float16),  # with a warning and loss scaling
-    ("cuda", True, "float16", False, True, torch.float16),
-    ("cuda", False, "bfloat16", False, True, None),
-    ("cpu", True, "bfloat16", False, True, None),  # amp_cpu is opt-in
-    ("cpu", True, "bfloat16", True, True, torch.bfloat16),
-    ("cpu", True, "bfloat16", True, False, None),  # emulated bf16 is slower: float32, with a warning
-    ("cpu", False, "bfloat16", True, True, None),
-])
-def test_autocast_dtype_per_device_and_hardware(tiny, tmp_path, monkeypatch, device, amp, amp_dtype, amp_cpu,
-                                                bf16_hardware, expected):
+@pytest.mark.parametrize(
+    "device, amp, amp_dtype, amp_cpu, bf16_hardware, expected",
+    [
+        ("cuda", True, "bfloat16", False, True, torch.bfloat16),
+        ("cuda", True, "bfloat16", False, False, torch.float16),  # with a warning and loss scaling
+        ("cuda", True, "float16", False, True, torch.float16),
+        ("cuda", False, "bfloat16", False, True, None),
+        ("cpu", True, "bfloat16", False, True, None),  # amp_cpu is opt-in
+        ("cpu", True, "bfloat16", True, True, torch.bfloat16),
+        (
+            "cpu",
+            True,
+            "bfloat16",
+            True,
+            False,
+            None,
+        ),  # emulated bf16 is slower: float32, with a warning
+        ("cpu", False, "bfloat16", True, True, None),
+    ],
+)
+def test_autocast_dtype_per_device_and_hardware(
+    tiny, tmp_path, monkeypatch, device, amp, amp_dtype, amp_cpu, bf16_hardware, expected
+):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_hardware)
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: bf16_hardware)
-    cfg = tiny_config(tiny[0], None, tmp_path, train={"amp": amp, "amp_dtype": amp_dtype, "amp_cpu": amp_cpu})
+    cfg = tiny_config(
+        tiny[0], None, tmp_path, train={"amp": amp, "amp_dtype": amp_dtype, "amp_cpu": amp_cpu}
+    )
     assert train_mod.autocast_dtype(cfg, torch.device(device)) == expected
 
 
 def test_views_frozen_rpn_disk_cache_and_bit_identical_resume(tiny, tmp_path, monkeypatch, caplog):
     """Flip + photometric views, frozen RPN (cached proposals), cache on disk, stop and resume."""
     train_json, _ = tiny
-    sections = {"model": {"freeze_rpn": True},
-                "augment": {"hflip": 0.5, "brightness_contrast": 0.5},
-                "train": {"epochs": 2, "cache_features": True, "cache_views": 2,
-                          "cache_dir": str(tmp_path / "cache")}}
+    sections = {
+        "model": {"freeze_rpn": True},
+        "augment": {"hflip": 0.5, "brightness_contrast": 0.5},
+        "train": {
+            "epochs": 2,
+            "cache_features": True,
+            "cache_views": 2,
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    }
     cfg = tiny_config(train_json, None, tmp_path / "full", **sections)
     plan, _ = plan_cache(cfg)
     assert plan.views == ["original", "hflip", "photometric0", "photometric1"] and plan.proposals
     seed_everything(cfg.train.seed)
-    initial, _ = build_model(cfg.model, [c["name"] for c in json.loads(train_json.read_text())["categories"]])
+    initial, _ = build_model(
+        cfg.model, [c["name"] for c in json.loads(train_json.read_text())["categories"]]
+    )
     full = train(cfg, progress=False)
     expected = load_checkpoint(full.run_dir / "last.pt")
     for key, value in initial.state_dict().items():
         if key.startswith(("backbone.", "rpn.")):
             assert torch.equal(expected["model"][key], value), key
-    assert not torch.equal(expected["model"]["roi_heads.box_head.fc6.weight"],
-                           initial.state_dict()["roi_heads.box_head.fc6.weight"])
+    assert not torch.equal(
+        expected["model"]["roi_heads.box_head.fc6.weight"],
+        initial.state_dict()["roi_heads.box_head.fc6.weight"],
+    )
     (folder,) = (tmp_path / "cache").iterdir()
     assert len(list(folder.glob("*.pt"))) == 5 * 4 and (folder / "manifest.json").is_file()
 
@@ -172,15 +219,21 @@ def test_cached_batches_are_padded_with_the_backbones_features_of_padding(tiny, 
     """A batch of two differently shaped images: the stacked cached maps rebuild what the
     backbone gives the padded image batch, padding included (zeros there would not)."""
     train_json, _ = tiny
-    cfg = tiny_config(train_json, None, tmp_path, augment=NO_AUGMENT, train={"cache_features": True})
+    cfg = tiny_config(
+        train_json, None, tmp_path, augment=NO_AUGMENT, train={"cache_features": True}
+    )
     cset = load_coco(train_json)
     model, _ = build_model(cfg.model, cset.class_names)
-    with torch.no_grad():  # a trained FPN's features of flat padding are not zero; random init's are
+    with (
+        torch.no_grad()
+    ):  # a trained FPN's features of flat padding are not zero; random init's are
         for name, parameter in model.backbone.fpn.named_parameters():
             if name.endswith("bias"):
                 parameter.fill_(0.5)
     dataset = DetectionDataset(cset)
-    cache = build_feature_cache(model, dataset, cfg, plan_cache(cfg)[0], torch.device("cpu"), progress=False)
+    cache = build_feature_cache(
+        model, dataset, cfg, plan_cache(cfg)[0], torch.device("cpu"), progress=False
+    )
     shapes = {i: cache[i][0].padded_size for i in range(len(cache))}
     first = 0
     second = next(i for i in shapes if shapes[i] != shapes[first])  # the set has both orientations
@@ -202,7 +255,8 @@ def test_cached_batches_are_padded_with_the_backbones_features_of_padding(tiny, 
 
 
 def test_evaluation_batches_only_same_size_images_so_detections_do_not_depend_on_batch_size(
-        tiny, tmp_path, shared_weights):
+    tiny, tmp_path, shared_weights
+):
     train_json, _ = tiny
     cset = load_coco(train_json)
     sizes = [(cset.image_info(i)["width"], cset.image_info(i)["height"]) for i in cset.image_ids]
@@ -214,13 +268,22 @@ def test_evaluation_batches_only_same_size_images_so_detections_do_not_depend_on
     assert same_size_batches(cset, 1) == [[i] for i in range(len(sizes))]
 
     # ImageNet MobileNetV2 features + random FPN and heads: scores that differ from box to box.
-    cfg = tiny_config(train_json, None, tmp_path, model={
-        "arch": "fasterrcnn_mobilenet_v2_fpn", "weights_backbone": str(shared_weights / "mobilenet_v2-b0353104.pth"),
-        "score_threshold": 0.0})
+    cfg = tiny_config(
+        train_json,
+        None,
+        tmp_path,
+        model={
+            "arch": "fasterrcnn_mobilenet_v2_fpn",
+            "weights_backbone": str(shared_weights / "mobilenet_v2-b0353104.pth"),
+            "score_threshold": 0.0,
+        },
+    )
     torch.manual_seed(0)
     model, _ = build_model(cfg.model, cset.class_names)
     model.eval()
-    small, large = (next(i for i, s in enumerate(sizes) if s == size) for size in sorted(set(sizes))[:2])
+    small, large = (
+        next(i for i, s in enumerate(sizes) if s == size) for size in sorted(set(sizes))[:2]
+    )
     dataset = DetectionDataset(cset)
     with torch.inference_mode():  # why: padded next to a larger image, an image's scores move
         alone_scores = model([dataset[small][0]])[0]["scores"]
@@ -232,40 +295,67 @@ def test_evaluation_batches_only_same_size_images_so_detections_do_not_depend_on
     assert len(alone) == len(batched) > 0
     unmatched = list(batched)  # as sets: near-tied boxes may swap places in the output
     for a in alone:
-        match = next((b for b in unmatched if (b["image_id"], b["category_id"]) == (a["image_id"], a["category_id"])
-                      and abs(b["score"] - a["score"]) < 1e-4
-                      and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"], strict=True)) < 1e-2), None)
+        match = next(
+            (
+                b
+                for b in unmatched
+                if (b["image_id"], b["category_id"]) == (a["image_id"], a["category_id"])
+                and abs(b["score"] - a["score"]) < 1e-4
+                and max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"], strict=True)) < 1e-2
+            ),
+            None,
+        )
         assert match is not None, f"image {a['image_id']}: {a} has no batched counterpart"
         unmatched.remove(match)
 
 
 def test_cache_refuses_to_exceed_its_limit(tiny, tmp_path):
     train_json, _ = tiny
-    cfg = tiny_config(train_json, None, tmp_path, train={"cache_features": True, "cache_max_gb": 1e-5})
-    with pytest.raises(FeatureCacheError, match=r"needs ~0\.\d+ GB .*train\.cache_max_gb=1e-05: raise train\.cache_max_gb"):
+    cfg = tiny_config(
+        train_json, None, tmp_path, train={"cache_features": True, "cache_max_gb": 1e-5}
+    )
+    with pytest.raises(
+        FeatureCacheError,
+        match=r"needs ~0\.\d+ GB .*train\.cache_max_gb=1e-05: raise train\.cache_max_gb",
+    ):
         train(cfg, progress=False)
 
 
 def test_augmentation_the_cache_cannot_hold_falls_back_to_images(tiny, tmp_path, caplog):
     train_json, _ = tiny
-    cfg = tiny_config(train_json, None, tmp_path, augment={"scale": 0.5},
-                      train={"epochs": 1, "cache_features": True})
+    cfg = tiny_config(
+        train_json,
+        None,
+        tmp_path,
+        augment={"scale": 0.5},
+        train={"epochs": 1, "cache_features": True},
+    )
     with caplog.at_level(logging.WARNING, logger="detector"):
         result = train(cfg, progress=False)
     assert result.stop_reason == "completed"
-    assert any("not used, training on images" in r.message and "augment.scale" in r.message
-               for r in caplog.records)
+    assert any(
+        "not used, training on images" in r.message and "augment.scale" in r.message
+        for r in caplog.records
+    )
 
 
 def test_images_in_ram_train_exactly_like_images_from_disk(tiny, image_run, tmp_path):
     train_json, val_json = tiny
-    cfg = tiny_config(train_json, val_json, tmp_path, augment=NO_AUGMENT,
-                      data={"cache_images": True}, train={"epochs": 1})
+    cfg = tiny_config(
+        train_json,
+        val_json,
+        tmp_path,
+        augment=NO_AUGMENT,
+        data={"cache_images": True},
+        train={"epochs": 1},
+    )
     result = train(cfg, progress=False)
     got = load_checkpoint(result.run_dir / "last.pt")["model"]
     for key, value in load_checkpoint(image_run.run_dir / "last.pt")["model"].items():
         assert torch.equal(got[key], value), key
-    cfg = tiny_config(train_json, None, tmp_path, data={"cache_images": True, "cache_images_max_gb": 1e-6})
+    cfg = tiny_config(
+        train_json, None, tmp_path, data={"cache_images": True, "cache_images_max_gb": 1e-6}
+    )
     with pytest.raises(DatasetError, match="data.cache_images_max_gb"):
         train(cfg, progress=False)
 

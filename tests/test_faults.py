@@ -141,8 +141,10 @@ sys.exit(cli.main(["train", *sys.argv[1:]]))  # `detector train ARGS...`
 # 4 images, one per batch, the optimizer stepping every 2 batches, 2 epochs: 8 forward passes,
 # 4 optimizer steps, checkpoints at the end of each epoch. Augmentation on, so the resumed runs
 # must restore the RNG and the per-sample seeds to match.
-NIGHT = {"train": {"epochs": 2, "batch_size": 1, "accumulate": 2, "warmup_iters": 2},
-         "augment": {"scale": 0.5}}
+NIGHT = {
+    "train": {"epochs": 2, "batch_size": 1, "accumulate": 2, "warmup_iters": 2},
+    "augment": {"scale": 0.5},
+}
 
 
 @pytest.fixture(scope="module")
@@ -174,14 +176,25 @@ class Segment:
     signalled: bool
 
 
-def run_segment(driver: Path, args: list[str], *, env: dict[str, str] | None = None,
-                at: tuple[str, int] | None = None, sig: int = signal.SIGKILL, group: bool = False,
-                timeout: float = 240) -> Segment:
+def run_segment(
+    driver: Path,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    at: tuple[str, int] | None = None,
+    sig: int = signal.SIGKILL,
+    group: bool = False,
+    timeout: float = 240,
+) -> Segment:
     """Run the driver; on the ``at`` = (marker, n-th occurrence) line, send ``sig`` to the
     process (or with ``group`` to its process group, as Ctrl-C in a terminal or systemd do)."""
     proc = subprocess.Popen(
-        [sys.executable, str(driver), *args], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [sys.executable, str(driver), *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
@@ -247,18 +260,26 @@ def digest(path: Path) -> str:
 
 
 @pytest.mark.timeout(420)
-def test_sigkill_at_seeded_moments_then_resume_is_bit_identical(driver, tiny_set, reference, tmp_path):
+def test_sigkill_at_seeded_moments_then_resume_is_bit_identical(
+    driver, tiny_set, reference, tmp_path
+):
     rng = random.Random(20240611)
     half_written = rng.choice(["best.pt", "last.pt"])  # killed half-way through writing it
     mid_epoch = rng.randint(1, 4)  # killed during this forward pass of the resumed epoch 2
-    print(f"kill plan: mid-write of epoch 2's {half_written}, then forward {mid_epoch}, "
-          "then right after epoch 2's last.pt")
+    print(
+        f"kill plan: mid-write of epoch 2's {half_written}, then forward {mid_epoch}, "
+        "then right after epoch 2's last.pt"
+    )
     config = night_yaml(tmp_path / "night.yaml", tiny_set, tmp_path / "runs")
     run = tmp_path / "runs/night"
 
     # 1: SIGKILL half-way through writing a checkpoint at the end of epoch 2
-    seg = run_segment(driver, [str(config), "--no-progress"],
-                      env={"FAULT_SLOW_SAVE": f"{half_written}:2:60"}, at=(f"SAVE-MID {half_written}", 1))
+    seg = run_segment(
+        driver,
+        [str(config), "--no-progress"],
+        env={"FAULT_SLOW_SAVE": f"{half_written}:2:60"},
+        at=(f"SAVE-MID {half_written}", 1),
+    )
     assert seg.returncode == -signal.SIGKILL
     partial = list(run.glob(f".{half_written}.*.tmp"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0, list(run.iterdir())
@@ -269,16 +290,21 @@ def test_sigkill_at_seeded_moments_then_resume_is_bit_identical(driver, tiny_set
     epoch1 = digest(run / "last.pt")
 
     # 2: resume from the folder, SIGKILL in the middle of the redone epoch 2
-    seg = run_segment(driver, [str(config), "--resume", str(run), "--no-progress"],
-                      at=(f"FORWARD {mid_epoch}", 1))
+    seg = run_segment(
+        driver, [str(config), "--resume", str(run), "--no-progress"], at=(f"FORWARD {mid_epoch}", 1)
+    )
     assert seg.returncode == -signal.SIGKILL
     assert "resuming" in seg.output and "at epoch 2, batch 0" in seg.output
     assert digest(run / "last.pt") == epoch1
 
     # 3: resume the newest run of the config (--resume alone), SIGKILL right after the final
     # last.pt is in place, before the end-of-run work
-    seg = run_segment(driver, [str(config), "--resume", "--no-progress"],
-                      env={"FAULT_PAUSE_AFTER_SAVE": "last.pt:1:60"}, at=("SAVE-END last.pt", 1))
+    seg = run_segment(
+        driver,
+        [str(config), "--resume", "--no-progress"],
+        env={"FAULT_PAUSE_AFTER_SAVE": "last.pt:1:60"},
+        at=("SAVE-END last.pt", 1),
+    )
     assert seg.returncode == -signal.SIGKILL
     assert load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
 
@@ -295,7 +321,8 @@ def test_sigkill_at_seeded_moments_then_resume_is_bit_identical(driver, tiny_set
 
 @pytest.mark.timeout(420)
 def test_sigterm_and_ctrl_c_to_the_process_group_save_exit_0_and_resume_bit_identical(
-        driver, tiny_set, reference, tmp_path):
+    driver, tiny_set, reference, tmp_path
+):
     """With a DataLoader worker, signals sent to the whole group (systemd, SLURM, Ctrl-C in a
     terminal) reach the worker too; the run must still stop at a batch boundary and save."""
     config = night_yaml(tmp_path / "night.yaml", tiny_set, tmp_path / "runs", num_workers=1)
@@ -303,8 +330,14 @@ def test_sigterm_and_ctrl_c_to_the_process_group_save_exit_0_and_resume_bit_iden
     env = {"FAULT_FORWARD_SLEEP": "0.3", "FAULT_LOAD_SLEEP": "0.3"}
 
     # SIGTERM during batch 2 of epoch 1: it finishes that accumulation window, saves, exits 0
-    seg = run_segment(driver, [str(config), "--no-progress"], env=env, at=("FORWARD 2", 1),
-                      sig=signal.SIGTERM, group=True)
+    seg = run_segment(
+        driver,
+        [str(config), "--no-progress"],
+        env=env,
+        at=("FORWARD 2", 1),
+        sig=signal.SIGTERM,
+        group=True,
+    )
     assert seg.returncode == 0, seg.output[-3000:]
     assert "SIGTERM received" in seg.output and "stopped by SIGTERM after 0 epochs" in seg.output
     assert "resume with --resume" in seg.output
@@ -313,8 +346,14 @@ def test_sigterm_and_ctrl_c_to_the_process_group_save_exit_0_and_resume_bit_iden
 
     # Ctrl-C during the first batch of epoch 2: the epoch-1 checkpoint is written on the way,
     # then it stops at the next window start
-    seg = run_segment(driver, [str(config), "--resume", str(run), "--no-progress"], env=env,
-                      at=("FORWARD 3", 1), sig=signal.SIGINT, group=True)
+    seg = run_segment(
+        driver,
+        [str(config), "--resume", str(run), "--no-progress"],
+        env=env,
+        at=("FORWARD 3", 1),
+        sig=signal.SIGINT,
+        group=True,
+    )
     assert seg.returncode == 0, seg.output[-3000:]
     assert "stopped by SIGINT after 1 epochs" in seg.output
     state = load_checkpoint(run / "last.pt")["state"]
@@ -352,14 +391,22 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_set, tmp_path
         return real_write_with(path, write)
 
     monkeypatch.setattr(model_mod, "atomic_write_with", write_with)
-    cfg = tiny_config(tiny_set, None, tmp_path, train={"epochs": 2, "batch_size": 2},
-                      augment={"hflip": 0.0, "brightness_contrast": 0.0})
+    cfg = tiny_config(
+        tiny_set,
+        None,
+        tmp_path,
+        train={"epochs": 2, "batch_size": 2},
+        augment={"hflip": 0.0, "brightness_contrast": 0.0},
+    )
     with pytest.raises(OSError) as err:
         train(cfg, progress=False)
     assert err.value.errno == errno.ENOSPC
     message = str(err.value)
     assert "could not write checkpoint" in message and "last.pt" in message
-    assert "No space left on device" in message and "the previous file there, if any, is intact" in message
+    assert (
+        "No space left on device" in message
+        and "the previous file there, if any, is intact" in message
+    )
     run = tmp_path / "t"
     assert (run / "last.pt").read_bytes() == before["last.pt"]  # byte for byte
     assert load_checkpoint(run / "last.pt")["state"]["epoch"] == 1
@@ -389,15 +436,20 @@ def cli_main():
     return cli.main
 
 
-def test_nonfinite_losses_across_epochs_stop_the_run_exit_2(tiny_set, tmp_path, monkeypatch,
-                                                             cli_main, capsys):
+def test_nonfinite_losses_across_epochs_stop_the_run_exit_2(
+    tiny_set, tmp_path, monkeypatch, cli_main, capsys
+):
     """2 batches per epoch, the limit 3 in a row: the streak must carry over epoch boundaries."""
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     monkeypatch.setattr(GeneralizedRCNN, "forward", _nan_loss_from(2, GeneralizedRCNN.forward))
     config = tmp_path / "nan.yaml"
-    values = tiny_config(tiny_set, None, tmp_path / "runs",
-                         train={"epochs": 4, "batch_size": 2, "max_nonfinite_batches": 3}).to_dict()
+    values = tiny_config(
+        tiny_set,
+        None,
+        tmp_path / "runs",
+        train={"epochs": 4, "batch_size": 2, "max_nonfinite_batches": 3},
+    ).to_dict()
     config.write_text(yaml.safe_dump(values))
     assert cli_main(["train", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -408,8 +460,9 @@ def test_nonfinite_losses_across_epochs_stop_the_run_exit_2(tiny_set, tmp_path, 
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_nonfinite_gradient_with_a_finite_loss_never_reaches_the_weights(tiny_set, tmp_path,
-                                                                          monkeypatch, caplog):
+def test_nonfinite_gradient_with_a_finite_loss_never_reaches_the_weights(
+    tiny_set, tmp_path, monkeypatch, caplog
+):
     """A finite loss whose gradient is NaN (an overflow in backward): the step must be skipped,
     or NaN weights end up in last.pt/best.pt as if the epoch had gone well."""
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -430,11 +483,15 @@ def test_nonfinite_gradient_with_a_finite_loss_never_reaches_the_weights(tiny_se
     with caplog.at_level(logging.WARNING, logger="detector"):
         result = train(cfg, progress=False)
     assert result.stop_reason == "completed"
-    assert any("non-finite gradient" in r.getMessage() and "image ids" in r.getMessage()
-               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert any(
+        "non-finite gradient" in r.getMessage() and "image ids" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     for name in ("last.pt", "best.pt"):
         weights = load_checkpoint(result.run_dir / name)["model"]
-        bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = [
+            k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()
+        ]
         assert not bad, f"{name} holds non-finite weights: {bad[:5]}"
 
 
@@ -528,9 +585,11 @@ def test_onnx_runtime_refuses_bad_frames_and_foreign_files(tmp_path):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["images"], ["boxes"])], "foreign",
+        [helper.make_node("Identity", ["images"], ["boxes"])],
+        "foreign",
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, None, None])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 3, None, None])])
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 3, None, None])],
+    )
     foreign = tmp_path / "foreign.onnx"
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, foreign)

@@ -56,15 +56,19 @@ def huge_png(path: Path, width: int = 20000, height: int = 20000) -> None:
 
     Written row by row through zlib, so the test itself never holds the image in memory.
     """
+
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
     packer = zlib.compressobj(9)
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 def exif_rotated_jpeg(path: Path, raw_width: int = 64, raw_height: int = 48) -> None:
@@ -76,28 +80,53 @@ def exif_rotated_jpeg(path: Path, raw_width: int = 64, raw_height: int = 48) -> 
     Image.fromarray(raw).save(path, exif=exif, quality=95)
 
 
-def write_coco(path: Path, images: list[dict], annotations: list[dict],
-               categories: list[dict] | None = None) -> Path:
+def write_coco(
+    path: Path, images: list[dict], annotations: list[dict], categories: list[dict] | None = None
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories or [{"id": 1, "name": "deer"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": categories or [{"id": 1, "name": "deer"}],
+            }
+        )
+    )
     return path
 
 
 def box(ann_id: int, image_id: int, bbox: list[float], category: int = 1, **extra: Any) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": category, "bbox": bbox,
-            "area": float(bbox[2] * bbox[3]) if len(bbox) == 4 else 0.0, "iscrowd": 0, **extra}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": category,
+        "bbox": bbox,
+        "area": float(bbox[2] * bbox[3]) if len(bbox) == 4 else 0.0,
+        "iscrowd": 0,
+        **extra,
+    }
 
 
 def tiny_yaml(path: Path, train_json: Path, out_dir: Path, **sections: dict) -> Path:
     """The tests' tiny model (coco_fixtures.tiny_config) as a YAML file for the command line."""
     values: dict[str, Any] = {
         "data": {"train_annotations": str(train_json), "num_workers": 0},
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none",
-                  "min_size": 160, "max_size": 192, "box_batch_size_per_image": 64,
-                  "rpn_batch_size_per_image": 64},
-        "train": {"epochs": 1, "batch_size": 4, "warmup_iters": 2, "out_dir": str(out_dir),
-                  "name": "bad"},
+        "model": {
+            "arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "weights": "none",
+            "min_size": 160,
+            "max_size": 192,
+            "box_batch_size_per_image": 64,
+            "rpn_batch_size_per_image": 64,
+        },
+        "train": {
+            "epochs": 1,
+            "batch_size": 4,
+            "warmup_iters": 2,
+            "out_dir": str(out_dir),
+            "name": "bad",
+        },
         "eval": {"grid_images": 0},
     }
     for section, updates in sections.items():
@@ -189,30 +218,46 @@ def test_annotation_problems_are_all_listed_before_anything_trains(tmp_path, cli
     assert cli_main(["train", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pre-flight check failed")
-    for expected in ("[duplicate_image_id] image id 3 (dup.jpg)", "[duplicate_ann_id] annotation 1",
-                     "[unknown_category] annotation 3", "category_id 99",
-                     "[bad_bbox] annotation 4", "is not four numbers",
-                     "[zero_based_category_ids]", "nothing was trained", "--fix"):
+    for expected in (
+        "[duplicate_image_id] image id 3 (dup.jpg)",
+        "[duplicate_ann_id] annotation 1",
+        "[unknown_category] annotation 3",
+        "category_id 99",
+        "[bad_bbox] annotation 4",
+        "is not four numbers",
+        "[zero_based_category_ids]",
+        "nothing was trained",
+        "--fix",
+    ):
         assert expected in err, (expected, err)
     assert not list((tmp_path / "runs").rglob("*.pt"))
 
 
-@pytest.mark.parametrize(("which", "content", "expected"), [
-    ("train", "", "not valid JSON (line 1, column 1"),
-    ("train", '{"images": [{"id": 1,', "not valid JSON"),
-    ("train", "[]", "the top level must be an object"),
-    ("train", '{"images": {}, "categories": []}', "'images' is a dict, not a list"),
-    ("val", "{", "not valid JSON"),
-])
-def test_empty_or_malformed_json_names_the_file(tmp_path, cli_main, capsys, which, content, expected):
+@pytest.mark.parametrize(
+    ("which", "content", "expected"),
+    [
+        ("train", "", "not valid JSON (line 1, column 1"),
+        ("train", '{"images": [{"id": 1,', "not valid JSON"),
+        ("train", "[]", "the top level must be an object"),
+        ("train", '{"images": {}, "categories": []}', "'images' is a dict, not a list"),
+        ("val", "{", "not valid JSON"),
+    ],
+)
+def test_empty_or_malformed_json_names_the_file(
+    tmp_path, cli_main, capsys, which, content, expected
+):
     root = tmp_path / "set"
-    good = write_coco(root / "good.json", [{"id": 1, **noise_jpeg(root / "images" / "a.jpg")}],
-                      [box(1, 1, [5, 5, 20, 20])])
+    good = write_coco(
+        root / "good.json",
+        [{"id": 1, **noise_jpeg(root / "images" / "a.jpg")}],
+        [box(1, 1, [5, 5, 20, 20])],
+    )
     bad = root / f"{which}.json"
     bad.write_text(content)
     data = {"val_annotations": str(bad)} if which == "val" else {}
-    config = tiny_yaml(tmp_path / "c.yaml", good if which == "val" else bad, tmp_path / "runs",
-                       data=data)
+    config = tiny_yaml(
+        tmp_path / "c.yaml", good if which == "val" else bad, tmp_path / "runs", data=data
+    )
     assert cli_main(["train", str(config), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and expected in err, err
@@ -231,8 +276,12 @@ def test_boxes_stored_as_xyxy_stop_the_run_with_the_command_that_converts_them(t
     assert "[bbox_looks_xyxy]" in message and "[x1, y1, x2, y2]" in message
     assert f"python tools/validate.py {train_json} --fix {fixed} --xyxy" in message
 
-    assert load_tool("validate").main([str(train_json), "--fix", str(fixed), "--xyxy",
-                                       "--no-progress"]) == 0
+    assert (
+        load_tool("validate").main(
+            [str(train_json), "--fix", str(fixed), "--xyxy", "--no-progress"]
+        )
+        == 0
+    )
     cset = load_coco(fixed)
     preflight(cset, progress=False)  # now clean
     np.testing.assert_allclose(cset.boxes[1], [[30, 20, 60, 45], [2, 3, 20, 30]])
@@ -256,21 +305,36 @@ def test_unusual_but_valid_images_and_safe_box_skips_train(tmp_path, caplog):
     (images_dir / "tmp.png").rename(images_dir / "png_named.jpg")
     exif_rotated_jpeg(images_dir / "rotated.jpg")  # displayed 48 wide, 64 high
     noise_jpeg(images_dir / "negative.jpg")
-    names = ["gray.png", "rgba.png", "deep.png", "deep_gray.png", "cmyk.jpg", "palette.png",
-             "png_named.jpg", "rotated.jpg", "negative.jpg"]
-    records = [{"id": i + 1, "file_name": n, "width": 64, "height": 48} for i, n in enumerate(names)]
+    names = [
+        "gray.png",
+        "rgba.png",
+        "deep.png",
+        "deep_gray.png",
+        "cmyk.jpg",
+        "palette.png",
+        "png_named.jpg",
+        "rotated.jpg",
+        "negative.jpg",
+    ]
+    records = [
+        {"id": i + 1, "file_name": n, "width": 64, "height": 48} for i, n in enumerate(names)
+    ]
     records[7].update(width=48, height=64)  # the displayed size: boxes were drawn on that view
     anns = [box(i + 1, i + 1, [8, 6, 30, 24]) for i in range(8)]
-    anns += [box(20, 1, [10, 10, 0, 12]),  # zero width
-             box(21, 2, [100, 80, 10, 10]),  # entirely outside the 64x48 image
-             box(22, 3, [1, 1, 40, 30], iscrowd=1)]
+    anns += [
+        box(20, 1, [10, 10, 0, 12]),  # zero width
+        box(21, 2, [100, 80, 10, 10]),  # entirely outside the 64x48 image
+        box(22, 3, [1, 1, 40, 30], iscrowd=1),
+    ]
     cset = load_coco(write_coco(tmp_path / "set" / "train.json", records, anns))
 
     with caplog.at_level(logging.INFO, logger="detector"):
         preflight(cset, progress=False)
     log_text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "2 boxes are skipped in training (1 zero or negative width/height, 1 entirely " \
-           "outside the image)" in log_text
+    assert (
+        "2 boxes are skipped in training (1 zero or negative width/height, 1 entirely "
+        "outside the image)" in log_text
+    )
     assert "1 images without boxes, trained as negatives" in log_text
     assert "1 iscrowd boxes" in log_text
     assert "pre-flight: 9 images read, all usable" in log_text
@@ -279,14 +343,26 @@ def test_unusual_but_valid_images_and_safe_box_skips_train(tmp_path, caplog):
     assert target["boxes"].tolist() == [[8, 6, 38, 30]]
 
     caplog.clear()
-    cfg = config_from_dict({
-        "data": {"train_annotations": str(tmp_path / "set" / "train.json"), "num_workers": 0},
-        "model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none",
-                  "min_size": 96, "max_size": 128, "box_batch_size_per_image": 32,
-                  "rpn_batch_size_per_image": 32},
-        "train": {"epochs": 1, "batch_size": 5, "warmup_iters": 1, "out_dir": str(tmp_path / "runs"),
-                  "name": "formats"},
-    })
+    cfg = config_from_dict(
+        {
+            "data": {"train_annotations": str(tmp_path / "set" / "train.json"), "num_workers": 0},
+            "model": {
+                "arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
+                "weights": "none",
+                "min_size": 96,
+                "max_size": 128,
+                "box_batch_size_per_image": 32,
+                "rpn_batch_size_per_image": 32,
+            },
+            "train": {
+                "epochs": 1,
+                "batch_size": 5,
+                "warmup_iters": 1,
+                "out_dir": str(tmp_path / "runs"),
+                "name": "formats",
+            },
+        }
+    )
     with caplog.at_level(logging.INFO, logger="detector"):
         result = train(cfg, progress=False)
     assert result.stop_reason == "completed" and result.images_seen == 9
@@ -305,8 +381,11 @@ def test_huge_image_is_refused_before_decoding_even_without_preflight(tmp_path):
     start = time.monotonic()
     with pytest.raises(ImageReadError, match=r"huge\.png: .*too large"):
         read_image_rgb(root / "images" / "huge.png")
-    path = write_coco(root / "train.json",
-                      [{"id": 1, "file_name": "huge.png", "width": 20000, "height": 20000}], [])
+    path = write_coco(
+        root / "train.json",
+        [{"id": 1, "file_name": "huge.png", "width": 20000, "height": 20000}],
+        [],
+    )
     with pytest.raises(ImageReadError, match="downscale"):
         DetectionDataset(load_coco(path))[0]
     assert time.monotonic() - start < 10
@@ -315,16 +394,25 @@ def test_huge_image_is_refused_before_decoding_even_without_preflight(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../secret.jpg", "ABSOLUTE"])
-def test_escaping_image_path_stops_training_cleanly_without_preflight(tmp_path, cli_main, capsys,
-                                                                       name):
+def test_escaping_image_path_stops_training_cleanly_without_preflight(
+    tmp_path, cli_main, capsys, name
+):
     root = tmp_path / "set"
     secret = noise_jpeg(root / "secret.jpg")
     name = str(root / "secret.jpg") if name == "ABSOLUTE" else name
     ok = {"id": 1, **noise_jpeg(root / "images" / "ok.jpg")}
-    train_json = write_coco(root / "train.json", [ok, {"id": 2, **secret, "file_name": name}],
-                            [box(1, 1, [5, 5, 20, 20]), box(2, 2, [5, 5, 20, 20])])
-    config = tiny_yaml(tmp_path / "c.yaml", train_json, tmp_path / "runs",
-                       data={"preflight": False}, train={"batch_size": 2})
+    train_json = write_coco(
+        root / "train.json",
+        [ok, {"id": 2, **secret, "file_name": name}],
+        [box(1, 1, [5, 5, 20, 20]), box(2, 2, [5, 5, 20, 20])],
+    )
+    config = tiny_yaml(
+        tmp_path / "c.yaml",
+        train_json,
+        tmp_path / "runs",
+        data={"preflight": False},
+        train={"batch_size": 2},
+    )
     assert cli_main(["train", str(config), "--no-progress"]) == 2  # an error line, no traceback
     err = capsys.readouterr().err
     assert f"{name!r}" in err and ("escapes" in err or "absolute" in err), err
@@ -346,7 +434,9 @@ def _escape_case(kind: str, src: Path, name: str) -> str | None:
     elif kind == "via_json":
         (src / "via_region_data.csv").unlink()
         via = src / "via_region_data.json"
-        via.write_text(via.read_text().replace('"filename":"strawberry.jpg"', f'"filename":"{name}"'))
+        via.write_text(
+            via.read_text().replace('"filename":"strawberry.jpg"', f'"filename":"{name}"')
+        )
     elif kind == "createml":
         for p in src.glob("*.xml"):
             p.unlink()
@@ -355,15 +445,17 @@ def _escape_case(kind: str, src: Path, name: str) -> str | None:
         (src / "birds.json").write_text(json.dumps(data))
     elif kind == "automl":
         noise_jpeg(src / "images" / "a.jpg")
-        (src / "labels.csv").write_text(f"TRAIN,{name},Deer,0.1,0.1,,,0.5,0.5,,\n"
-                                        "TRAIN,a.jpg,Deer,0.1,0.1,,,0.5,0.5,,\n")
+        (src / "labels.csv").write_text(
+            f"TRAIN,{name},Deer,0.1,0.1,,,0.5,0.5,,\nTRAIN,a.jpg,Deer,0.1,0.1,,,0.5,0.5,,\n"
+        )
     return {"via_csv": "via", "via_json": "via"}.get(kind, kind)
 
 
 @pytest.mark.parametrize("kind", ["cvat", "via_csv", "via_json", "createml", "automl"])
 @pytest.mark.parametrize("escape", ["../secret.jpg", "ABSOLUTE"])
-def test_converters_refuse_image_names_that_escape_the_export(shared_datasets, tmp_path, kind,
-                                                              escape):
+def test_converters_refuse_image_names_that_escape_the_export(
+    shared_datasets, tmp_path, kind, escape
+):
     copies = {"cvat": "cvat1.1", "via_csv": "via", "via_json": "via", "createml": "CreateML"}
     src = tmp_path / "export"
     if kind in copies:

@@ -35,7 +35,9 @@ def test_offline_coco_weights_say_which_file_and_where(hub):
 def test_coco_weights_load_from_the_hub_cache(hub, monkeypatch):
     """The real path: weights enum -> file in $TORCH_HOME/hub/checkpoints -> 91 classes -> new head."""
     torch.manual_seed(1)
-    coco_like, _ = build_model(ModelConfig(arch=ARCH, weights="none", freeze_backbone=True), ["x"] * 90)
+    coco_like, _ = build_model(
+        ModelConfig(arch=ARCH, weights="none", freeze_backbone=True), ["x"] * 90
+    )
     name = "fasterrcnn_mobilenet_v3_large_320_fpn-907ea3f9.pth"
     torch.save(coco_like.state_dict(), hub / name)
     with pytest.raises(WeightsError, match="sha256"):  # our stand-in is not torchvision's file
@@ -86,8 +88,16 @@ def _pipeline_checkpoint(tmp_path, class_names):
     for p in model.parameters():  # make weights distinguishable from a fresh init
         p.data.add_(0.01)
     path = tmp_path / "earlier.pt"
-    save_checkpoint(path, {"model": model.state_dict(), "arch": ARCH, "class_names": class_names,
-                           "category_ids": list(range(1, len(class_names) + 1)), "config": {}})
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "arch": ARCH,
+            "class_names": class_names,
+            "category_ids": list(range(1, len(class_names) + 1)),
+            "config": {},
+        },
+    )
     return model, path
 
 
@@ -104,15 +114,21 @@ def test_own_checkpoint_with_other_classes_gets_a_new_predictor(tmp_path):
             assert torch.equal(model.state_dict()[key], before[key]), key
     same, info = build_model(ModelConfig(arch=ARCH, weights=str(path)), ["car", "person"])
     assert not info.predictor_replaced
-    assert torch.equal(same.roi_heads.box_predictor.cls_score.weight,
-                       before["roi_heads.box_predictor.cls_score.weight"])
+    assert torch.equal(
+        same.roi_heads.box_predictor.cls_score.weight,
+        before["roi_heads.box_predictor.cls_score.weight"],
+    )
     with pytest.raises(WeightsError, match="model.arch=fasterrcnn_mobilenet_v3_large_320_fpn"):
-        build_model(ModelConfig(arch="fasterrcnn_mobilenet_v3_large_fpn", weights=str(path)), ["deer"])
+        build_model(
+            ModelConfig(arch="fasterrcnn_mobilenet_v3_large_fpn", weights=str(path)), ["deer"]
+        )
 
 
 def test_mobilenet_v2_fpn_loads_the_imagenet_file_strictly(hub, shared_weights):
     source = shared_weights / MBV2_FILE
-    cfg = ModelConfig(arch="fasterrcnn_mobilenet_v2_fpn", weights="none", weights_backbone="imagenet")
+    cfg = ModelConfig(
+        arch="fasterrcnn_mobilenet_v2_fpn", weights="none", weights_backbone="imagenet"
+    )
     with pytest.raises(WeightsError, match=str(hub / MBV2_FILE).replace("/", ".")):
         build_model(cfg, ["deer"])
     shutil.copy(source, hub / MBV2_FILE)
@@ -123,19 +139,25 @@ def test_mobilenet_v2_fpn_loads_the_imagenet_file_strictly(hub, shared_weights):
     loaded = 0
     for key, value in state.items():
         if key.startswith("features.") and not key.endswith("num_batches_tracked"):
-            assert torch.equal(body[key[len("features."):]], value), key
+            assert torch.equal(body[key[len("features.") :]], value), key
             loaded += 1
     assert loaded == len([k for k in body if not k.endswith("num_batches_tracked")])
-    explicit = ModelConfig(arch="fasterrcnn_mobilenet_v2_fpn", weights="none", weights_backbone=str(source))
+    explicit = ModelConfig(
+        arch="fasterrcnn_mobilenet_v2_fpn", weights="none", weights_backbone=str(source)
+    )
     model2, _ = build_model(explicit, ["deer"])
-    assert torch.equal(model2.backbone.body.state_dict()["0.0.weight"], state["features.0.0.weight"])
+    assert torch.equal(
+        model2.backbone.body.state_dict()["0.0.weight"], state["features.0.0.weight"]
+    )
 
 
 def test_mobilenet_v2_file_with_wrong_hash_is_refused(hub, shared_weights):
     data = bytearray((shared_weights / MBV2_FILE).read_bytes())
     data[-100] ^= 0xFF  # one flipped byte
     (hub / MBV2_FILE).write_bytes(bytes(data))
-    cfg = ModelConfig(arch="fasterrcnn_mobilenet_v2_fpn", weights="none", weights_backbone="imagenet")
+    cfg = ModelConfig(
+        arch="fasterrcnn_mobilenet_v2_fpn", weights="none", weights_backbone="imagenet"
+    )
     with pytest.raises(WeightsError, match="does not match the b0353104"):
         build_model(cfg, ["deer"])
 
@@ -159,19 +181,29 @@ def test_unfreeze_last_blocks():
 
 
 def test_inference_proposal_counts_follow_the_config_into_the_checkpoint_model():
-    cfg = ModelConfig(arch="fasterrcnn_mobilenet_v2_fpn", weights="none",
-                      rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=50)
+    cfg = ModelConfig(
+        arch="fasterrcnn_mobilenet_v2_fpn",
+        weights="none",
+        rpn_pre_nms_top_n_test=200,
+        rpn_post_nms_top_n_test=50,
+    )
     model, _ = build_model(cfg, ["deer"])
     assert model.rpn._pre_nms_top_n["testing"] == 200 and model.rpn._post_nms_top_n["testing"] == 50
     assert model.rpn._post_nms_top_n["training"] == 2000  # training keeps torchvision's sampling
-    checkpoint = {"model": model.state_dict(), "arch": cfg.arch, "class_names": ["deer"],
-                  "config": {"model": {"rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50}}}
+    checkpoint = {
+        "model": model.state_dict(),
+        "arch": cfg.arch,
+        "class_names": ["deer"],
+        "config": {"model": {"rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 50}},
+    }
     rebuilt = model_mod.model_from_checkpoint(checkpoint)
     assert rebuilt.rpn._post_nms_top_n["testing"] == 50
     with torch.no_grad():
         proposals, _ = rebuilt.rpn(*_rpn_inputs(rebuilt))
     assert len(proposals[0]) <= 50
-    default, _ = build_model(ModelConfig(arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights="none"), ["deer"])
+    default, _ = build_model(
+        ModelConfig(arch="fasterrcnn_mobilenet_v3_large_320_fpn", weights="none"), ["deer"]
+    )
     assert default.rpn._post_nms_top_n["testing"] == 150  # null keeps the arch default
 
 

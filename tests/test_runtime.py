@@ -69,9 +69,13 @@ def assert_same(ref: dict, det: Detections, where: str) -> None:
 def write_onnx(path: Path, metadata: dict[str, str] | None = None) -> Path:
     inp = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "h", "w"])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, "h", "w"])
-    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["out"])], "g", [inp], [out])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["out"])], "g", [inp], [out]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # what the exporter writes; onnx 1.23's default is newer than onnxruntime's
+    model.ir_version = (
+        8  # what the exporter writes; onnx 1.23's default is newer than onnxruntime's
+    )
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -88,7 +92,9 @@ def test_import_runtime_does_not_import_torch():
         "bad = [m for m in ('torch', 'torchvision', 'PIL') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -121,7 +127,10 @@ def test_provider_plan_with_a_gpu_sets_tensorrt_cache_options(monkeypatch, tmp_p
     if providers.TENSORRT in built:
         options = plan.options[0]
         assert options["trt_engine_cache_enable"] is True and options["trt_fp16_enable"] is True
-        assert options["trt_engine_cache_path"] == str(tmp_path / "trt") and (tmp_path / "trt").is_dir()
+        assert (
+            options["trt_engine_cache_path"] == str(tmp_path / "trt")
+            and (tmp_path / "trt").is_dir()
+        )
     monkeypatch.setattr(providers, "cuda_devices", lambda: (0, "no NVIDIA driver (test)"))
     plan = providers.plan_providers(["trt", "cuda", "cpu"])
     assert plan.providers == ["CPUExecutionProvider"]
@@ -188,7 +197,9 @@ def test_batched_list_padding_and_mixed_sizes(det1, det2, torch_model, shared_da
         ref = reference(torch_model, canvas)
         ref["boxes"][:, 0::2] = ref["boxes"][:, 0::2].clip(0, w)
         ref["boxes"][:, 1::2] = ref["boxes"][:, 1::2].clip(0, h)
-        keep = ((ref["boxes"][:, 2] - ref["boxes"][:, 0]) >= 1) & ((ref["boxes"][:, 3] - ref["boxes"][:, 1]) >= 1)
+        keep = ((ref["boxes"][:, 2] - ref["boxes"][:, 0]) >= 1) & (
+            (ref["boxes"][:, 3] - ref["boxes"][:, 1]) >= 1
+        )
         assert keep.any()
         assert_same({k: v[keep] for k, v in ref.items()}, result, f"letterboxed {h}x{w}")
     # An N x H x W x 3 array is a list of frames.
@@ -227,14 +238,20 @@ def test_model_without_metadata_is_refused(tmp_path):
     with pytest.raises(ModelError, match="not a detector ONNX model"):
         Detector(write_onnx(tmp_path / "plain.onnx"), providers=["cpu"])
     newer = {
-        C.KEY_FORMAT: C.FORMAT_TAG, C.KEY_CONTRACT: "99", C.KEY_CLASS_NAMES: '["a"]',
-        C.KEY_INPUT_FORMAT: C.INPUT_FLOAT, C.KEY_BATCH: "1", C.KEY_DETECTIONS: "100",
+        C.KEY_FORMAT: C.FORMAT_TAG,
+        C.KEY_CONTRACT: "99",
+        C.KEY_CLASS_NAMES: '["a"]',
+        C.KEY_INPUT_FORMAT: C.INPUT_FLOAT,
+        C.KEY_BATCH: "1",
+        C.KEY_DETECTIONS: "100",
         C.KEY_SCORE_THRESHOLD: "0.05",
     }
     with pytest.raises(ModelError, match="newer than this runtime"):
         Detector(write_onnx(tmp_path / "newer.onnx", newer), providers=["cpu"])
     with pytest.raises(ModelError, match="lack"):
-        Detector(write_onnx(tmp_path / "outputs.onnx", {**newer, C.KEY_CONTRACT: "1"}), providers=["cpu"])
+        Detector(
+            write_onnx(tmp_path / "outputs.onnx", {**newer, C.KEY_CONTRACT: "1"}), providers=["cpu"]
+        )
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelError, match="cannot load"):
         Detector(tmp_path / "junk.onnx", providers=["cpu"])
@@ -268,19 +285,50 @@ def test_predict_folder_writes_images_and_coco_results(b2, tmp_path, shared_data
     assert set(res.getImgIds()) == {1, 2, 3}
     # with --annotations the image ids are the ground truth's, and COCOeval accepts the pair
     gt_file = tmp_path / "gt.json"
-    gt_file.write_text(json.dumps({
-        "images": [{"id": 100 + i, "file_name": f"{n}.jpg", "height": int(fx.raccoon_image(shared_datasets, n).shape[0]),
-                    "width": int(fx.raccoon_image(shared_datasets, n).shape[1])} for i, n in enumerate(names)],
-        "annotations": [
-            {"id": 1 + i, "image_id": 100 + i, "category_id": 1, "iscrowd": 0,
-             "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
-            for i, n in enumerate(names) for b in fx.raccoon_boxes(shared_datasets, n)
-        ],
-        "categories": [{"id": 1, "name": "raccoon"}],
-    }))
+    gt_file.write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "id": 100 + i,
+                        "file_name": f"{n}.jpg",
+                        "height": int(fx.raccoon_image(shared_datasets, n).shape[0]),
+                        "width": int(fx.raccoon_image(shared_datasets, n).shape[1]),
+                    }
+                    for i, n in enumerate(names)
+                ],
+                "annotations": [
+                    {
+                        "id": 1 + i,
+                        "image_id": 100 + i,
+                        "category_id": 1,
+                        "iscrowd": 0,
+                        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                        "area": (b[2] - b[0]) * (b[3] - b[1]),
+                    }
+                    for i, n in enumerate(names)
+                    for b in fx.raccoon_boxes(shared_datasets, n)
+                ],
+                "categories": [{"id": 1, "name": "raccoon"}],
+            }
+        )
+    )
     out2 = tmp_path / "out2"
-    code = predict.run(parser.parse_args([str(b2), str(src), "--out", str(out2), "--score", "0.3",
-                                          "--annotations", str(gt_file), "--no-draw"]))
+    code = predict.run(
+        parser.parse_args(
+            [
+                str(b2),
+                str(src),
+                "--out",
+                str(out2),
+                "--score",
+                "0.3",
+                "--annotations",
+                str(gt_file),
+                "--no-draw",
+            ]
+        )
+    )
     assert code == 0
     results2 = json.loads((out2 / "results.json").read_text())
     assert {r["image_id"] for r in results2} <= {100, 101, 102} and len(results2) == len(results)
@@ -300,7 +348,10 @@ def test_predict_video(b1, tmp_path, shared_datasets, capsys):
     out = tmp_path / "video_out"
     parser = argparse.ArgumentParser()
     predict.add_arguments(parser)
-    assert predict.run(parser.parse_args([str(b1), str(video), "--out", str(out), "--score", "0.3"])) == 0
+    assert (
+        predict.run(parser.parse_args([str(b1), str(video), "--out", str(out), "--score", "0.3"]))
+        == 0
+    )
     assert "predict: 4 images" in capsys.readouterr().out
     annotated = [p for p in out.iterdir() if p.name.startswith("clip_annotated")]
     assert len(annotated) == 1
@@ -318,18 +369,39 @@ def test_benchmark_cli_writes_table_and_json(b1, b2, checkpoint, tmp_path, capsy
     parser = argparse.ArgumentParser()
     benchmark.add_arguments(parser)
     out = tmp_path / "bench.json"
-    args = parser.parse_args([str(b1), str(b2), "--checkpoint", str(checkpoint), "--size", "256",
-                              "--iters", "3", "--warmup", "1", "--providers", "cpu", "--threads", "1",
-                              "--json", str(out)])
+    args = parser.parse_args(
+        [
+            str(b1),
+            str(b2),
+            "--checkpoint",
+            str(checkpoint),
+            "--size",
+            "256",
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--providers",
+            "cpu",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert benchmark.run(args) == 0
     printed = capsys.readouterr().out
     assert "| onnxruntime | CPU | b1.onnx | 1 | 1 |" in printed
     data = json.loads(out.read_text())
     rows = data["results"]
     keys = {(r["engine"], r["model"], r["frames"]) for r in rows}
-    assert keys == {("onnxruntime", "b1.onnx", 1), ("onnxruntime", "b2.onnx", 1),
-                    ("onnxruntime", "b2.onnx", 2), ("torch", checkpoint.name, 1),
-                    ("torch", checkpoint.name, 2)}
+    assert keys == {
+        ("onnxruntime", "b1.onnx", 1),
+        ("onnxruntime", "b2.onnx", 1),
+        ("onnxruntime", "b2.onnx", 2),
+        ("torch", checkpoint.name, 1),
+        ("torch", checkpoint.name, 2),
+    }
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] == 3
         assert r["fps"] == pytest.approx(r["frames"] * 1000 / r["p50_ms"], rel=1e-2)

@@ -16,8 +16,12 @@ from detector.train import TrainingError, read_metrics_csv, seed_everything, tra
 @pytest.fixture(scope="module")
 def tiny(shared_datasets, tmp_path_factory):
     root = tmp_path_factory.mktemp("coco128_tiny")
-    train_json = write_coco128_subset(shared_datasets, root, count=4, keep_negatives=1, name="train.json")
-    val_json = write_coco128_subset(shared_datasets, root, image_ids=_val_ids(train_json), name="val.json")
+    train_json = write_coco128_subset(
+        shared_datasets, root, count=4, keep_negatives=1, name="train.json"
+    )
+    val_json = write_coco128_subset(
+        shared_datasets, root, image_ids=_val_ids(train_json), name="val.json"
+    )
     return train_json, val_json
 
 
@@ -32,10 +36,14 @@ def test_overfit_four_images_and_frozen_parts_stay_bit_identical(tiny, tmp_path,
     """The product's case: a frozen pretrained backbone (ImageNet MobileNetV2), heads learn."""
     train_json, _ = tiny
     backbone = str(shared_weights / "mobilenet_v2-b0353104.pth")
-    cfg = tiny_config(train_json, None, tmp_path,
-                      model={"arch": "fasterrcnn_mobilenet_v2_fpn", "weights_backbone": backbone},
-                      train={"epochs": 12, "batch_size": 5, "lr": 0.02, "scheduler": "step"},
-                      augment={"hflip": 0.0, "brightness_contrast": 0.0})
+    cfg = tiny_config(
+        train_json,
+        None,
+        tmp_path,
+        model={"arch": "fasterrcnn_mobilenet_v2_fpn", "weights_backbone": backbone},
+        train={"epochs": 12, "batch_size": 5, "lr": 0.02, "scheduler": "step"},
+        augment={"hflip": 0.0, "brightness_contrast": 0.0},
+    )
     seed_everything(cfg.train.seed)
     initial, _ = build_model(cfg.model, _class_names(train_json))
     initial_state = {k: v.clone() for k, v in initial.state_dict().items()}
@@ -49,8 +57,10 @@ def test_overfit_four_images_and_frozen_parts_stay_bit_identical(tiny, tmp_path,
     assert len(backbone_keys) > 100
     for key in backbone_keys:
         assert torch.equal(final[key], initial_state[key]), f"frozen tensor {key} changed"
-    assert not torch.equal(final["roi_heads.box_predictor.cls_score.weight"],
-                           initial_state["roi_heads.box_predictor.cls_score.weight"])
+    assert not torch.equal(
+        final["roi_heads.box_predictor.cls_score.weight"],
+        initial_state["roi_heads.box_predictor.cls_score.weight"],
+    )
     rpn_conv = next(k for k in final if k.startswith("rpn.head.conv") and k.endswith("weight"))
     assert not torch.equal(final[rpn_conv], initial_state[rpn_conv])
 
@@ -71,7 +81,10 @@ def test_frozen_rpn_stays_bit_identical(tiny, tmp_path):
     for key, value in initial.state_dict().items():
         if key.startswith(("backbone.", "rpn.")):
             assert torch.equal(final[key], value), key
-    assert not torch.equal(final["roi_heads.box_head.fc6.weight"], initial.state_dict()["roi_heads.box_head.fc6.weight"])
+    assert not torch.equal(
+        final["roi_heads.box_head.fc6.weight"],
+        initial.state_dict()["roi_heads.box_head.fc6.weight"],
+    )
 
 
 def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
@@ -100,10 +113,14 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny, tmp_path, monkey
 def test_time_budget_stops_in_time_and_keeps_the_best_model(tiny, tmp_path):
     train_json, val_json = tiny
     # Calibrate on this machine (CI cores are shared): one epoch with its evaluation.
-    one_epoch = train(tiny_config(train_json, val_json, tmp_path / "calibrate", train={"epochs": 1}),
-                      progress=False).seconds
+    one_epoch = train(
+        tiny_config(train_json, val_json, tmp_path / "calibrate", train={"epochs": 1}),
+        progress=False,
+    ).seconds
     budget_s = 5 * one_epoch
-    cfg = tiny_config(train_json, val_json, tmp_path, train={"epochs": 500, "max_hours": budget_s / 3600})
+    cfg = tiny_config(
+        train_json, val_json, tmp_path, train={"epochs": 500, "max_hours": budget_s / 3600}
+    )
     result = train(cfg, progress=False)
     assert result.stop_reason == "time budget reached"
     assert result.seconds < budget_s + one_epoch
@@ -112,7 +129,9 @@ def test_time_budget_stops_in_time_and_keeps_the_best_model(tiny, tmp_path):
     assert last["state"]["epoch"] >= 1, "a budget of 5 epochs' time should complete one"
     assert best["state"]["best_epoch"] >= 1 and "metrics" in best
     assert last["state"]["epoch"] >= best["state"]["best_epoch"]
-    assert (result.run_dir / "pr_curve.png").is_file() and (result.run_dir / "predictions_grid.png").is_file()
+    assert (result.run_dir / "pr_curve.png").is_file() and (
+        result.run_dir / "predictions_grid.png"
+    ).is_file()
 
 
 def _nan_after(model_forward, bad_calls):
@@ -128,21 +147,27 @@ def _nan_after(model_forward, bad_calls):
     return forward
 
 
-def test_nonfinite_loss_skips_the_batch_then_stops_with_image_ids(tiny, tmp_path, monkeypatch, caplog):
+def test_nonfinite_loss_skips_the_batch_then_stops_with_image_ids(
+    tiny, tmp_path, monkeypatch, caplog
+):
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     train_json, _ = tiny
     real = GeneralizedRCNN.forward
     monkeypatch.setattr(GeneralizedRCNN, "forward", _nan_after(real, {1}))
     with caplog.at_level(logging.WARNING, logger="detector"):
-        result = train(tiny_config(train_json, None, tmp_path / "once", train={"epochs": 1}), progress=False)
+        result = train(
+            tiny_config(train_json, None, tmp_path / "once", train={"epochs": 1}), progress=False
+        )
     assert result.stop_reason == "completed"
     assert any("non-finite loss" in r.message and "image ids" in r.message for r in caplog.records)
     final = load_checkpoint(result.run_dir / "last.pt")["model"]
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
     monkeypatch.setattr(GeneralizedRCNN, "forward", _nan_after(real, set(range(4, 100))))
-    cfg = tiny_config(train_json, None, tmp_path / "always", train={"epochs": 3, "max_nonfinite_batches": 2})
+    cfg = tiny_config(
+        train_json, None, tmp_path / "always", train={"epochs": 3, "max_nonfinite_batches": 2}
+    )
     with pytest.raises(TrainingError, match=r"image ids \[\d+"):
         train(cfg, progress=False)
     kept = load_checkpoint(tmp_path / "always/t/last.pt")
@@ -158,23 +183,48 @@ def test_cli_train_evaluate_and_errors(tiny, tmp_path, capsys):
     config.write_text(yaml.safe_dump(values))
     assert cli.main(["train", str(config), "train.epochs=2", "--no-progress"]) == 0
     run = tmp_path / "runs/tiny"
-    for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "pr_curve.png", "predictions_grid.png",
-                 "train.log"):
+    for name in (
+        "best.pt",
+        "last.pt",
+        "metrics.csv",
+        "config.yaml",
+        "pr_curve.png",
+        "predictions_grid.png",
+        "train.log",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "tensorboard").iterdir())
     assert len(read_metrics_csv(run / "metrics.csv")) == 2
     out = capsys.readouterr().out
     assert "mAP@[.5:.95]" in out
-    assert cli.main(["evaluate", str(run / "best.pt"), "--data", str(val_json), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(run / "best.pt"),
+                "--data",
+                str(val_json),
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "AP50" in out and (tmp_path / "ev/predictions.json").is_file()
     assert (tmp_path / "ev/pr_curve.png").stat().st_size > 1000
     # a second run of the same config never overwrites the first
-    assert cli.main(["train", str(config), "train.epochs=1", "--no-progress", "data.preflight=false"]) == 0
+    assert (
+        cli.main(["train", str(config), "train.epochs=1", "--no-progress", "data.preflight=false"])
+        == 0
+    )
     assert (tmp_path / "runs/tiny-2/last.pt").is_file()
     assert cli.main(["train", str(config), "train.epohcs=3"]) == 2
     assert "train.epohcs" in capsys.readouterr().err
-    assert cli.main(["train", str(config), "model.weights=coco", "model.arch=fasterrcnn_resnet50_fpn"]) == 2
+    assert (
+        cli.main(["train", str(config), "model.weights=coco", "model.arch=fasterrcnn_resnet50_fpn"])
+        == 2
+    )
     assert "hub" in capsys.readouterr().err
 
 
@@ -189,7 +239,9 @@ def test_preflight_lists_every_broken_image_before_training(tiny, tmp_path):
     shutil.copytree(train_json.parent / "images", root / "images")
     data = json.loads(train_json.read_text())
     names = [i["file_name"] for i in data["images"]]
-    (root / "images" / names[0]).write_bytes((root / "images" / names[0]).read_bytes()[:300])  # truncated
+    (root / "images" / names[0]).write_bytes(
+        (root / "images" / names[0]).read_bytes()[:300]
+    )  # truncated
     (root / "images" / names[1]).unlink()  # listed but missing
     (root / "train.json").write_text(json.dumps(data))
     cfg = tiny_config(root / "train.json", None, tmp_path / "runs")

@@ -31,31 +31,55 @@ def _tiny_sets(shared_datasets: Path, root: Path) -> tuple[Path, Path, Path]:
     keep = [a for a in data["annotations"] if a["category_id"] == person["id"]]
     with_person = {a["image_id"] for a in keep}
     new = root / "person.json"
-    new.write_text(json.dumps({"images": [i for i in data["images"] if i["id"] in with_person],
-                               "annotations": keep, "categories": [person]}))
+    new.write_text(
+        json.dumps(
+            {
+                "images": [i for i in data["images"] if i["id"] in with_person],
+                "annotations": keep,
+                "categories": [person],
+            }
+        )
+    )
     return base, val, new
 
 
 def test_mobilenet_v2_checkpoint_seeds_a_frozen_retrain_that_exports_and_runs(
-        shared_datasets, shared_weights, tmp_path):
+    shared_datasets, shared_weights, tmp_path
+):
     base_json, val_json, new_json = _tiny_sets(shared_datasets, tmp_path / "data")
     v2 = {"arch": "fasterrcnn_mobilenet_v2_fpn", "weights_backbone": str(shared_weights / MBV2)}
     # 1. the base detector: ImageNet body, later blocks + FPN trainable (as configs/base-offline.yaml)
-    base_cfg = tiny_config(base_json, val_json, tmp_path / "runs", model={**v2, "freeze_backbone": True},
-                           eval={"grid_images": 0},
-                           train={"epochs": 0, "name": "base", "batch_size": 4,
-                                  "unfreeze": {"epochs": 1, "backbone_blocks": 3, "lr_scale": 1.0}})
+    base_cfg = tiny_config(
+        base_json,
+        val_json,
+        tmp_path / "runs",
+        model={**v2, "freeze_backbone": True},
+        eval={"grid_images": 0},
+        train={
+            "epochs": 0,
+            "name": "base",
+            "batch_size": 4,
+            "unfreeze": {"epochs": 1, "backbone_blocks": 3, "lr_scale": 1.0},
+        },
+    )
     base = train(base_cfg, progress=False)
     assert base.final_metrics is not None and base.best_epoch == 1
     base_ckpt = load_checkpoint(base.run_dir / "best.pt")
     assert len(base_ckpt["class_names"]) > 1
 
     # 2. the overnight retrain: start from that checkpoint, backbone + FPN frozen, new predictor
-    retrain_cfg = tiny_config(new_json, new_json, tmp_path / "runs",
-                              model={"arch": v2["arch"], "weights": str(base.run_dir / "best.pt"),
-                                     "freeze_backbone": True},
-                              train={"epochs": 1, "name": "retrain", "batch_size": 3},
-                              eval={"grid_images": 0})
+    retrain_cfg = tiny_config(
+        new_json,
+        new_json,
+        tmp_path / "runs",
+        model={
+            "arch": v2["arch"],
+            "weights": str(base.run_dir / "best.pt"),
+            "freeze_backbone": True,
+        },
+        train={"epochs": 1, "name": "retrain", "batch_size": 3},
+        eval={"grid_images": 0},
+    )
     retrain = train(retrain_cfg, progress=False)
     metrics = retrain.final_metrics
     assert metrics is not None and metrics.num_images == 3 and 0.0 <= metrics.ap50 <= 1.0
@@ -74,9 +98,16 @@ def test_mobilenet_v2_checkpoint_seeds_a_frozen_retrain_that_exports_and_runs(
     from detector.export import export_onnx
 
     onnx_path = tmp_path / "person.onnx"
-    report = export_onnx(retrain.run_dir / "best.pt", onnx_path, batch=1,
-                         parity_images=tmp_path / "data" / "images", parity_limit=3)
-    assert onnx_path.is_file() and report.parity is not None and report.parity.passed, report.format()
+    report = export_onnx(
+        retrain.run_dir / "best.pt",
+        onnx_path,
+        batch=1,
+        parity_images=tmp_path / "data" / "images",
+        parity_limit=3,
+    )
+    assert onnx_path.is_file() and report.parity is not None and report.parity.passed, (
+        report.format()
+    )
     assert report.parity.images >= 3
 
     from detector.runtime import Detector
@@ -117,17 +148,30 @@ def test_offline_configs_load_and_point_at_what_prepare_sh_writes():
 
 
 def test_deer_offline_config_stops_on_its_time_budget_with_its_best_model(
-        shared_datasets, shared_weights, tmp_path):
+    shared_datasets, shared_weights, tmp_path
+):
     """configs/deer-offline.yaml on 4 small images with a 30 s budget, and epochs enough that
     the budget, not the epoch count, ends the run whatever the machine's speed."""
     assert load_config(REPO / "configs/deer-offline.yaml").train.unfreeze.epochs == 12
-    train_json = write_coco128_subset(shared_datasets, tmp_path / "data", count=4, name="train.json")
+    train_json = write_coco128_subset(
+        shared_datasets, tmp_path / "data", count=4, name="train.json"
+    )
     budget_s = 30.0
-    cfg = load_config(REPO / "configs/deer-offline.yaml", [
-        f"data.train_annotations={train_json}", f"data.val_annotations={train_json}",
-        "data.num_workers=0", f"model.weights_backbone={shared_weights / MBV2}",
-        "model.min_size=160", "model.max_size=192", f"train.max_hours={budget_s / 3600!r}",
-        f"train.out_dir={tmp_path / 'runs'}", "eval.grid_images=0", "train.unfreeze.epochs=1000"])
+    cfg = load_config(
+        REPO / "configs/deer-offline.yaml",
+        [
+            f"data.train_annotations={train_json}",
+            f"data.val_annotations={train_json}",
+            "data.num_workers=0",
+            f"model.weights_backbone={shared_weights / MBV2}",
+            "model.min_size=160",
+            "model.max_size=192",
+            f"train.max_hours={budget_s / 3600!r}",
+            f"train.out_dir={tmp_path / 'runs'}",
+            "eval.grid_images=0",
+            "train.unfreeze.epochs=1000",
+        ],
+    )
     result = train(cfg, progress=False)
     assert result.stop_reason == "time budget reached"
     assert 1 <= result.epochs_done < 1000 and (result.run_dir / "best.pt").is_file()
@@ -138,10 +182,21 @@ def test_deer_offline_config_stops_on_its_time_budget_with_its_best_model(
 
 
 def test_prepare_sh_writes_disjoint_train_and_val(shared_datasets, tmp_path):
-    env = {**os.environ, "SHARED": str(shared_datasets.parent), "PYTHON": sys.executable,
-           "OUT_DEER": str(tmp_path / "deer"), "OUT_BASE": str(tmp_path / "base")}
-    done = subprocess.run(["bash", "benchmarks/transfer/prepare.sh"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "SHARED": str(shared_datasets.parent),
+        "PYTHON": sys.executable,
+        "OUT_DEER": str(tmp_path / "deer"),
+        "OUT_BASE": str(tmp_path / "base"),
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/transfer/prepare.sh"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for folder, images, boxes in ((tmp_path / "deer", 700, 946), (tmp_path / "base", 525, 813)):
         train_set = json.loads((folder / "train.json").read_text())
@@ -153,6 +208,10 @@ def test_prepare_sh_writes_disjoint_train_and_val(shared_datasets, tmp_path):
         assert len(train_set["annotations"]) + len(val_set["annotations"]) == boxes
         assert 0.15 < len(names[1]) / images < 0.25
         for s in (train_set, val_set):  # every image the JSON names is there
-            assert all((folder / "images" / n).is_file() for n in (i["file_name"] for i in s["images"]))
-    base_names = [c["name"] for c in json.loads((tmp_path / "base/train.json").read_text())["categories"]]
+            assert all(
+                (folder / "images" / n).is_file() for n in (i["file_name"] for i in s["images"])
+            )
+    base_names = [
+        c["name"] for c in json.loads((tmp_path / "base/train.json").read_text())["categories"]
+    ]
     assert {"person", "car", "raccoon", "rabbit"} <= set(base_names) and "Deer" not in base_names

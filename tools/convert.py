@@ -18,19 +18,26 @@ from detector.convert import FORMATS, ConversionError, convert, detect
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("src", type=Path, help="the export: a folder or one annotation file")
     p.add_argument("--out", type=Path, help="output folder (annotations.json + images/)")
-    p.add_argument("--from", dest="fmt", choices=sorted(FORMATS),
-                   help="source format (default: auto-detect)")
+    p.add_argument(
+        "--from", dest="fmt", choices=sorted(FORMATS), help="source format (default: auto-detect)"
+    )
     p.add_argument("--images", type=Path, help="image folder, when not where the export keeps it")
     names = p.add_mutually_exclusive_group()
-    names.add_argument("--names", help="comma-separated class names (YOLO class-id order; for "
-                       "other formats the category list and order)")
+    names.add_argument(
+        "--names",
+        help="comma-separated class names (YOLO class-id order; for "
+        "other formats the category list and order)",
+    )
     names.add_argument("--names-file", type=Path, help="class names, one per line")
     p.add_argument("--link", action="store_true", help="symlink images instead of copying")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion in --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier conversion in --out"
+    )
     p.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
     args = p.parse_args(argv)
     if args.out is None and not args.dry_run:
@@ -56,8 +63,17 @@ def main(argv: list[str] | None = None) -> int:
             fmt = detection.format
             root = args.src if args.src.is_dir() else args.src.parent
             print(f"detected format: {detection.describe(root)}", flush=True)
-        report = convert(args.src, args.out, fmt, images=args.images, names=names, link=args.link,
-                         overwrite=args.overwrite, dry_run=args.dry_run, progress=True)
+        report = convert(
+            args.src,
+            args.out,
+            fmt,
+            images=args.images,
+            names=names,
+            link=args.link,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+            progress=True,
+        )
         report.detected = args.fmt is None
     except (ConversionError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

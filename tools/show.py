@@ -18,17 +18,25 @@ from detector.cocotools.show import show_coco
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("annotations", type=Path, help="COCO JSON file")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
     p.add_argument("-n", type=int, default=16, help="number of random images (default 16)")
     p.add_argument("--ids", nargs="+", help="draw these image ids instead of random ones")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--images", type=Path, help="image folder (default: images/ beside the JSON, "
-                                               "else the JSON's folder)")
-    p.add_argument("--max-size", type=int, default=1280,
-                   help="downscale larger images to this side (0: never; default 1280)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        help="image folder (default: images/ beside the JSON, else the JSON's folder)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=int,
+        default=1280,
+        help="downscale larger images to this side (0: never; default 1280)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -39,8 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         print("error: -n must be at least 1", file=sys.stderr)
         return 2
     try:
-        result = show_coco(args.annotations, args.out, args.n, args.ids, args.seed, args.images,
-                           args.max_size, progress=not args.no_progress)
+        result = show_coco(
+            args.annotations,
+            args.out,
+            args.n,
+            args.ids,
+            args.seed,
+            args.images,
+            args.max_size,
+            progress=not args.no_progress,
+        )
     except (CocoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -48,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {why}")
     if len(result.skipped) > 20:
         print(f"... and {len(result.skipped) - 20} more skipped")
-    print(f"wrote {len(result.written)} PNGs to {display_path(args.out)}"
-          + (f" ({len(result.skipped)} images skipped: missing or unreadable)"
-             if result.skipped else ""))
+    print(
+        f"wrote {len(result.written)} PNGs to {display_path(args.out)}"
+        + (
+            f" ({len(result.skipped)} images skipped: missing or unreadable)"
+            if result.skipped
+            else ""
+        )
+    )
     return 0 if result.written else 1
 
 

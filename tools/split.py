@@ -20,18 +20,27 @@ from detector.cocotools.split import images_note, split_file, split_table
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("annotations", type=Path, help="COCO JSON file to split")
     p.add_argument("--out", type=Path, help="output folder (default: the input's folder)")
-    p.add_argument("--images", type=Path, help="image folder, for content hashing (default: "
-                                               "images/ beside the JSON, else its folder)")
+    p.add_argument(
+        "--images",
+        type=Path,
+        help="image folder, for content hashing (default: "
+        "images/ beside the JSON, else its folder)",
+    )
     p.add_argument("--val", type=float, default=0.2, help="share of images for val (default 0.2)")
-    p.add_argument("--test", type=float, default=0.0, help="share of images for test (default 0: "
-                                                           "no test.json)")
+    p.add_argument(
+        "--test", type=float, default=0.0, help="share of images for test (default 0: no test.json)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--no-hash", action="store_true",
-                   help="do not group byte-identical files (skips reading every image)")
+    p.add_argument(
+        "--no-hash",
+        action="store_true",
+        help="do not group byte-identical files (skips reading every image)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -39,26 +48,41 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = split_file(args.annotations, args.val, args.test, args.seed, args.out,
-                            args.images, hash_content=not args.no_hash,
-                            progress=not args.no_progress)
+        result = split_file(
+            args.annotations,
+            args.val,
+            args.test,
+            args.seed,
+            args.out,
+            args.images,
+            hash_content=not args.no_hash,
+            progress=not args.no_progress,
+        )
     except (CocoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(split_table(result))
     if result.dropped_annotations:
-        print(f"warning: {result.dropped_annotations} annotations name an image id that is not "
-              "listed; they are in no split (tools/validate.py reports them)")
+        print(
+            f"warning: {result.dropped_annotations} annotations name an image id that is not "
+            "listed; they are in no split (tools/validate.py reports them)"
+        )
     if result.missing_images:
-        print(f"warning: {result.missing_images} listed images are not in the image folder; they "
-              "were split like the others (tools/validate.py --fix drops them first)")
+        print(
+            f"warning: {result.missing_images} listed images are not in the image folder; they "
+            "were split like the others (tools/validate.py --fix drops them first)"
+        )
     note = images_note(args.annotations, result, args.images)
     if note:
         print(note)
-    written = ", ".join(f"{display_path(p)} ({len(result.splits[s]['images'])} images)"
-                        for s, p in result.paths.items())
-    print(f"split {result.num_groups} groups ({result.multi_image_groups} with several copies of "
-          f"one photo) with seed {args.seed}: {written}")
+    written = ", ".join(
+        f"{display_path(p)} ({len(result.splits[s]['images'])} images)"
+        for s, p in result.paths.items()
+    )
+    print(
+        f"split {result.num_groups} groups ({result.multi_image_groups} with several copies of "
+        f"one photo) with seed {args.seed}: {written}"
+    )
     return 0
 
 

@@ -25,8 +25,9 @@ from detector.fileio import atomic_write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("annotations", type=Path, help="COCO JSON file")
     p.add_argument("--images", type=Path, help="image folder (to count the files present)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write a PNG with the plots")

@@ -19,17 +19,31 @@ from detector.fileio import atomic_write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("annotations", type=Path, help="COCO JSON file")
-    p.add_argument("--images", type=Path, help="image folder (default: images/ beside the JSON, "
-                                               "else the JSON's folder)")
-    p.add_argument("--decode", action="store_true",
-                   help="decode every image fully (slow; catches truncated files)")
-    p.add_argument("--fix", type=Path, metavar="OUT.json",
-                   help="write a repaired copy here and list every change")
-    p.add_argument("--xyxy", action="store_true",
-                   help="with --fix: read every bbox as [x1, y1, x2, y2] and convert it")
+    p.add_argument(
+        "--images",
+        type=Path,
+        help="image folder (default: images/ beside the JSON, else the JSON's folder)",
+    )
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every image fully (slow; catches truncated files)",
+    )
+    p.add_argument(
+        "--fix",
+        type=Path,
+        metavar="OUT.json",
+        help="write a repaired copy here and list every change",
+    )
+    p.add_argument(
+        "--xyxy",
+        action="store_true",
+        help="with --fix: read every bbox as [x1, y1, x2, y2] and convert it",
+    )
     p.add_argument("--json", type=Path, metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--all", action="store_true", help="print every problem (default: 10 per kind)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,25 +60,33 @@ def main(argv: list[str] | None = None) -> int:
             check_output(args.fix, args.json)
         if args.xyxy and args.fix is None:
             raise CocoError("--xyxy only applies with --fix OUT.json")
-        report = validate_coco(args.annotations, args.images, args.decode,
-                               progress=not args.no_progress)
+        report = validate_coco(
+            args.annotations, args.images, args.decode, progress=not args.no_progress
+        )
         print(report.format(limit=None if args.all else 10))
         result = {"report": report.to_dict()}
         if args.fix is not None:
             fixed = fix_coco(report, xyxy=args.xyxy)
             atomic_write_json(args.fix, fixed.data)
-            print(f"\nrepaired copy {display_path(args.fix)}: {len(fixed.changes)} changes "
-                  f"({fixed.dropped_images} images and {fixed.dropped_annotations} boxes dropped)")
+            print(
+                f"\nrepaired copy {display_path(args.fix)}: {len(fixed.changes)} changes "
+                f"({fixed.dropped_images} images and {fixed.dropped_annotations} boxes dropped)"
+            )
             for change in fixed.changes:
                 print(f"  - {change}")
             images_dir = report.images_dir
             recheck = validate_coco(args.fix, images_dir, args.decode, progress=False)
             print(f"repaired copy re-validated: {recheck.summary()}")
             if images_dir is not None and default_image_dir(args.fix) != images_dir:
-                print(f"note: its file_names are relative to {images_dir}; pass --images "
-                      f"{images_dir} (or set data.*_images) when you use it")
-            result["fix"] = {"output": str(args.fix), "changes": fixed.changes,
-                             "recheck": recheck.to_dict()}
+                print(
+                    f"note: its file_names are relative to {images_dir}; pass --images "
+                    f"{images_dir} (or set data.*_images) when you use it"
+                )
+            result["fix"] = {
+                "output": str(args.fix),
+                "changes": fixed.changes,
+                "recheck": recheck.to_dict(),
+            }
         if args.json is not None:
             atomic_write_json(args.json, result)
             print(f"report written to {display_path(args.json)}")

@@ -71,15 +71,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "a": {
         "label": "random backbone, frozen (body frozen but features.18; FPN + heads train)",
         "kind": "single",
-        "overrides": ["model.weights=none", "model.weights_backbone=none",
-                      "model.freeze_backbone=true", "train.unfreeze.backbone_blocks=1",
-                      "train.unfreeze.lr_scale=1.0"],
+        "overrides": [
+            "model.weights=none",
+            "model.weights_backbone=none",
+            "model.freeze_backbone=true",
+            "train.unfreeze.backbone_blocks=1",
+            "train.unfreeze.lr_scale=1.0",
+        ],
     },
     "b": {
         "label": "ImageNet backbone, frozen (body frozen but features.18; FPN + heads train)",
         "kind": "single",
-        "overrides": ["model.weights=none", "model.freeze_backbone=true",
-                      "train.unfreeze.backbone_blocks=1", "train.unfreeze.lr_scale=1.0"],
+        "overrides": [
+            "model.weights=none",
+            "model.freeze_backbone=true",
+            "train.unfreeze.backbone_blocks=1",
+            "train.unfreeze.lr_scale=1.0",
+        ],
         "backbone": True,
     },
     "c": {
@@ -91,8 +99,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "d": {
         "label": "(c) + unfreeze phase (last 5 body blocks + FPN at lr x 0.1)",
         "kind": "two",
-        "overrides": ["model.freeze_backbone=true", "train.unfreeze.backbone_blocks=5",
-                      "train.unfreeze.lr_scale=0.1"],
+        "overrides": [
+            "model.freeze_backbone=true",
+            "train.unfreeze.backbone_blocks=5",
+            "train.unfreeze.lr_scale=0.1",
+        ],
         "base": True,
     },
 }
@@ -142,12 +153,17 @@ def probe(cfg: Config, unfrozen: bool, batches: int = 6, warmup: int = 2) -> dic
         for start in range(0, count, cfg.train.batch_size):
             model([val[j][0] for j in range(start, min(start + cfg.train.batch_size, count))])
         eval_s = (time.perf_counter() - tic) / count
-    return {"train_s_per_image": timed / max(images, 1), "eval_s_per_image": eval_s,
-            "train_images": len(train_set.image_ids), "val_images": len(val_set.image_ids)}
+    return {
+        "train_s_per_image": timed / max(images, 1),
+        "eval_s_per_image": eval_s,
+        "train_images": len(train_set.image_ids),
+        "val_images": len(val_set.image_ids),
+    }
 
 
-def plan_epochs(budget_s: float, speed: dict[str, float], second: dict[str, float] | None,
-                min_epochs: int = 1) -> tuple[int, int]:
+def plan_epochs(
+    budget_s: float, speed: dict[str, float], second: dict[str, float] | None, min_epochs: int = 1
+) -> tuple[int, int]:
     """(phase-1 epochs, phase-2 epochs) whose training + per-epoch evaluation fit the budget."""
     n_train, n_val = speed["train_images"], speed["val_images"]
     eval_s = n_val * speed["eval_s_per_image"]
@@ -166,10 +182,20 @@ def plan_epochs(budget_s: float, speed: dict[str, float], second: dict[str, floa
 # --------------------------------------------------------------------------------------------
 
 
-def run_config(name: str, config_path: str, overrides: list[str], kind: str, budget_min: float,
-               out_dir: str, epochs: tuple[int, int] | None) -> dict[str, Any]:
-    common = [f"train.max_hours={budget_min / 60.0!r}", f"train.out_dir={out_dir}",
-              f"train.name={name}"]
+def run_config(
+    name: str,
+    config_path: str,
+    overrides: list[str],
+    kind: str,
+    budget_min: float,
+    out_dir: str,
+    epochs: tuple[int, int] | None,
+) -> dict[str, Any]:
+    common = [
+        f"train.max_hours={budget_min / 60.0!r}",
+        f"train.out_dir={out_dir}",
+        f"train.name={name}",
+    ]
     cfg = load_config(config_path, overrides + common)
     probe_start = time.time()
     speeds: dict[str, Any] = {}
@@ -179,12 +205,17 @@ def run_config(name: str, config_path: str, overrides: list[str], kind: str, bud
             speeds["phase1"] = probe(cfg, unfrozen=False)
             e1, e2 = plan_epochs(budget_min * 60, speeds["phase1"], None)
         elif kind == "single":
-            speeds["phase1"] = probe(load_config(config_path, overrides + common + [
-                "train.epochs=0", "train.unfreeze.epochs=1"]), unfrozen=True)
+            speeds["phase1"] = probe(
+                load_config(
+                    config_path, overrides + common + ["train.epochs=0", "train.unfreeze.epochs=1"]
+                ),
+                unfrozen=True,
+            )
             e2, e1 = plan_epochs(budget_min * 60, speeds["phase1"], None)
         else:
-            two = load_config(config_path, overrides + common + ["train.epochs=1",
-                                                                 "train.unfreeze.epochs=1"])
+            two = load_config(
+                config_path, overrides + common + ["train.epochs=1", "train.unfreeze.epochs=1"]
+            )
             speeds["phase1"] = probe(two, unfrozen=False)
             speeds["phase2"] = probe(two, unfrozen=True)
             e1, e2 = plan_epochs(budget_min * 60, speeds["phase1"], speeds["phase2"])
@@ -193,29 +224,61 @@ def run_config(name: str, config_path: str, overrides: list[str], kind: str, bud
     probe_s = time.time() - probe_start
     final = overrides + common + [f"train.epochs={e1}", f"train.unfreeze.epochs={e2}"]
     cfg = load_config(config_path, final)
-    log.info("%s: %s epochs frozen + %s epochs unfrozen, budget %.1f min (probe %.0f s)",
-             name, e1, e2, budget_min, probe_s)
+    log.info(
+        "%s: %s epochs frozen + %s epochs unfrozen, budget %.1f min (probe %.0f s)",
+        name,
+        e1,
+        e2,
+        budget_min,
+        probe_s,
+    )
     result = train(cfg, progress=False)
-    record = record_run(result.run_dir, result.final_metrics, result.stop_reason,
-                        result.epochs_done, result.best_epoch, result.seconds, result.images_seen)
-    return {"config": config_path, "overrides": final, "planned_epochs": {"frozen": e1, "unfreeze": e2},
-            **record, "probe_s": round(probe_s, 1), "probe": speeds}
+    record = record_run(
+        result.run_dir,
+        result.final_metrics,
+        result.stop_reason,
+        result.epochs_done,
+        result.best_epoch,
+        result.seconds,
+        result.images_seen,
+    )
+    return {
+        "config": config_path,
+        "overrides": final,
+        "planned_epochs": {"frozen": e1, "unfreeze": e2},
+        **record,
+        "probe_s": round(probe_s, 1),
+        "probe": speeds,
+    }
 
 
-def record_run(run_dir: Path, metrics: Metrics | None, stop_reason: str, epochs_done: int,
-               best_epoch: int, seconds: float, images_seen: int) -> dict[str, Any]:
+def record_run(
+    run_dir: Path,
+    metrics: Metrics | None,
+    stop_reason: str,
+    epochs_done: int,
+    best_epoch: int,
+    seconds: float,
+    images_seen: int,
+) -> dict[str, Any]:
     """What a run reached. A run whose budget ended inside its first epoch has no best.pt: its
     last.pt (the model at the stop) is evaluated on the val set instead, after the budget."""
     evaluated, eval_s = "best.pt", None
     if metrics is None and (run_dir / "last.pt").is_file():
         tic = time.time()
         model, checkpoint = load_model(run_dir / "last.pt")
-        val_set = load_coco(checkpoint["config"]["data"]["val_annotations"],
-                            checkpoint["config"]["data"]["val_images"],
-                            class_names=list(checkpoint["class_names"]))
-        metrics = evaluate(model, val_set, torch.device("cpu"), out_dir=run_dir / "last_eval",
-                           grid_images=8)
-        evaluated, eval_s = "last.pt (no epoch completed within the budget)", round(time.time() - tic, 1)
+        val_set = load_coco(
+            checkpoint["config"]["data"]["val_annotations"],
+            checkpoint["config"]["data"]["val_images"],
+            class_names=list(checkpoint["class_names"]),
+        )
+        metrics = evaluate(
+            model, val_set, torch.device("cpu"), out_dir=run_dir / "last_eval", grid_images=8
+        )
+        evaluated, eval_s = (
+            "last.pt (no epoch completed within the budget)",
+            round(time.time() - tic, 1),
+        )
     rows: list[dict[str, str]] = []
     if (run_dir / "metrics.csv").is_file():
         with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as f:
@@ -234,8 +297,13 @@ def record_run(run_dir: Path, metrics: Metrics | None, stop_reason: str, epochs_
         "per_class_AP50": {k: round(v, 4) for k, v in m.per_class_ap50.items()} if m else None,
         "wall_s": round(seconds, 1),
         # training throughput: the epochs' own rows, else images seen over the wall time
-        "train_images_per_s": round(sum(float(r["epoch_seconds"]) * float(r["images_per_s"]) for r in rows)
-                                    / sum(float(r["epoch_seconds"]) for r in rows), 3) if rows else None,
+        "train_images_per_s": round(
+            sum(float(r["epoch_seconds"]) * float(r["images_per_s"]) for r in rows)
+            / sum(float(r["epoch_seconds"]) for r in rows),
+            3,
+        )
+        if rows
+        else None,
         "overall_images_per_s": round(images_seen / max(seconds, 1e-9), 3),
         "images_seen": images_seen,
         "val_AP50_per_epoch": [round(float(r["AP50"]), 4) for r in rows if r.get("AP50")],
@@ -245,7 +313,9 @@ def record_run(run_dir: Path, metrics: Metrics | None, stop_reason: str, epochs_
     }
 
 
-_SUMMARY = re.compile(r"run (\S+): (.+?) after (\d+) epochs in ([\d.]+) min \(([\d.]+) images/s overall\)")
+_SUMMARY = re.compile(
+    r"run (\S+): (.+?) after (\d+) epochs in ([\d.]+) min \(([\d.]+) images/s overall\)"
+)
 
 
 def record_finished_run(run_dir: Path) -> dict[str, Any]:
@@ -262,24 +332,33 @@ def record_finished_run(run_dir: Path) -> dict[str, Any]:
         checkpoint = load_checkpoint(best)
         best_epoch = int(checkpoint["state"]["best_epoch"])
         model, _ = load_model(best)
-        val_set = load_coco(checkpoint["config"]["data"]["val_annotations"],
-                            checkpoint["config"]["data"]["val_images"],
-                            class_names=list(checkpoint["class_names"]))
+        val_set = load_coco(
+            checkpoint["config"]["data"]["val_annotations"],
+            checkpoint["config"]["data"]["val_images"],
+            class_names=list(checkpoint["class_names"]),
+        )
         metrics = evaluate(model, val_set, torch.device("cpu"))
     config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    return {"config_resolved": str(run_dir / "config.yaml"),
-            "planned_epochs": {"frozen": config["train"]["epochs"],
-                               "unfreeze": config["train"]["unfreeze"]["epochs"]},
-            **record_run(run_dir, metrics, reason, int(epochs), best_epoch, seconds,
-                         round(float(rate) * seconds))}
+    return {
+        "config_resolved": str(run_dir / "config.yaml"),
+        "planned_epochs": {
+            "frozen": config["train"]["epochs"],
+            "unfreeze": config["train"]["unfreeze"]["epochs"],
+        },
+        **record_run(
+            run_dir, metrics, reason, int(epochs), best_epoch, seconds, round(float(rate) * seconds)
+        ),
+    }
 
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The README table from a results JSON."""
     meta = results["meta"]
-    lines = ["| config | deer val mAP | AP50 | AP75 | AR100 | budget | wall | images seen | "
-             "train img/s | evaluated |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | deer val mAP | AP50 | AP75 | AR100 | budget | wall | images seen | "
+        "train img/s | evaluated |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     rows = [("base", results.get("base"), meta["base_budget_min"])]
     rows += [(k, v, meta["budget_min_per_config"]) for k, v in sorted(results["configs"].items())]
     for key, r, budget in rows:
@@ -291,7 +370,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| ({key}) {what} | {r['mAP']:.3f} | {r['AP50']:.3f} | {r['AP75']:.3f} | "
             f"{r['AR100']:.3f} | {budget:g} min | {r['wall_s'] / 60:.1f} min | {r['images_seen']} "
             f"({r['epochs_done']} epoch{'' if r['epochs_done'] == 1 else 's'} done) | {r['overall_images_per_s']:.2f} | "
-            f"{r.get('evaluated', 'best.pt').split(' ')[0]} |")
+            f"{r.get('evaluated', 'best.pt').split(' ')[0]} |"
+        )
     return "\n".join(lines)
 
 
@@ -302,28 +382,58 @@ def write_results(path: Path, results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget-min", type=float, default=60.0,
-                        help="time budget of each deer configuration, minutes (train.max_hours)")
-    parser.add_argument("--base-budget-min", type=float, default=60.0,
-                        help="time budget of the base detector, minutes")
-    parser.add_argument("--base-checkpoint", default=None,
-                        help="use this base detector best.pt instead of training one")
-    parser.add_argument("--only", default="a,b,c,d",
-                        help="deer configurations to run, comma-separated (default a,b,c,d)")
+    parser.add_argument(
+        "--budget-min",
+        type=float,
+        default=60.0,
+        help="time budget of each deer configuration, minutes (train.max_hours)",
+    )
+    parser.add_argument(
+        "--base-budget-min",
+        type=float,
+        default=60.0,
+        help="time budget of the base detector, minutes",
+    )
+    parser.add_argument(
+        "--base-checkpoint",
+        default=None,
+        help="use this base detector best.pt instead of training one",
+    )
+    parser.add_argument(
+        "--only",
+        default="a,b,c,d",
+        help="deer configurations to run, comma-separated (default a,b,c,d)",
+    )
     parser.add_argument("--min-size", type=int, default=320, help="model.min_size of every run")
     parser.add_argument("--max-size", type=int, default=512, help="model.max_size of every run")
-    parser.add_argument("--epochs", default=None,
-                        help="fixed 'FROZEN,UNFREEZE' epochs instead of planning from the probe")
+    parser.add_argument(
+        "--epochs",
+        default=None,
+        help="fixed 'FROZEN,UNFREEZE' epochs instead of planning from the probe",
+    )
     parser.add_argument("--out-dir", default="runs/transfer", help="train.out_dir of the runs")
-    parser.add_argument("--results", default=RESULTS, help="results JSON (rewritten after each run)")
+    parser.add_argument(
+        "--results", default=RESULTS, help="results JSON (rewritten after each run)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="train.device")
-    parser.add_argument("--append", action="store_true",
-                        help="keep the base and configurations already in --results")
-    parser.add_argument("--from-run", action="append", default=[], metavar="KEY=RUN_DIR",
-                        help="record configuration KEY from a run trained earlier, no training")
-    parser.add_argument("--table", action="store_true",
-                        help="print the results JSON as the README's markdown table and exit")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the base and configurations already in --results",
+    )
+    parser.add_argument(
+        "--from-run",
+        action="append",
+        default=[],
+        metavar="KEY=RUN_DIR",
+        help="record configuration KEY from a run trained earlier, no training",
+    )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print the results JSON as the README's markdown table and exit",
+    )
     args = parser.parse_args(argv)
     if args.table:
         print(markdown_table(json.loads((ROOT / args.results).read_text(encoding="utf-8"))))
@@ -341,21 +451,31 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown configuration(s) {unknown}; choose from {list(VARIANTS)}")
     fixed = tuple(int(v) for v in args.epochs.split(",")) if args.epochs else None
-    size = [f"model.min_size={args.min_size}", f"model.max_size={args.max_size}",
-            f"train.device={args.device}"]
+    size = [
+        f"model.min_size={args.min_size}",
+        f"model.max_size={args.max_size}",
+        f"train.device={args.device}",
+    ]
 
     results_path = Path(args.results)
     results: dict[str, Any] = {
         "meta": {
-            "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+            "command": " ".join(
+                [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]
+            ),
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "budget_min_per_config": args.budget_min,
             "base_budget_min": args.base_budget_min,
-            "min_size": args.min_size, "max_size": args.max_size,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.platform(),
+            "min_size": args.min_size,
+            "max_size": args.max_size,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.platform(),
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-            "device": args.device, "deer_config": DEER_CONFIG, "base_config": BASE_CONFIG,
+            "device": args.device,
+            "deer_config": DEER_CONFIG,
+            "base_config": BASE_CONFIG,
         },
         "base": None,
         "configs": {},
@@ -364,14 +484,18 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads(results_path.read_text(encoding="utf-8"))
         results["base"] = previous.get("base")
         results["configs"] = previous.get("configs", {})
-        results["meta"]["earlier_commands"] = [*previous["meta"].get("earlier_commands", []),
-                                               previous["meta"]["command"]]
+        results["meta"]["earlier_commands"] = [
+            *previous["meta"].get("earlier_commands", []),
+            previous["meta"]["command"],
+        ]
     for item in args.from_run:
         key, _, run_dir = item.partition("=")
         if key not in VARIANTS or not run_dir:
             parser.error(f"--from-run {item!r}: expected KEY=RUN_DIR with KEY in {list(VARIANTS)}")
-        results["configs"][key] = {"label": VARIANTS[key]["label"],
-                                   **record_finished_run(Path(run_dir))}
+        results["configs"][key] = {
+            "label": VARIANTS[key]["label"],
+            **record_finished_run(Path(run_dir)),
+        }
         keys = [k for k in keys if k != key]
     write_results(results_path, results)
 
@@ -381,15 +505,25 @@ def main(argv: list[str] | None = None) -> int:
             if not Path(needed).is_file():
                 parser.error(f"{needed} not found: run bash benchmarks/transfer/prepare.sh first")
         log.info("== base detector (%s), budget %.1f min", BASE_CONFIG, args.base_budget_min)
-        base = run_config("base", BASE_CONFIG, size, "single", args.base_budget_min, args.out_dir,
-                          (0, fixed[0] + fixed[1]) if fixed else None)
+        base = run_config(
+            "base",
+            BASE_CONFIG,
+            size,
+            "single",
+            args.base_budget_min,
+            args.out_dir,
+            (0, fixed[0] + fixed[1]) if fixed else None,
+        )
         base["label"] = "base detector (person, vehicles, raccoon, rabbit)"
         results["base"] = base
         write_results(results_path, results)
         base_checkpoint = base["checkpoint"]
         if base["stop_reason"].startswith("stopped by"):
             return 1
-    elif base_checkpoint is not None and (results.get("base") or {}).get("checkpoint") != base_checkpoint:
+    elif (
+        base_checkpoint is not None
+        and (results.get("base") or {}).get("checkpoint") != base_checkpoint
+    ):
         results["base"] = {"checkpoint": base_checkpoint, "trained": False}
 
     for key in keys:
@@ -398,19 +532,38 @@ def main(argv: list[str] | None = None) -> int:
         if variant.get("base"):
             overrides.append(f"model.weights={base_checkpoint}")
         log.info("== (%s) %s, budget %.1f min", key, variant["label"], args.budget_min)
-        record = run_config(f"deer-{key}", DEER_CONFIG, overrides, variant["kind"], args.budget_min,
-                            args.out_dir, fixed)
+        record = run_config(
+            f"deer-{key}",
+            DEER_CONFIG,
+            overrides,
+            variant["kind"],
+            args.budget_min,
+            args.out_dir,
+            fixed,
+        )
         results["configs"][key] = {"label": variant["label"], **record}
         write_results(results_path, results)
         if record["stop_reason"].startswith("stopped by"):
             log.warning("(%s) %s: benchmark ends here", key, record["stop_reason"])
             return 1
-        log.info("(%s) val mAP %.3f AP50 %.3f in %.1f min", key, record["mAP"] or 0,
-                 record["AP50"] or 0, record["wall_s"] / 60)
+        log.info(
+            "(%s) val mAP %.3f AP50 %.3f in %.1f min",
+            key,
+            record["mAP"] or 0,
+            record["AP50"] or 0,
+            record["wall_s"] / 60,
+        )
     results["meta"]["finished"] = dt.datetime.now().isoformat(timespec="seconds")
     write_results(results_path, results)
-    print(json.dumps({k: {"mAP": v.get("mAP"), "AP50": v.get("AP50"), "wall_s": v.get("wall_s")}
-                      for k, v in results["configs"].items()}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: {"mAP": v.get("mAP"), "AP50": v.get("AP50"), "wall_s": v.get("wall_s")}
+                for k, v in results["configs"].items()
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

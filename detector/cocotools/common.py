@@ -52,15 +52,21 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise CocoError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        raise CocoError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
     except UnicodeDecodeError as e:
         raise CocoError(f"{path}: not UTF-8 text ({e}); is this a JSON file?") from None
     if not isinstance(data, dict):
-        raise CocoError(f"{path}: the top level must be an object with images/annotations/categories")
+        raise CocoError(
+            f"{path}: the top level must be an object with images/annotations/categories"
+        )
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
-            raise CocoError(f"{path}: no '{key}' list; is this a COCO detection file? "
-                            "(tools/validate.py tells more)")
+            raise CocoError(
+                f"{path}: no '{key}' list; is this a COCO detection file? "
+                "(tools/validate.py tells more)"
+            )
     if data.get("annotations") is None:
         data["annotations"] = []
     if not isinstance(data["annotations"], list):
@@ -116,8 +122,11 @@ def placeholder_category_ids(data: dict[str, Any]) -> set[Any]:
     found = set()
     for cat in cats:
         others = [c for c in cats if c is not cat]
-        if (cat["id"] not in used and others
-                and all(c.get("supercategory") == cat.get("name") for c in others)):
+        if (
+            cat["id"] not in used
+            and others
+            and all(c.get("supercategory") == cat.get("name") for c in others)
+        ):
             found.add(cat["id"])
     return found
 

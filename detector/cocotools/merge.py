@@ -37,8 +37,24 @@ from .common import (
 )
 
 # Folder names that say nothing about a set; a source is named after the first other ancestor.
-_GENERIC_DIRS = {"annotations", "annotation", "images", "image", "labels", "label", "json", "coco",
-                 "train", "val", "valid", "validation", "test", "data", "dataset", "export"}
+_GENERIC_DIRS = {
+    "annotations",
+    "annotation",
+    "images",
+    "image",
+    "labels",
+    "label",
+    "json",
+    "coco",
+    "train",
+    "val",
+    "valid",
+    "validation",
+    "test",
+    "data",
+    "dataset",
+    "export",
+}
 
 
 @dataclass
@@ -62,9 +78,11 @@ class MergeResult:
 
     def summary(self) -> str:
         parts = [f"{n}: {self.images[n]} images, {self.boxes[n]} boxes" for n in self.names]
-        return (f"merged {len(self.names)} sets into {len(self.data['images'])} images, "
-                f"{len(self.data['annotations'])} boxes, {len(self.data['categories'])} "
-                f"categories ({'; '.join(parts)})")
+        return (
+            f"merged {len(self.names)} sets into {len(self.data['images'])} images, "
+            f"{len(self.data['annotations'])} boxes, {len(self.data['categories'])} "
+            f"categories ({'; '.join(parts)})"
+        )
 
 
 def source_name(annotations: Path) -> str:
@@ -91,8 +109,9 @@ def _unique_names(sources: Sequence[MergeSource]) -> list[str]:
     return names
 
 
-def merge_coco(sources: Sequence[MergeSource], drop_empty: bool = False,
-               progress: bool = False) -> MergeResult:
+def merge_coco(
+    sources: Sequence[MergeSource], drop_empty: bool = False, progress: bool = False
+) -> MergeResult:
     """Merge the sources in memory (nothing is written; image files are only checked to exist).
 
     ``drop_empty`` also drops categories that have no boxes in any source.
@@ -119,12 +138,19 @@ def merge_coco(sources: Sequence[MergeSource], drop_empty: bool = False,
                 dropped_categories.append(f"{name}: {cat.get('name')!r} (Roboflow placeholder)")
                 continue
             if not isinstance(cat.get("name"), str) or not cat["name"].strip():
-                raise CocoError(f"{name}: category {cat['id']} has no name; merge matches "
-                                "categories by name (tools/validate.py --fix names it)")
+                raise CocoError(
+                    f"{name}: category {cat['id']} has no name; merge matches "
+                    "categories by name (tools/validate.py --fix names it)"
+                )
             key = normalize_name(cat["name"])
             key_of[name][cat["id"]] = key
-            merged_cats.setdefault(key, {"name": " ".join(cat["name"].split()),
-                                         "supercategory": cat.get("supercategory", "")})
+            merged_cats.setdefault(
+                key,
+                {
+                    "name": " ".join(cat["name"].split()),
+                    "supercategory": cat.get("supercategory", ""),
+                },
+            )
         for ann in data["annotations"]:
             key = key_of[name].get(ann.get("category_id"))
             if key is not None:
@@ -134,14 +160,21 @@ def merge_coco(sources: Sequence[MergeSource], drop_empty: bool = False,
             dropped_categories.append(f"{merged_cats.pop(key)['name']!r} (no boxes in any set)")
     id_of_key = {key: i for i, key in enumerate(merged_cats, start=1)}
     categories = [{"id": id_of_key[k], **rec} for k, rec in merged_cats.items()]
-    category_maps = {name: {cid: id_of_key[k] for cid, k in keys.items() if k in id_of_key}
-                     for name, keys in key_of.items()}
+    category_maps = {
+        name: {cid: id_of_key[k] for cid, k in keys.items() if k in id_of_key}
+        for name, keys in key_of.items()
+    }
 
     out: dict[str, Any] = {
-        "info": {"description": "merged by tools/merge.py from " + ", ".join(
-                     str(src.annotations) for src in sources),
-                 "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        "licenses": [], "categories": categories, "images": [], "annotations": [],
+        "info": {
+            "description": "merged by tools/merge.py from "
+            + ", ".join(str(src.annotations) for src in sources),
+            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "licenses": [],
+        "categories": categories,
+        "images": [],
+        "annotations": [],
     }
     result = MergeResult(out, [], names, category_maps)
     for name, (src, data, image_dir) in zip(names, loaded, strict=True):
@@ -152,13 +185,15 @@ def merge_coco(sources: Sequence[MergeSource], drop_empty: bool = False,
                 out["licenses"].append({**lic, "id": license_map[lic["id"]]})
         image_map: dict[Any, int] = {}
         missing = 0
-        for rec in tqdm(data["images"], desc=f"merge {name}", unit="img",
-                        disable=not progress, leave=False):
+        for rec in tqdm(
+            data["images"], desc=f"merge {name}", unit="img", disable=not progress, leave=False
+        ):
             try:
                 path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
             except UnsafePathError as e:
-                raise CocoError(f"{src.annotations}: {e} (tools/validate.py --fix drops such "
-                                "records)") from None
+                raise CocoError(
+                    f"{src.annotations}: {e} (tools/validate.py --fix drops such records)"
+                ) from None
             if not path.is_file():
                 missing += 1
                 continue
@@ -180,8 +215,14 @@ def merge_coco(sources: Sequence[MergeSource], drop_empty: bool = False,
             if image_id is None or category_id is None:
                 dropped += 1
                 continue
-            out["annotations"].append({**ann, "id": len(out["annotations"]) + 1,
-                                       "image_id": image_id, "category_id": category_id})
+            out["annotations"].append(
+                {
+                    **ann,
+                    "id": len(out["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                }
+            )
             kept += 1
         result.images[name] = len(image_map)
         result.boxes[name] = kept
@@ -208,9 +249,14 @@ class WriteStats:
     existing: int = 0  # already there with the same content (a re-run)
 
 
-def write_merged(result: MergeResult, out_json: str | Path, images_out: str | Path | None = None,
-                 copy: bool = False, inputs: Sequence[MergeSource] = (),
-                 progress: bool = True) -> WriteStats:
+def write_merged(
+    result: MergeResult,
+    out_json: str | Path,
+    images_out: str | Path | None = None,
+    copy: bool = False,
+    inputs: Sequence[MergeSource] = (),
+    progress: bool = True,
+) -> WriteStats:
     """Fill the merged image folder with hard links (or copies) and write the JSON last, atomically.
 
     Hard links keep the merged set valid even if a source folder is later moved or deleted. Where
@@ -224,18 +270,23 @@ def write_merged(result: MergeResult, out_json: str | Path, images_out: str | Pa
         source_dir = image_dir_for(src.annotations, src.images_dir)
         target = images_dir.resolve()
         if target == source_dir or source_dir in target.parents:
-            raise CocoError(f"{images_dir}: inside the image folder of {src.annotations}; refusing "
-                            "to write into an input folder (choose another --images-out)")
+            raise CocoError(
+                f"{images_dir}: inside the image folder of {src.annotations}; refusing "
+                "to write into an input folder (choose another --images-out)"
+            )
     stats = WriteStats(images_dir)
-    for source, file_name in tqdm(result.files, desc="copy" if copy else "link", unit="img",
-                                  disable=not progress, leave=False):
+    for source, file_name in tqdm(
+        result.files, desc="copy" if copy else "link", unit="img", disable=not progress, leave=False
+    ):
         dest = images_dir / file_name
         if dest.exists() or dest.is_symlink():
             if _same_content(dest, source):
                 stats.existing += 1
                 continue
-            raise CocoError(f"{dest}: exists and is not {source}; refusing to overwrite it "
-                            "(choose an empty --images-out)")
+            raise CocoError(
+                f"{dest}: exists and is not {source}; refusing to overwrite it "
+                "(choose an empty --images-out)"
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         if not copy:
             try:
@@ -252,6 +303,8 @@ def write_merged(result: MergeResult, out_json: str | Path, images_out: str | Pa
 
 def images_note(out_json: str | Path, images_dir: Path) -> str | None:
     if default_image_dir(out_json) != images_dir.resolve():
-        return (f"note: images are in {images_dir}; pass --images {images_dir} (or set "
-                "data.*_images) when you use the merged file")
+        return (
+            f"note: images are in {images_dir}; pass --images {images_dir} (or set "
+            "data.*_images) when you use the merged file"
+        )
     return None

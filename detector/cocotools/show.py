@@ -40,17 +40,22 @@ def class_color(category_id: Any) -> tuple[int, int, int]:
     return int(b * 255), int(g * 255), int(r * 255)
 
 
-def draw_boxes(image_rgb: np.ndarray, annotations: Sequence[dict[str, Any]],
-               names: dict[Any, str], max_size: int = 1280,
-               caption: str = "") -> np.ndarray:
+def draw_boxes(
+    image_rgb: np.ndarray,
+    annotations: Sequence[dict[str, Any]],
+    names: dict[Any, str],
+    max_size: int = 1280,
+    caption: str = "",
+) -> np.ndarray:
     """A BGR copy of the image (downscaled to ``max_size``) with boxes and labels, and the
     caption on a strip above it."""
     height, width = image_rgb.shape[:2]
     scale = min(1.0, max_size / max(height, width)) if max_size > 0 else 1.0
     canvas = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     if scale < 1.0:
-        canvas = cv2.resize(canvas, (round(width * scale), round(height * scale)),
-                            interpolation=cv2.INTER_AREA)
+        canvas = cv2.resize(
+            canvas, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA
+        )
     canvas = np.ascontiguousarray(canvas)
     ch, cw = canvas.shape[:2]
     thick = max(1, round(max(ch, cw) / 400))
@@ -72,15 +77,31 @@ def draw_boxes(image_rgb: np.ndarray, annotations: Sequence[dict[str, Any]],
         tx = min(max(p1[0], 0), max(cw - tw - 2, 0))
         ty = p1[1] - 2 if p1[1] - th - base - 2 >= 0 else min(p1[1] + th + 2, ch - base)
         cv2.rectangle(canvas, (tx, ty - th - 2), (tx + tw + 2, ty + base), color, cv2.FILLED)
-        cv2.putText(canvas, text, (tx + 1, ty), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0),
-                    1, cv2.LINE_AA)
+        cv2.putText(
+            canvas,
+            text,
+            (tx + 1, ty),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            (0, 0, 0),
+            1,
+            cv2.LINE_AA,
+        )
     if skipped:
         caption = f"{caption}  [{skipped} invalid boxes not drawn]"
     if caption:  # on a black strip above the image, so it hides no label
         (_, th), base = cv2.getTextSize(caption, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
         strip = np.zeros((th + base + 6, cw, 3), dtype=np.uint8)
-        cv2.putText(strip, caption, (3, th + 3), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                    (255, 255, 255), 1, cv2.LINE_AA)
+        cv2.putText(
+            strip,
+            caption,
+            (3, th + 3),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            (255, 255, 255),
+            1,
+            cv2.LINE_AA,
+        )
         canvas = np.vstack([strip, canvas])
     return canvas
 
@@ -90,10 +111,16 @@ def _out_name(image_id: Any, file_name: str) -> str:
     return f"{image_id}_{stem}.png"
 
 
-def show_coco(annotations: str | Path, out_dir: str | Path, n: int = 16,
-              ids: Sequence[Any] | None = None, seed: int = 0,
-              images_dir: str | Path | None = None, max_size: int = 1280,
-              progress: bool = True) -> ShowResult:
+def show_coco(
+    annotations: str | Path,
+    out_dir: str | Path,
+    n: int = 16,
+    ids: Sequence[Any] | None = None,
+    seed: int = 0,
+    images_dir: str | Path | None = None,
+    max_size: int = 1280,
+    progress: bool = True,
+) -> ShowResult:
     """Draw ``n`` random images (or the given ``ids``) to ``out_dir/<id>_<name>.png``.
 
     Listed images that are missing or unreadable are skipped (and reported) and the next random
@@ -104,8 +131,10 @@ def show_coco(annotations: str | Path, out_dir: str | Path, n: int = 16,
     image_dir = image_dir_for(annotations, images_dir)
     out = Path(out_dir)
     if out.resolve() == image_dir or image_dir in out.resolve().parents:
-        raise CocoError(f"{out}: inside the image folder {image_dir}; the PNGs would read as "
-                        "unlisted images there: choose another --out")
+        raise CocoError(
+            f"{out}: inside the image folder {image_dir}; the PNGs would read as "
+            "unlisted images there: choose another --out"
+        )
     names = {c.get("id"): str(c.get("name")) for c in data["categories"] if isinstance(c, dict)}
     records = {r["id"]: r for r in data["images"] if isinstance(r, dict) and "id" in r}
     boxes: dict[Any, list[dict[str, Any]]] = defaultdict(list)

@@ -60,8 +60,12 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def image_groups(images: list[dict[str, Any]], image_dir: Path | None = None,
-                 hash_content: bool = True, progress: bool = False) -> list[list[int]]:
+def image_groups(
+    images: list[dict[str, Any]],
+    image_dir: Path | None = None,
+    hash_content: bool = True,
+    progress: bool = False,
+) -> list[list[int]]:
     """Indices of ``images`` joined into groups that must not be split.
 
     Same group: same source photo by name (Roboflow ``.rf.`` copies) or, when ``image_dir`` is
@@ -79,8 +83,9 @@ def image_groups(images: list[dict[str, Any]], image_dir: Path | None = None,
     for i, rec in enumerate(images):
         join(("name", source_key(str(rec.get("file_name", "")))), i)
     if image_dir is not None and hash_content:
-        for i, rec in enumerate(tqdm(images, desc="hashing", unit="img", disable=not progress,
-                                     leave=False)):
+        for i, rec in enumerate(
+            tqdm(images, desc="hashing", unit="img", disable=not progress, leave=False)
+        ):
             try:
                 path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
             except UnsafePathError:
@@ -93,9 +98,15 @@ def image_groups(images: list[dict[str, Any]], image_dir: Path | None = None,
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def split_coco(data: dict[str, Any], val: float, test: float = 0.0, seed: int = 0,
-               image_dir: Path | None = None, hash_content: bool = True,
-               progress: bool = False) -> SplitResult:
+def split_coco(
+    data: dict[str, Any],
+    val: float,
+    test: float = 0.0,
+    seed: int = 0,
+    image_dir: Path | None = None,
+    hash_content: bool = True,
+    progress: bool = False,
+) -> SplitResult:
     """Split a parsed COCO dict; see the module docstring. ``image_dir`` enables content hashing."""
     fractions = _fractions(val, test)
     images: list[dict[str, Any]] = data["images"]
@@ -120,7 +131,9 @@ def split_coco(data: dict[str, Any], val: float, test: float = 0.0, seed: int = 
         strata[key].append(group)
 
     rng = random.Random(seed)
-    order = sorted((k for k in strata if k != NEGATIVE), key=lambda c: (images_per_class[c], str(c)))
+    order = sorted(
+        (k for k in strata if k != NEGATIVE), key=lambda c: (images_per_class[c], str(c))
+    )
     if NEGATIVE in strata:
         order.append(NEGATIVE)
     carry = dict.fromkeys(fractions, 0.0)
@@ -150,8 +163,9 @@ def split_coco(data: dict[str, Any], val: float, test: float = 0.0, seed: int = 
     missing = None
     if image_dir is not None:
         missing = sum(1 for rec in images if not _exists(image_dir, rec))
-    return SplitResult(splits, len(groups), multi, dropped_annotations=dropped,
-                       missing_images=missing)
+    return SplitResult(
+        splits, len(groups), multi, dropped_annotations=dropped, missing_images=missing
+    )
 
 
 def _exists(image_dir: Path, rec: dict[str, Any]) -> bool:
@@ -174,9 +188,16 @@ def _fractions(val: float, test: float) -> dict[str, float]:
     return out
 
 
-def split_file(annotations: str | Path, val: float, test: float = 0.0, seed: int = 0,
-               out_dir: str | Path | None = None, images_dir: str | Path | None = None,
-               hash_content: bool = True, progress: bool = True) -> SplitResult:
+def split_file(
+    annotations: str | Path,
+    val: float,
+    test: float = 0.0,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    hash_content: bool = True,
+    progress: bool = True,
+) -> SplitResult:
     """Split a COCO file into ``train.json``, ``val.json`` (``test.json``) in ``out_dir``
     (default: beside the input, so file names stay relative to the same image folder)."""
     annotations = Path(annotations)
@@ -188,8 +209,9 @@ def split_file(annotations: str | Path, val: float, test: float = 0.0, seed: int
     for path in paths.values():
         check_output(path, annotations)
     image_dir = image_dir_for(annotations, images_dir)
-    result = split_coco(data, val, test, seed, image_dir if image_dir.is_dir() else None,
-                        hash_content, progress)
+    result = split_coco(
+        data, val, test, seed, image_dir if image_dir.is_dir() else None, hash_content, progress
+    )
     for side, path in paths.items():
         atomic_write_json(path, result.splits[side])
     result.paths = paths
@@ -218,20 +240,24 @@ def split_table(result: SplitResult) -> str:
         lines.append(f"{name:<{width}}{cells}")
     lines.append("-" * len(head))
     lines.append(f"{'negatives':<{width}}" + "".join(f"{stats[s][2]:>18}" for s in sides))
-    totals = [f"{len(result.splits[s]['images'])}/{len(result.splits[s]['annotations'])}"
-              for s in sides]
+    totals = [
+        f"{len(result.splits[s]['images'])}/{len(result.splits[s]['annotations'])}" for s in sides
+    ]
     lines.append(f"{'TOTAL':<{width}}" + "".join(f"{t:>18}" for t in totals))
     return "\n".join(lines)
 
 
-def images_note(annotations: str | Path, result: SplitResult,
-                images_dir: str | Path | None) -> str | None:
+def images_note(
+    annotations: str | Path, result: SplitResult, images_dir: str | Path | None
+) -> str | None:
     """A hint when the written files would not find their images by the default rule."""
     if not result.paths:
         return None
     image_dir = image_dir_for(annotations, images_dir)
     target = default_image_dir(next(iter(result.paths.values())))
     if target != image_dir:
-        return (f"note: file names are relative to {image_dir}; pass --images {image_dir} "
-                "(or set data.*_images) when you use the split files")
+        return (
+            f"note: file names are relative to {image_dir}; pass --images {image_dir} "
+            "(or set data.*_images) when you use the split files"
+        )
     return None

@@ -93,19 +93,27 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
             invalid += 1
             continue
         area = box[2] * box[3]
-        bucket = "small" if area < SMALL_MAX_AREA else "medium" if area < MEDIUM_MAX_AREA else "large"
+        bucket = (
+            "small" if area < SMALL_MAX_AREA else "medium" if area < MEDIUM_MAX_AREA else "large"
+        )
         buckets[bucket] += 1
         if cls is not None:
             setattr(cls, bucket, getattr(cls, bucket) + 1)
         sides.append(math.sqrt(area))
         width, height = size_of[image_id]
-        if isinstance(width, (int, float)) and isinstance(height, (int, float)) and width * height > 0:
+        if (
+            isinstance(width, (int, float))
+            and isinstance(height, (int, float))
+            and width * height > 0
+        ):
             rel_areas.append(area / (width * height))
     for ids in classes_in_image.values():
         for cid in ids:
             classes[cid].images += 1
-    histogram = [(lo, hi, sum(1 for s in sides if lo <= s < hi))
-                 for lo, hi in zip(SIDE_BIN_EDGES[:-1], SIDE_BIN_EDGES[1:], strict=True)]
+    histogram = [
+        (lo, hi, sum(1 for s in sides if lo <= s < hi))
+        for lo, hi in zip(SIDE_BIN_EDGES[:-1], SIDE_BIN_EDGES[1:], strict=True)
+    ]
     image_sizes: Counter[tuple[int, int]] = Counter()
     for width, height in size_of.values():
         if isinstance(width, (int, float)) and isinstance(height, (int, float)):
@@ -117,38 +125,65 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
             with contextlib.suppress(UnsafePathError):
                 on_disk += safe_image_path(images_dir, rec.get("file_name"), rec["id"]).is_file()
     return CocoStats(
-        num_images=len(images), num_annotations=len(annotations), num_categories=len(categories),
-        classes=list(classes.values()), negatives=sum(1 for r in images if not per_image[r["id"]]),
-        crowd=crowd, invalid_boxes=invalid, unknown_category_boxes=unknown_cat,
-        unknown_image_boxes=unknown_img, size_buckets=buckets, side_histogram=histogram,
-        box_sides=sides, box_rel_areas=rel_areas, image_sizes=image_sizes,
-        max_boxes_per_image=max(per_image.values(), default=0), images_on_disk=on_disk)
+        num_images=len(images),
+        num_annotations=len(annotations),
+        num_categories=len(categories),
+        classes=list(classes.values()),
+        negatives=sum(1 for r in images if not per_image[r["id"]]),
+        crowd=crowd,
+        invalid_boxes=invalid,
+        unknown_category_boxes=unknown_cat,
+        unknown_image_boxes=unknown_img,
+        size_buckets=buckets,
+        side_histogram=histogram,
+        box_sides=sides,
+        box_rel_areas=rel_areas,
+        image_sizes=image_sizes,
+        max_boxes_per_image=max(per_image.values(), default=0),
+        images_on_disk=on_disk,
+    )
 
 
 def format_stats(stats: CocoStats, top_sizes: int = 8) -> str:
     width = max([len(c.name) for c in stats.classes] + [8])
-    head = (f"{'class':<{width}} {'id':>5} {'boxes':>7} {'crowd':>6} {'images':>7} {'small':>6} "
-            f"{'medium':>7} {'large':>6}")
+    head = (
+        f"{'class':<{width}} {'id':>5} {'boxes':>7} {'crowd':>6} {'images':>7} {'small':>6} "
+        f"{'medium':>7} {'large':>6}"
+    )
     lines = [head, "-" * len(head)]
     for c in sorted(stats.classes, key=lambda c: (-c.boxes, c.name)):
-        lines.append(f"{c.name:<{width}} {c.id!s:>5} {c.boxes:>7} {c.crowd:>6} {c.images:>7} "
-                     f"{c.small:>6} {c.medium:>7} {c.large:>6}")
+        lines.append(
+            f"{c.name:<{width}} {c.id!s:>5} {c.boxes:>7} {c.crowd:>6} {c.images:>7} "
+            f"{c.small:>6} {c.medium:>7} {c.large:>6}"
+        )
     lines.append("-" * len(head))
-    on_disk = (f" ({stats.images_on_disk} found in the image folder)"
-               if stats.images_on_disk is not None else "")
-    lines.append(f"images: {stats.num_images}{on_disk}, negatives (no boxes): {stats.negatives}, "
-                 f"boxes per image: {stats.boxes_per_image:.2f} mean, "
-                 f"{stats.max_boxes_per_image} max")
+    on_disk = (
+        f" ({stats.images_on_disk} found in the image folder)"
+        if stats.images_on_disk is not None
+        else ""
+    )
+    lines.append(
+        f"images: {stats.num_images}{on_disk}, negatives (no boxes): {stats.negatives}, "
+        f"boxes per image: {stats.boxes_per_image:.2f} mean, "
+        f"{stats.max_boxes_per_image} max"
+    )
     b = stats.size_buckets
-    lines.append(f"box sizes (area w*h): small <32^2: {b['small']}, medium <96^2: {b['medium']}, "
-                 f"large: {b['large']}")
-    hist = ", ".join(f"{lo:g}-{hi:g}: {n}" if hi != math.inf else f"{lo:g}+: {n}"
-                     for lo, hi, n in stats.side_histogram if n)
+    lines.append(
+        f"box sizes (area w*h): small <32^2: {b['small']}, medium <96^2: {b['medium']}, "
+        f"large: {b['large']}"
+    )
+    hist = ", ".join(
+        f"{lo:g}-{hi:g}: {n}" if hi != math.inf else f"{lo:g}+: {n}"
+        for lo, hi, n in stats.side_histogram
+        if n
+    )
     lines.append(f"box side sqrt(w*h) px: {hist or 'no boxes'}")
     sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in stats.image_sizes.most_common(top_sizes))
     more = len(stats.image_sizes) - top_sizes
-    lines.append(f"image sizes ({len(stats.image_sizes)} distinct): {sizes}"
-                 + (f", ... {more} more" if more > 0 else ""))
+    lines.append(
+        f"image sizes ({len(stats.image_sizes)} distinct): {sizes}"
+        + (f", ... {more} more" if more > 0 else "")
+    )
     empty = [c.name for c in stats.classes if not c.boxes]
     if empty:
         lines.append(f"classes with no boxes: {', '.join(empty)}")
@@ -161,25 +196,36 @@ def format_stats(stats: CocoStats, top_sizes: int = 8) -> str:
         extra.append(f"{stats.unknown_image_boxes} boxes of unknown images (not counted)")
     if extra:
         lines.append("problems: " + "; ".join(extra) + " (tools/validate.py tells more)")
-    lines.append(f"summary: {stats.num_images} images, {stats.num_annotations} boxes "
-                 f"({stats.crowd} crowd), {stats.num_categories} classes, {stats.negatives} "
-                 "negatives")
+    lines.append(
+        f"summary: {stats.num_images} images, {stats.num_annotations} boxes "
+        f"({stats.crowd} crowd), {stats.num_categories} classes, {stats.negatives} "
+        "negatives"
+    )
     return "\n".join(lines)
 
 
 def stats_dict(stats: CocoStats) -> dict[str, Any]:
     """JSON-friendly form."""
     return {
-        "images": stats.num_images, "annotations": stats.num_annotations,
-        "categories": stats.num_categories, "negatives": stats.negatives, "crowd": stats.crowd,
-        "invalid_boxes": stats.invalid_boxes, "unknown_category_boxes": stats.unknown_category_boxes,
-        "unknown_image_boxes": stats.unknown_image_boxes, "size_buckets": stats.size_buckets,
-        "images_on_disk": stats.images_on_disk, "max_boxes_per_image": stats.max_boxes_per_image,
+        "images": stats.num_images,
+        "annotations": stats.num_annotations,
+        "categories": stats.num_categories,
+        "negatives": stats.negatives,
+        "crowd": stats.crowd,
+        "invalid_boxes": stats.invalid_boxes,
+        "unknown_category_boxes": stats.unknown_category_boxes,
+        "unknown_image_boxes": stats.unknown_image_boxes,
+        "size_buckets": stats.size_buckets,
+        "images_on_disk": stats.images_on_disk,
+        "max_boxes_per_image": stats.max_boxes_per_image,
         "classes": [vars(c) for c in stats.classes],
-        "side_histogram": [{"from": lo, "to": None if hi == math.inf else hi, "boxes": n}
-                           for lo, hi, n in stats.side_histogram],
-        "image_sizes": [{"width": w, "height": h, "images": n}
-                        for (w, h), n in stats.image_sizes.most_common()],
+        "side_histogram": [
+            {"from": lo, "to": None if hi == math.inf else hi, "boxes": n}
+            for lo, hi, n in stats.side_histogram
+        ],
+        "image_sizes": [
+            {"width": w, "height": h, "images": n} for (w, h), n in stats.image_sizes.most_common()
+        ],
     }
 
 
@@ -199,8 +245,10 @@ def plot_stats(stats: CocoStats, path: str | Path, title: str = "") -> None:
     ax.barh(list(ys), [c.images for c in shown], color="tab:orange", alpha=0.7, label="images")
     ax.set_yticks(list(ys), [c.name for c in shown], fontsize=7 if len(shown) > 20 else 9)
     ax.invert_yaxis()
-    ax.set_title("boxes and images per class" + (f" (top {len(shown)} of {len(ordered)})"
-                                                 if len(ordered) > len(shown) else ""))
+    ax.set_title(
+        "boxes and images per class"
+        + (f" (top {len(shown)} of {len(ordered)})" if len(ordered) > len(shown) else "")
+    )
     ax.legend()
 
     ax = axes[0][1]
@@ -220,15 +268,22 @@ def plot_stats(stats: CocoStats, path: str | Path, title: str = "") -> None:
     ax = axes[1][0]
     if stats.image_sizes:
         sizes = list(stats.image_sizes.items())
-        ax.scatter([w for (w, _), _ in sizes], [h for (_, h), _ in sizes],
-                   s=[10 + 8 * n for _, n in sizes], alpha=0.5, color="tab:purple")
+        ax.scatter(
+            [w for (w, _), _ in sizes],
+            [h for (_, h), _ in sizes],
+            s=[10 + 8 * n for _, n in sizes],
+            alpha=0.5,
+            color="tab:purple",
+        )
     ax.set_xlabel("width px")
     ax.set_ylabel("height px")
     ax.set_title(f"image sizes ({stats.num_images} images, {stats.negatives} negatives)")
 
     ax = axes[1][1]
     names = ["small", "medium", "large"]
-    ax.bar(names, [stats.size_buckets[n] for n in names], color=["tab:red", "tab:olive", "tab:cyan"])
+    ax.bar(
+        names, [stats.size_buckets[n] for n in names], color=["tab:red", "tab:olive", "tab:cyan"]
+    )
     for i, n in enumerate(names):
         ax.text(i, stats.size_buckets[n], str(stats.size_buckets[n]), ha="center", va="bottom")
     ax.set_title("COCO size buckets (box area: <32^2, <96^2, larger)")

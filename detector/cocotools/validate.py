@@ -119,19 +119,26 @@ class ValidationReport:
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "NOT USABLE as is"
-        return (f"{len(self.errors)} errors, {len(self.warnings)} warnings, {len(self.infos)} "
-                f"infos: {verdict}")
+        return (
+            f"{len(self.errors)} errors, {len(self.warnings)} warnings, {len(self.infos)} "
+            f"infos: {verdict}"
+        )
 
     def format(self, limit: int | None = 10) -> str:
         """Human-readable report; at most ``limit`` lines per kind (None: all)."""
         where = display_path(self.annotations_path) if self.annotations_path else "<data>"
         lines = [f"{where} (images: {display_path(self.images_dir) if self.images_dir else '?'})"]
         if self.data is not None:
-            lines.append(f"  {self.num_images} images listed ({self.images_found} found"
-                         f"{', decoded' if self.decoded else ''}), {self.num_annotations} "
-                         f"annotations, {self.num_categories} categories")
-        for title, problems in (("ERRORS", self.errors), ("WARNINGS", self.warnings),
-                                ("INFO", self.infos)):
+            lines.append(
+                f"  {self.num_images} images listed ({self.images_found} found"
+                f"{', decoded' if self.decoded else ''}), {self.num_annotations} "
+                f"annotations, {self.num_categories} categories"
+            )
+        for title, problems in (
+            ("ERRORS", self.errors),
+            ("WARNINGS", self.warnings),
+            ("INFO", self.infos),
+        ):
             lines.append(f"{title} ({len(problems)})")
             by_kind: dict[str, list[Problem]] = defaultdict(list)
             for p in problems:
@@ -141,8 +148,10 @@ class ValidationReport:
                 shown = group if limit is None else group[:limit]
                 lines.extend(f"    - {p.message}" for p in shown)
                 if len(group) > len(shown):
-                    lines.append(f"    ... and {len(group) - len(shown)} more {kind} "
-                                 "(--all shows them, --json writes them)")
+                    lines.append(
+                        f"    ... and {len(group) - len(shown)} more {kind} "
+                        "(--all shows them, --json writes them)"
+                    )
         lines.append(f"summary: {self.summary()}")
         return "\n".join(lines)
 
@@ -152,10 +161,15 @@ class ValidationReport:
             "images_dir": str(self.images_dir) if self.images_dir else None,
             "decoded": self.decoded,
             "ok": self.ok,
-            "counts": {"images": self.num_images, "images_found": self.images_found,
-                       "annotations": self.num_annotations, "categories": self.num_categories,
-                       "errors": len(self.errors), "warnings": len(self.warnings),
-                       "infos": len(self.infos)},
+            "counts": {
+                "images": self.num_images,
+                "images_found": self.images_found,
+                "annotations": self.num_annotations,
+                "categories": self.num_categories,
+                "errors": len(self.errors),
+                "warnings": len(self.warnings),
+                "infos": len(self.infos),
+            },
             "errors": [p.to_dict() for p in self.errors],
             "warnings": [p.to_dict() for p in self.warnings],
             "infos": [p.to_dict() for p in self.infos],
@@ -217,8 +231,12 @@ def probe_image(path: Path, decode: bool = False) -> ImageProbe:
 # boxes
 
 
-def box_position(box: tuple[float, float, float, float], width: float, height: float,
-                 tolerance: float = EDGE_TOLERANCE) -> tuple[str, float]:
+def box_position(
+    box: tuple[float, float, float, float],
+    width: float,
+    height: float,
+    tolerance: float = EDGE_TOLERANCE,
+) -> tuple[str, float]:
     """('inside' | 'past' | 'outside', overshoot in px) of a finite xywh box with w, h > 0."""
     x, y, w, h = box
     if x >= width or y >= height or x + w <= 0 or y + h <= 0:
@@ -227,8 +245,9 @@ def box_position(box: tuple[float, float, float, float], width: float, height: f
     return ("past" if over > tolerance else "inside"), over
 
 
-def clip_box(box: tuple[float, float, float, float], width: float,
-             height: float) -> tuple[float, float, float, float]:
+def clip_box(
+    box: tuple[float, float, float, float], width: float, height: float
+) -> tuple[float, float, float, float]:
     x, y, w, h = box
     x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
     x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
@@ -246,16 +265,22 @@ def _fmt_box(box: Any) -> str:
 # validation
 
 
-def validate_coco(annotations_path: str | Path, images_dir: str | Path | None = None,
-                  decode: bool = False, *, progress: bool = True) -> ValidationReport:
+def validate_coco(
+    annotations_path: str | Path,
+    images_dir: str | Path | None = None,
+    decode: bool = False,
+    *,
+    progress: bool = True,
+) -> ValidationReport:
     """Check a COCO file and its images; never raises for bad data (it is all in the report).
 
     ``images_dir`` defaults to ``images/`` beside the JSON, else the JSON's folder. With ``decode``
     every image is fully decoded (slow; catches truncated files), else only headers are read.
     """
     path = Path(annotations_path)
-    report = ValidationReport(annotations_path=path, images_dir=image_dir_for(path, images_dir),
-                              decoded=decode)
+    report = ValidationReport(
+        annotations_path=path, images_dir=image_dir_for(path, images_dir), decoded=decode
+    )
     if not path.is_file():
         report.error("file_missing", f"{path}: annotation file not found")
         return report
@@ -263,27 +288,42 @@ def validate_coco(annotations_path: str | Path, images_dir: str | Path | None = 
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        report.error("json_invalid", f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
-                                     f"{e.msg}); re-export the labels")
+        report.error(
+            "json_invalid",
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
+            f"{e.msg}); re-export the labels",
+        )
         return report
     except UnicodeDecodeError as e:
         report.error("json_invalid", f"{path}: not UTF-8 text ({e}); is this a JSON file?")
         return report
-    return validate_data(data, report.images_dir, decode, annotations_path=path,
-                         progress=progress, report=report)
+    return validate_data(
+        data, report.images_dir, decode, annotations_path=path, progress=progress, report=report
+    )
 
 
-def validate_data(data: Any, images_dir: str | Path, decode: bool = False, *,
-                  annotations_path: str | Path | None = None, progress: bool = True,
-                  report: ValidationReport | None = None) -> ValidationReport:
+def validate_data(
+    data: Any,
+    images_dir: str | Path,
+    decode: bool = False,
+    *,
+    annotations_path: str | Path | None = None,
+    progress: bool = True,
+    report: ValidationReport | None = None,
+) -> ValidationReport:
     """``validate_coco`` on an already parsed COCO dict."""
     if report is None:
         report = ValidationReport(
             annotations_path=Path(annotations_path) if annotations_path else None,
-            images_dir=Path(images_dir).resolve(), decoded=decode)
+            images_dir=Path(images_dir).resolve(),
+            decoded=decode,
+        )
     if not isinstance(data, dict):
-        report.error("json_invalid", "the top level must be an object with 'images', "
-                                     "'annotations' and 'categories'; is this a COCO file?")
+        report.error(
+            "json_invalid",
+            "the top level must be an object with 'images', "
+            "'annotations' and 'categories'; is this a COCO file?",
+        )
         return report
     lists: dict[str, list[Any]] = {}
     for key in ("images", "annotations", "categories"):
@@ -293,11 +333,15 @@ def validate_data(data: Any, images_dir: str | Path, decode: bool = False, *,
             continue
         lists[key] = []
         if key == "annotations" and value is None:
-            report.warn("missing_key", "no 'annotations' list: every image is read as a negative "
-                                       "(no boxes); was the export cut short?")
+            report.warn(
+                "missing_key",
+                "no 'annotations' list: every image is read as a negative "
+                "(no boxes); was the export cut short?",
+            )
         elif value is None:
-            report.error("missing_key", f"no '{key}' list at the top level; is this a COCO "
-                                        "detection file?")
+            report.error(
+                "missing_key", f"no '{key}' list at the top level; is this a COCO detection file?"
+            )
         else:
             report.error("missing_key", f"'{key}' is a {type(value).__name__}, not a list")
     report.data = data
@@ -314,45 +358,63 @@ def validate_data(data: Any, images_dir: str | Path, decode: bool = False, *,
 
 def _check_categories(report: ValidationReport, categories: list[Any]) -> dict[Any, str]:
     """Category records; returns id -> name of every category with an id."""
-    if not categories and report.data is not None and isinstance(report.data.get("categories"), list):
-        report.error("no_categories", "the 'categories' list is empty; a detector needs at least "
-                                      "one class")
+    if (
+        not categories
+        and report.data is not None
+        and isinstance(report.data.get("categories"), list)
+    ):
+        report.error(
+            "no_categories", "the 'categories' list is empty; a detector needs at least one class"
+        )
     names: dict[Any, str] = {}
     by_name: dict[str, Any] = {}
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or "id" not in cat:
-            report.error("bad_record", f"categories[{i}] has no id: {str(cat)[:80]}; give it a "
-                                       "unique integer id (--fix drops it)")
+            report.error(
+                "bad_record",
+                f"categories[{i}] has no id: {str(cat)[:80]}; give it a "
+                "unique integer id (--fix drops it)",
+            )
             continue
         cid, name = cat["id"], cat.get("name")
         if not isinstance(name, str) or not name.strip():
-            report.error("bad_record", f"category id {cid} has no name; name it (--fix calls it "
-                                       f"'category_{cid}')")
+            report.error(
+                "bad_record",
+                f"category id {cid} has no name; name it (--fix calls it 'category_{cid}')",
+            )
             name = f"category_{cid}"
         if cid in names:
             same = normalize_name(names[cid]) == normalize_name(name)
-            action = ("--fix drops the repeated record" if same else
-                      "--fix renumbers the later one; its boxes cannot be told apart and stay "
-                      "with the first")
-            report.error("duplicate_category_id",
-                         f"category id {cid} is used twice ({names[cid]!r} and {name!r}); boxes "
-                         f"with category_id {cid} are ambiguous; give each a unique id ({action})")
+            action = (
+                "--fix drops the repeated record"
+                if same
+                else "--fix renumbers the later one; its boxes cannot be told apart and stay "
+                "with the first"
+            )
+            report.error(
+                "duplicate_category_id",
+                f"category id {cid} is used twice ({names[cid]!r} and {name!r}); boxes "
+                f"with category_id {cid} are ambiguous; give each a unique id ({action})",
+            )
             continue
         names[cid] = name
         key = normalize_name(name)
         if key in by_name:
             first = by_name[key]
-            report.error("duplicate_category_name",
-                         f"categories {first} {names[first]!r} and {cid} {name!r} have the same "
-                         f"name; the trainer refuses duplicate names (--fix merges {cid} into "
-                         f"{first})")
+            report.error(
+                "duplicate_category_name",
+                f"categories {first} {names[first]!r} and {cid} {name!r} have the same "
+                f"name; the trainer refuses duplicate names (--fix merges {cid} into "
+                f"{first})",
+            )
         else:
             by_name[key] = cid
     return names
 
 
-def _check_images(report: ValidationReport, images: list[Any],
-                  progress: bool) -> dict[Any, ImageProbe]:
+def _check_images(
+    report: ValidationReport, images: list[Any], progress: bool
+) -> dict[Any, ImageProbe]:
     """Image records and files; returns id -> probe of the first record of each id."""
     assert report.images_dir is not None
     image_dir = report.images_dir
@@ -361,46 +423,64 @@ def _check_images(report: ValidationReport, images: list[Any],
     by_id: dict[Any, ImageProbe] = {}
     seen_names: dict[str, Any] = {}
     found = 0
-    for i, rec in enumerate(tqdm(images, desc="images", unit="img", disable=not progress,
-                                 leave=False)):
+    for i, rec in enumerate(
+        tqdm(images, desc="images", unit="img", disable=not progress, leave=False)
+    ):
         if not isinstance(rec, dict) or "id" not in rec:
-            report.error("bad_record", f"images[{i}] has no id: {str(rec)[:80]}; give it a unique "
-                                       "integer id (--fix drops it)")
+            report.error(
+                "bad_record",
+                f"images[{i}] has no id: {str(rec)[:80]}; give it a unique "
+                "integer id (--fix drops it)",
+            )
             report.probes.append(ImageProbe("bad_record"))
             continue
         image_id, name = rec["id"], rec.get("file_name")
-        rid: dict[str, Any] = {"image_id": image_id, "file_name": name if isinstance(name, str)
-                               else None}
+        rid: dict[str, Any] = {
+            "image_id": image_id,
+            "file_name": name if isinstance(name, str) else None,
+        }
         label = f"image id {image_id} ({name})"
         if image_id in by_id:
             first = images[_first_index(images, image_id)]
             same = first.get("file_name") == name
-            report.error("duplicate_image_id",
-                         f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
-                         "boxes with this image_id are ambiguous; give each image a unique id "
-                         + ("(--fix drops the repeated record)" if same else
-                            "(--fix renumbers the later one; it keeps no boxes: re-label it)"),
-                         **rid)
+            report.error(
+                "duplicate_image_id",
+                f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
+                "boxes with this image_id are ambiguous; give each image a unique id "
+                + (
+                    "(--fix drops the repeated record)"
+                    if same
+                    else "(--fix renumbers the later one; it keeps no boxes: re-label it)"
+                ),
+                **rid,
+            )
         if not isinstance(name, str) or not name.strip():
-            report.error("bad_record", f"image id {image_id} has no file_name (--fix drops it)",
-                         **rid)
+            report.error(
+                "bad_record", f"image id {image_id} has no file_name (--fix drops it)", **rid
+            )
             report.probes.append(ImageProbe("bad_record"))
             by_id.setdefault(image_id, report.probes[-1])
             continue
         try:
             path = safe_image_path(image_dir, name, image_id)
         except UnsafePathError as e:
-            report.error("unsafe_path", f"{e}. Name images relative to the image folder and "
-                                        "keep them inside it (--fix drops the record)", **rid)
+            report.error(
+                "unsafe_path",
+                f"{e}. Name images relative to the image folder and "
+                "keep them inside it (--fix drops the record)",
+                **rid,
+            )
             report.probes.append(ImageProbe("unsafe", detail=str(e)))
             by_id.setdefault(image_id, report.probes[-1])
             continue
         key = str(path)
         if key in seen_names:
-            report.warn("duplicate_file_name",
-                        f"{label}: the same file is also listed as image id {seen_names[key]}; "
-                        "one photo twice can land in both train and val; remove one record",
-                        **rid)
+            report.warn(
+                "duplicate_file_name",
+                f"{label}: the same file is also listed as image id {seen_names[key]}; "
+                "one photo twice can land in both train and val; remove one record",
+                **rid,
+            )
         else:
             seen_names[key] = image_id
         probe = probe_image(path, report.decoded)
@@ -411,9 +491,14 @@ def _check_images(report: ValidationReport, images: list[Any],
             found += 1
     report.images_found = found
     if images and found == 0 and image_dir.is_dir():
-        report.errors.insert(0, Problem(
-            "wrong_image_dir", f"none of the {len(images)} listed images is in {image_dir}; is "
-                               "that the right image folder? (pass --images DIR)"))
+        report.errors.insert(
+            0,
+            Problem(
+                "wrong_image_dir",
+                f"none of the {len(images)} listed images is in {image_dir}; is "
+                "that the right image folder? (pass --images DIR)",
+            ),
+        )
     return by_id
 
 
@@ -421,28 +506,47 @@ def _first_index(images: list[Any], image_id: Any) -> int:
     return next(i for i, r in enumerate(images) if isinstance(r, dict) and r.get("id") == image_id)
 
 
-def _report_probe(report: ValidationReport, rec: dict[str, Any], probe: ImageProbe, label: str,
-                  rid: dict[str, Any]) -> None:
+def _report_probe(
+    report: ValidationReport,
+    rec: dict[str, Any],
+    probe: ImageProbe,
+    label: str,
+    rid: dict[str, Any],
+) -> None:
     where = display_path(report.images_dir) if report.images_dir else "the image folder"
     if probe.status == "missing":
-        report.error("missing_image", f"{label}: listed but not found in {where}; restore the file "
-                                      "or remove the record (--fix drops it and its boxes)", **rid)
+        report.error(
+            "missing_image",
+            f"{label}: listed but not found in {where}; restore the file "
+            "or remove the record (--fix drops it and its boxes)",
+            **rid,
+        )
         return
     if probe.status == "unreadable":
-        report.error("unreadable_image", f"{label}: cannot be read ({probe.detail}); re-export or "
-                                         "re-download it (--fix drops it and its boxes)", **rid)
+        report.error(
+            "unreadable_image",
+            f"{label}: cannot be read ({probe.detail}); re-export or "
+            "re-download it (--fix drops it and its boxes)",
+            **rid,
+        )
         return
     if probe.status == "too_large":
-        report.error("image_too_large", f"{label}: {probe.detail or 'too large'}; downscale it and "
-                                        "its boxes (--fix drops it)", **rid)
+        report.error(
+            "image_too_large",
+            f"{label}: {probe.detail or 'too large'}; downscale it and its boxes (--fix drops it)",
+            **rid,
+        )
         return
     assert probe.size is not None and probe.raw_size is not None
     width, height = probe.size
     stored = positive_size(rec)
     if stored is None:
-        report.error("bad_image_size",
-                     f"{label}: width/height missing or not positive ({rec.get('width')!r} x "
-                     f"{rec.get('height')!r}); the file is {width}x{height} (--fix sets it)", **rid)
+        report.error(
+            "bad_image_size",
+            f"{label}: width/height missing or not positive ({rec.get('width')!r} x "
+            f"{rec.get('height')!r}); the file is {width}x{height} (--fix sets it)",
+            **rid,
+        )
     elif stored != probe.size:
         if probe.orientation in _TRANSPOSING_ORIENTATIONS and stored == probe.raw_size:
             report.error(
@@ -451,26 +555,41 @@ def _report_probe(report: ValidationReport, rec: dict[str, Any], probe: ImagePro
                 f"EXIF orientation {probe.orientation} turns it by 90 degrees: it is displayed and "
                 f"trained as {width}x{height}. Boxes drawn on the un-rotated image are in the wrong "
                 f"frame: check with tools/show.py --ids {rec.get('id')} (--fix sets the displayed "
-                "size but does not rotate boxes)", **rid)
+                "size but does not rotate boxes)",
+                **rid,
+            )
         else:
             report.error(
                 "size_mismatch",
                 f"{label}: the JSON says {stored[0]}x{stored[1]} but the file is {width}x{height}"
                 f"{' as displayed (EXIF rotation applied)' if probe.orientation != 1 else ''}; "
                 "boxes may belong to another copy of the image (--fix sets the size from the file; "
-                "check the boxes with tools/show.py)", **rid)
+                "check the boxes with tools/show.py)",
+                **rid,
+            )
     if probe.orientation not in (1, 0) and (stored is None or stored == probe.size):
-        report.info("exif_orientation",
-                    f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
-                    "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF", **rid)
+        report.info(
+            "exif_orientation",
+            f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
+            "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF",
+            **rid,
+        )
     if probe.maybe_truncated:
-        report.warn("maybe_truncated", f"{label}: the JPEG has no end marker, it may be truncated; "
-                                       "run with --decode to check it", **rid)
+        report.warn(
+            "maybe_truncated",
+            f"{label}: the JPEG has no end marker, it may be truncated; "
+            "run with --decode to check it",
+            **rid,
+        )
     suffix = Path(str(rec.get("file_name"))).suffix.lower()
     allowed = _EXTENSIONS_OF_FORMAT.get(probe.format or "")
     if allowed is not None and suffix not in allowed:
-        report.info("wrong_extension", f"{label}: the file is {probe.format} despite its "
-                                       f"'{suffix}' name (readable, but confusing)", **rid)
+        report.info(
+            "wrong_extension",
+            f"{label}: the file is {probe.format} despite its "
+            f"'{suffix}' name (readable, but confusing)",
+            **rid,
+        )
 
 
 def _sibling_listed(report: ValidationReport) -> tuple[set[str], list[str]]:
@@ -510,19 +629,28 @@ def _check_unlisted(report: ValidationReport, images: list[Any]) -> None:
     sibling, sibling_names = _sibling_listed(report)
     by_sibling = [p for p in unlisted if str(p) in sibling]
     if by_sibling:
-        report.info("listed_by_sibling",
-                    f"{len(by_sibling)} files of the image folder are listed by "
-                    f"{', '.join(sibling_names)} beside this file (splits sharing the folder)")
+        report.info(
+            "listed_by_sibling",
+            f"{len(by_sibling)} files of the image folder are listed by "
+            f"{', '.join(sibling_names)} beside this file (splits sharing the folder)",
+        )
     for p in unlisted:
         if str(p) in sibling:
             continue
         rel = p.relative_to(report.images_dir).as_posix()
-        report.warn("unlisted_image", f"{rel}: in the image folder but not listed; label it or "
-                                      "move it out (it is not used)", file_name=rel)
+        report.warn(
+            "unlisted_image",
+            f"{rel}: in the image folder but not listed; label it or move it out (it is not used)",
+            file_name=rel,
+        )
 
 
-def _check_annotations(report: ValidationReport, annotations: list[Any],
-                       images_by_id: dict[Any, ImageProbe], cat_names: dict[Any, str]) -> None:
+def _check_annotations(
+    report: ValidationReport,
+    annotations: list[Any],
+    images_by_id: dict[Any, ImageProbe],
+    cat_names: dict[Any, str],
+) -> None:
     images = report.data.get("images", []) if report.data else []
     records = {}
     for rec in images if isinstance(images, list) else []:
@@ -536,54 +664,84 @@ def _check_annotations(report: ValidationReport, annotations: list[Any],
     known = ", ".join(str(c) for c in list(cat_names)[:20])
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
-            report.error("bad_record", f"annotations[{i}] is not an object: {str(ann)[:80]} "
-                                       "(--fix drops it)")
+            report.error(
+                "bad_record", f"annotations[{i}] is not an object: {str(ann)[:80]} (--fix drops it)"
+            )
             continue
         ann_id, image_id = ann.get("id"), ann.get("image_id")
         rec = records.get(image_id)
         name = rec.get("file_name") if rec else None
-        rid = {"image_id": image_id, "ann_id": ann_id,
-               "file_name": name if isinstance(name, str) else None}
+        rid = {
+            "image_id": image_id,
+            "ann_id": ann_id,
+            "file_name": name if isinstance(name, str) else None,
+        }
         label = f"annotation {ann_id} (image {image_id}{', ' + str(name) if name else ''})"
         if "id" not in ann:
-            report.error("bad_record", f"annotations[{i}] (image {image_id}) has no id "
-                                       "(--fix gives it one)", **rid)
+            report.error(
+                "bad_record",
+                f"annotations[{i}] (image {image_id}) has no id (--fix gives it one)",
+                **rid,
+            )
         elif ann_id in seen_ids:
-            report.error("duplicate_ann_id", f"{label}: annotation id {ann_id} is used more than "
-                                             "once; give each box a unique id (--fix renumbers)",
-                         **rid)
+            report.error(
+                "duplicate_ann_id",
+                f"{label}: annotation id {ann_id} is used more than "
+                "once; give each box a unique id (--fix renumbers)",
+                **rid,
+            )
         seen_ids.add(ann_id)
         if rec is None:
-            report.error("unknown_image_id", f"{label}: image_id {image_id!r} is not in 'images' "
-                                             "(--fix drops the box)", **rid)
+            report.error(
+                "unknown_image_id",
+                f"{label}: image_id {image_id!r} is not in 'images' (--fix drops the box)",
+                **rid,
+            )
             continue
         boxes_per_image[image_id] += 1
         cid = ann.get("category_id")
         if cid not in cat_names:
-            report.error("unknown_category", f"{label}: category_id {cid!r} is not in "
-                                             f"'categories' (known: {known}); correct the id or "
-                                             "add the category (--fix drops the box)", **rid)
+            report.error(
+                "unknown_category",
+                f"{label}: category_id {cid!r} is not in "
+                f"'categories' (known: {known}); correct the id or "
+                "add the category (--fix drops the box)",
+                **rid,
+            )
         else:
             boxes_per_cat[cid] += 1
         if ann.get("iscrowd"):
             crowd += 1
         box = parse_bbox(ann.get("bbox"))
         if box is None:
-            report.error("bad_bbox", f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
-                                     "[x, y, width, height] (--fix drops it)", **rid)
+            report.error(
+                "bad_bbox",
+                f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
+                "[x, y, width, height] (--fix drops it)",
+                **rid,
+            )
             continue
         if not all(math.isfinite(v) for v in box):
-            report.error("box_nan", f"{label}: bbox {_fmt_box(box)} has NaN/infinite values "
-                                    "(--fix drops it)", **rid)
+            report.error(
+                "box_nan",
+                f"{label}: bbox {_fmt_box(box)} has NaN/infinite values (--fix drops it)",
+                **rid,
+            )
             continue
         if box[2] <= 0 or box[3] <= 0:
-            report.error("box_empty", f"{label}: bbox {_fmt_box(box)} has zero or negative "
-                                      "width/height (--fix drops it)", **rid)
+            report.error(
+                "box_empty",
+                f"{label}: bbox {_fmt_box(box)} has zero or negative width/height (--fix drops it)",
+                **rid,
+            )
             continue
         area = ann.get("area")
         if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
-            report.warn("missing_area", f"{label}: no usable 'area' (COCO evaluation needs it; "
-                                        "--fix sets width*height)", **rid)
+            report.warn(
+                "missing_area",
+                f"{label}: no usable 'area' (COCO evaluation needs it; --fix sets width*height)",
+                **rid,
+            )
         frame = _frame_of(images_by_id.get(image_id), rec)
         if frame is None:
             continue
@@ -591,37 +749,57 @@ def _check_annotations(report: ValidationReport, annotations: list[Any],
         frame_boxes.append((box, width, height))
         where, over = box_position(box, width, height)
         if where == "outside":
-            report.error("box_outside", f"{label}: bbox {_fmt_box(box)} lies entirely outside "
-                                        f"the {width}x{height} image (--fix drops it)", **rid)
+            report.error(
+                "box_outside",
+                f"{label}: bbox {_fmt_box(box)} lies entirely outside "
+                f"the {width}x{height} image (--fix drops it)",
+                **rid,
+            )
         elif where == "past":
-            report.warn("box_past_edge", f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
-                                         f"the edge of the {width}x{height} image (--fix clips it)",
-                        **rid)
+            report.warn(
+                "box_past_edge",
+                f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
+                f"the edge of the {width}x{height} image (--fix clips it)",
+                **rid,
+            )
     _check_xyxy(report, frame_boxes)
     if crowd:
-        report.info("crowd_boxes", f"{crowd} iscrowd boxes: left out of training, used as "
-                                   "'ignore' regions by COCO evaluation")
+        report.info(
+            "crowd_boxes",
+            f"{crowd} iscrowd boxes: left out of training, used as "
+            "'ignore' regions by COCO evaluation",
+        )
     placeholders = placeholder_category_ids(report.data or {})
     for cid, cname in cat_names.items():
         if boxes_per_cat[cid]:
             continue
         if cid in placeholders:
-            report.warn("empty_category", f"category {cid} {cname!r} has no boxes and is the "
-                                          "supercategory of all the others: Roboflow's placeholder; "
-                                          "drop it (--fix does)")
+            report.warn(
+                "empty_category",
+                f"category {cid} {cname!r} has no boxes and is the "
+                "supercategory of all the others: Roboflow's placeholder; "
+                "drop it (--fix does)",
+            )
         else:
-            report.warn("empty_category", f"category {cid} {cname!r} has no boxes: the model gets "
-                                          "a class it never sees; drop it unless another set adds "
-                                          "boxes")
+            report.warn(
+                "empty_category",
+                f"category {cid} {cname!r} has no boxes: the model gets "
+                "a class it never sees; drop it unless another set adds "
+                "boxes",
+            )
     for image_id, rec in records.items():
         if not boxes_per_image[image_id]:
             probe = images_by_id.get(image_id)
             if probe is not None and probe.status != "ok":
                 continue
-            report.info("negative", f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
-                                    "trained as a negative (background only); label it if it "
-                                    "shows objects", image_id=image_id,
-                        file_name=rec.get("file_name"))
+            report.info(
+                "negative",
+                f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
+                "trained as a negative (background only); label it if it "
+                "shows objects",
+                image_id=image_id,
+                file_name=rec.get("file_name"),
+            )
 
 
 def _frame_of(probe: ImageProbe | None, rec: dict[str, Any]) -> tuple[int, int] | None:
@@ -631,23 +809,32 @@ def _frame_of(probe: ImageProbe | None, rec: dict[str, Any]) -> tuple[int, int] 
     return positive_size(rec)
 
 
-def _check_xyxy(report: ValidationReport,
-                boxes: list[tuple[tuple[float, float, float, float], int, int]]) -> None:
+def _check_xyxy(
+    report: ValidationReport, boxes: list[tuple[tuple[float, float, float, float], int, int]]
+) -> None:
     """Boxes stored as [x1, y1, x2, y2]: x + w runs past the edge for many, while w > x, h > y
     and (w, h) read as a corner falls inside the image for nearly all of them."""
     if not boxes:
         return
     n = len(boxes)
-    past = sum(1 for (x, y, w, h), W, H in boxes
-               if x + w > W + EDGE_TOLERANCE or y + h > H + EDGE_TOLERANCE)
-    pattern = sum(1 for (x, y, w, h), W, H in boxes
-                  if w > x and h > y and w <= W + EDGE_TOLERANCE and h <= H + EDGE_TOLERANCE)
+    past = sum(
+        1
+        for (x, y, w, h), W, H in boxes
+        if x + w > W + EDGE_TOLERANCE or y + h > H + EDGE_TOLERANCE
+    )
+    pattern = sum(
+        1
+        for (x, y, w, h), W, H in boxes
+        if w > x and h > y and w <= W + EDGE_TOLERANCE and h <= H + EDGE_TOLERANCE
+    )
     if past >= 2 and past >= XYXY_MIN_PAST_SHARE * n and pattern >= XYXY_MIN_PATTERN_SHARE * n:
-        report.warn("bbox_looks_xyxy",
-                    f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
-                    "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
-                    "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
-                    "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)")
+        report.warn(
+            "bbox_looks_xyxy",
+            f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
+            "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
+            "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
+            "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)",
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,8 +860,10 @@ def fix_coco(report: ValidationReport, *, xyxy: bool = False) -> FixResult:
     [x1, y1, x2, y2] and converted. The input is not modified.
     """
     if report.data is None or not isinstance(report.data, dict):
-        raise CocoError("cannot repair: the file is not a readable COCO JSON object "
-                        f"({report.errors[0].message if report.errors else 'no data'})")
+        raise CocoError(
+            "cannot repair: the file is not a readable COCO JSON object "
+            f"({report.errors[0].message if report.errors else 'no data'})"
+        )
     src = report.data
     if not isinstance(src.get("images"), list) or not isinstance(src.get("categories"), list):
         raise CocoError("cannot repair: the file has no 'images' or 'categories' list")
@@ -682,38 +871,48 @@ def fix_coco(report: ValidationReport, *, xyxy: bool = False) -> FixResult:
     changes: list[str] = []
     categories, cat_remap = _fix_categories(data, src, changes)
     images, sizes, dropped_images = _fix_images(data, report, changes)
-    annotations, dropped_anns = _fix_annotations(data, sizes, {c["id"] for c in categories},
-                                                 cat_remap, xyxy, changes)
+    annotations, dropped_anns = _fix_annotations(
+        data, sizes, {c["id"] for c in categories}, cat_remap, xyxy, changes
+    )
     data["categories"], data["images"], data["annotations"] = categories, images, annotations
     return FixResult(data, changes, dropped_images, dropped_anns)
 
 
 def _next_id(records: list[Any]) -> Iterator[int]:
-    ints = [r["id"] for r in records if isinstance(r, dict) and isinstance(r.get("id"), int)
-            and not isinstance(r.get("id"), bool)]
+    ints = [
+        r["id"]
+        for r in records
+        if isinstance(r, dict)
+        and isinstance(r.get("id"), int)
+        and not isinstance(r.get("id"), bool)
+    ]
     start = max(ints, default=0) + 1
     while True:
         yield start
         start += 1
 
 
-def _fix_categories(data: dict[str, Any], src: dict[str, Any],
-                    changes: list[str]) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
+def _fix_categories(
+    data: dict[str, Any], src: dict[str, Any], changes: list[str]
+) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
     placeholders = placeholder_category_ids(src)
     new_ids = _next_id(data["categories"])
     kept: list[dict[str, Any]] = []
     by_id: dict[Any, dict[str, Any]] = {}
     by_name: dict[str, dict[str, Any]] = {}
     remap: dict[Any, Any] = {}
-    used = Counter(a.get("category_id") for a in data.get("annotations") or []
-                   if isinstance(a, dict))
+    used = Counter(
+        a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict)
+    )
     for i, cat in enumerate(data["categories"]):
         if not isinstance(cat, dict) or "id" not in cat:
             changes.append(f"dropped categories[{i}]: no id")
             continue
         if cat["id"] in placeholders:
-            changes.append(f"dropped category {cat['id']} {cat.get('name')!r}: Roboflow's "
-                           "placeholder superclass, no boxes")
+            changes.append(
+                f"dropped category {cat['id']} {cat.get('name')!r}: Roboflow's "
+                "placeholder superclass, no boxes"
+            )
             continue
         if not isinstance(cat.get("name"), str) or not cat["name"].strip():
             cat["name"] = f"category_{cat['id']}"
@@ -725,14 +924,18 @@ def _fix_categories(data: dict[str, Any], src: dict[str, Any],
                 changes.append(f"dropped repeated category record {cat['id']} {cat['name']!r}")
                 continue
             old, cat["id"] = cat["id"], next(new_ids)
-            changes.append(f"category {cat['name']!r}: id {old} was also {first['name']!r}; "
-                           f"renumbered to {cat['id']} (boxes with category_id {old} stay "
-                           f"{first['name']!r}: re-label this class)")
+            changes.append(
+                f"category {cat['name']!r}: id {old} was also {first['name']!r}; "
+                f"renumbered to {cat['id']} (boxes with category_id {old} stay "
+                f"{first['name']!r}: re-label this class)"
+            )
         if key in by_name:
             first = by_name[key]
             remap[cat["id"]] = first["id"]
-            changes.append(f"merged category {cat['id']} {cat['name']!r} into {first['id']} "
-                           f"{first['name']!r} ({used[cat['id']]} boxes moved)")
+            changes.append(
+                f"merged category {cat['id']} {cat['name']!r} into {first['id']} "
+                f"{first['name']!r} ({used[cat['id']]} boxes moved)"
+            )
             continue
         by_id[cat["id"]] = cat
         by_name[key] = cat
@@ -740,29 +943,38 @@ def _fix_categories(data: dict[str, Any], src: dict[str, Any],
     return kept, remap
 
 
-def _fix_images(data: dict[str, Any], report: ValidationReport,
-                changes: list[str]) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]],
-                                             int]:
+def _fix_images(
+    data: dict[str, Any], report: ValidationReport, changes: list[str]
+) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]], int]:
     new_ids = _next_id(data["images"])
     kept: list[dict[str, Any]] = []
     sizes: dict[Any, tuple[int, int]] = {}
     names: dict[Any, Any] = {}
     dropped = 0
-    reasons = {"bad_record": "no id or file_name", "unsafe": "file_name escapes the image folder",
-               "missing": "file not found", "unreadable": "file cannot be read",
-               "too_large": "image too large"}
+    reasons = {
+        "bad_record": "no id or file_name",
+        "unsafe": "file_name escapes the image folder",
+        "missing": "file not found",
+        "unreadable": "file cannot be read",
+        "too_large": "image too large",
+    }
     for i, rec in enumerate(data["images"]):
         probe = report.probes[i] if i < len(report.probes) else ImageProbe("bad_record")
-        label = (f"image id {rec.get('id')} ({rec.get('file_name')})" if isinstance(rec, dict)
-                 else f"images[{i}]")
+        label = (
+            f"image id {rec.get('id')} ({rec.get('file_name')})"
+            if isinstance(rec, dict)
+            else f"images[{i}]"
+        )
         if probe.status != "ok":
             changes.append(f"dropped {label}: {reasons.get(probe.status, probe.status)}")
             dropped += 1
             continue
         assert probe.size is not None
         if positive_size(rec) != probe.size:
-            changes.append(f"{label}: width x height {rec.get('width')} x {rec.get('height')} -> "
-                           f"{probe.size[0]} x {probe.size[1]} (from the file)")
+            changes.append(
+                f"{label}: width x height {rec.get('width')} x {rec.get('height')} -> "
+                f"{probe.size[0]} x {probe.size[1]} (from the file)"
+            )
             rec["width"], rec["height"] = probe.size
         if rec["id"] in sizes:
             if names[rec["id"]] == rec.get("file_name"):
@@ -770,18 +982,25 @@ def _fix_images(data: dict[str, Any], report: ValidationReport,
                 dropped += 1
                 continue
             old, rec["id"] = rec["id"], next(new_ids)
-            changes.append(f"{label}: id {old} was also {names[old]!r}; renumbered to "
-                           f"{rec['id']}; its boxes cannot be told apart and stay with "
-                           f"{names[old]!r}: re-label it")
+            changes.append(
+                f"{label}: id {old} was also {names[old]!r}; renumbered to "
+                f"{rec['id']}; its boxes cannot be told apart and stay with "
+                f"{names[old]!r}: re-label it"
+            )
         sizes[rec["id"]] = probe.size
         names[rec["id"]] = rec.get("file_name")
         kept.append(rec)
     return kept, sizes, dropped
 
 
-def _fix_annotations(data: dict[str, Any], sizes: dict[Any, tuple[int, int]], cat_ids: set[Any],
-                     cat_remap: dict[Any, Any], xyxy: bool,
-                     changes: list[str]) -> tuple[list[dict[str, Any]], int]:
+def _fix_annotations(
+    data: dict[str, Any],
+    sizes: dict[Any, tuple[int, int]],
+    cat_ids: set[Any],
+    cat_remap: dict[Any, Any],
+    xyxy: bool,
+    changes: list[str],
+) -> tuple[list[dict[str, Any]], int]:
     anns = data.get("annotations")
     anns = anns if isinstance(anns, list) else []
     new_ids = _next_id(anns)
@@ -809,8 +1028,9 @@ def _fix_annotations(data: dict[str, Any], sizes: dict[Any, tuple[int, int]], ca
         if reason is None and box is not None and xyxy:
             x1, y1, x2, y2 = box
             converted = (min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1))
-            changes.append(f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> "
-                           f"{_fmt_box(converted)}")
+            changes.append(
+                f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> {_fmt_box(converted)}"
+            )
             box = converted
             ann["bbox"] = list(box)
             ann["area"] = box[2] * box[3]
@@ -843,8 +1063,10 @@ def _fix_annotations(data: dict[str, Any], sizes: dict[Any, tuple[int, int]], ca
             changes.append(f"{label}: area set to {ann['area']:g} (width*height)")
         if "id" not in ann or ann["id"] in seen:
             old, ann["id"] = ann.get("id"), next(new_ids)
-            changes.append(f"{label}: id {old!r} {'missing' if old is None else 'repeated'}; "
-                           f"renumbered to {ann['id']}")
+            changes.append(
+                f"{label}: id {old!r} {'missing' if old is None else 'repeated'}; "
+                f"renumbered to {ann['id']}"
+            )
         seen.add(ann["id"])
         kept.append(ann)
     return kept, dropped

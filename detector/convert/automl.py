@@ -56,7 +56,8 @@ def read_automl(ctx: ReadContext) -> ReadResult:
         if len(coords) != 8:
             raise ConversionError(
                 f"{path}: {record}: expected 8 coordinate columns after the label "
-                f"(xmin,ymin,,,xmax,ymax,, or 4 vertices), got {len(coords)}")
+                f"(xmin,ymin,,,xmax,ymax,, or 4 vertices), got {len(coords)}"
+            )
         if not label:
             raise ConversionError(f"{path}: {record}: box without a label")
         filled = [bool(c) for c in coords]
@@ -67,8 +68,10 @@ def read_automl(ctx: ReadContext) -> ReadResult:
             values = [number(c, path, record, "vertex coordinate") for c in coords]
             xs, ys = values[0::2], values[1::2]
         else:
-            raise ConversionError(f"{path}: {record}: coordinates must be 'xmin,ymin,,,xmax,ymax,,' "
-                                  f"or 4 full vertices, got {','.join(coords)!r}")
+            raise ConversionError(
+                f"{path}: {record}: coordinates must be 'xmin,ymin,,,xmax,ymax,,' "
+                f"or 4 full vertices, got {','.join(coords)!r}"
+            )
         boxes.append(Box(label, min(xs), min(ys), max(xs), max(ys), record))
 
     matched_remote = 0
@@ -83,8 +86,14 @@ def read_automl(ctx: ReadContext) -> ReadResult:
             hits = finder.by_basename(name.replace("\\", "/").rsplit("/", 1)[-1])
             img = hits[0] if len(hits) == 1 else None
         if img is None:
-            result.skipped.append(Skipped(str(path), record, f"image {name!r} not found in "
-                                          f"{finder.describe()}; its {len(boxes)} boxes skipped"))
+            result.skipped.append(
+                Skipped(
+                    str(path),
+                    record,
+                    f"image {name!r} not found in "
+                    f"{finder.describe()}; its {len(boxes)} boxes skipped",
+                )
+            )
             continue
         matched_remote += remote
         width, height = ctx.size(img, path, record)
@@ -92,7 +101,8 @@ def read_automl(ctx: ReadContext) -> ReadResult:
             b.x0, b.x1, b.y0, b.y1 = b.x0 * width, b.x1 * width, b.y0 * height, b.y1 * height
         result.images.append(ImageEntry(img, path, record, boxes))
     if matched_remote:
-        result.notes.append(f"{matched_remote} gs:// or http paths matched by file name in "
-                            f"{finder.describe()}")
+        result.notes.append(
+            f"{matched_remote} gs:// or http paths matched by file name in {finder.describe()}"
+        )
     result.notes.append("rows per set: " + ", ".join(f"{k} {v}" for k, v in sorted(sets.items())))
     return result

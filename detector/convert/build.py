@@ -60,7 +60,9 @@ class ConversionReport:
     written: bool = False
 
     def summary(self) -> str:
-        where = f" -> {self.out / ANNOTATIONS_NAME}" if self.written and self.out else " (not written)"
+        where = (
+            f" -> {self.out / ANNOTATIONS_NAME}" if self.written and self.out else " (not written)"
+        )
         extra = []
         if self.negatives:
             extra.append(f"{self.negatives} without boxes")
@@ -93,8 +95,16 @@ def _check_decodes(path: Path | None, data: bytes | None, where: str) -> None:
             if im.format == "JPEG":
                 im.draft(im.mode, (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ConversionError(f"{where}: image cannot be decoded (truncated or corrupt?): {e}") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as e:
+        raise ConversionError(
+            f"{where}: image cannot be decoded (truncated or corrupt?): {e}"
+        ) from None
 
 
 def _embedded_size(data: bytes, where: str) -> tuple[int, int]:
@@ -103,7 +113,9 @@ def _embedded_size(data: bytes, where: str) -> tuple[int, int]:
             width, height = im.size
             orientation = im.getexif().get(0x0112, 1)
     except (UnidentifiedImageError, OSError) as e:
-        raise ConversionError(f"{where}: embedded image data is not a readable image ({e})") from None
+        raise ConversionError(
+            f"{where}: embedded image data is not a readable image ({e})"
+        ) from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -152,8 +164,13 @@ def _r(v: float) -> float:
     return round(float(v), 3)
 
 
-def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] | None = None,
-               progress: bool = False) -> tuple[dict[str, Any], list[ImageEntry], ConversionReport]:
+def build_coco(
+    result: ReadResult,
+    ctx: ReadContext,
+    fmt: str,
+    names: list[str] | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], list[ImageEntry], ConversionReport]:
     """Check images and boxes and build the COCO dict; returns it, the kept image entries in
     output order (``file_name`` set in the dict) and the report. Writes nothing."""
     report = ConversionReport(format=fmt, src=ctx.src, out=None)
@@ -170,10 +187,14 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
         key = entry.path.resolve() if entry.embedded is None else entry.path
         if key in first_record:
             first = first_record[key]
-            report.skipped.append(Skipped(
-                str(entry.label_file), entry.record,
-                f"same image file as {first.record} in {first.label_file}; this record and its "
-                f"{len(entry.boxes)} boxes skipped"))
+            report.skipped.append(
+                Skipped(
+                    str(entry.label_file),
+                    entry.record,
+                    f"same image file as {first.record} in {first.label_file}; this record and its "
+                    f"{len(entry.boxes)} boxes skipped",
+                )
+            )
             continue
         first_record[key] = entry
         entries.append(entry)
@@ -184,9 +205,14 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
     clamped = 0
     clipped_notes: list[str] = []
     out_names = _output_names([e.path for e in entries])
-    bar = tqdm(zip(entries, out_names, strict=True), total=len(entries), unit="img",
-               desc=f"checking {fmt} images", file=sys.stderr,
-               disable=not progress or len(entries) < PROGRESS_MIN_IMAGES)
+    bar = tqdm(
+        zip(entries, out_names, strict=True),
+        total=len(entries),
+        unit="img",
+        desc=f"checking {fmt} images",
+        file=sys.stderr,
+        disable=not progress or len(entries) < PROGRESS_MIN_IMAGES,
+    )
     for image_id, (entry, out_name) in enumerate(bar, start=1):
         where = f"{entry.label_file}: {entry.record}: {entry.path}"
         if entry.embedded is not None:
@@ -197,15 +223,25 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
         if entry.declared_size and tuple(entry.declared_size) != (width, height):
             size_notes.append(
                 f"{entry.path.name}: {entry.label_file.name} says {entry.declared_size[0]}x"
-                f"{entry.declared_size[1]}, the image file is {width}x{height} (file size used)")
-        images_json.append({"id": image_id, "file_name": out_name, "width": width,
-                            "height": height, "source_file": str(entry.path)})
+                f"{entry.declared_size[1]}, the image file is {width}x{height} (file size used)"
+            )
+        images_json.append(
+            {
+                "id": image_id,
+                "file_name": out_name,
+                "width": width,
+                "height": height,
+                "source_file": str(entry.path),
+            }
+        )
         seen_boxes: dict[tuple, str] = {}
         kept = 0
         for box in entry.boxes:
+
             def skip(reason: str, box=box, entry=entry) -> None:
-                report.skipped.append(Skipped(str(entry.label_file),
-                                              f"{entry.record}, {box.record}", reason))
+                report.skipped.append(
+                    Skipped(str(entry.label_file), f"{entry.record}, {box.record}", reason)
+                )
 
             if box.label not in cat_id:
                 skip(f"unknown label {box.label!r} (categories: {', '.join(categories) or 'none'})")
@@ -218,16 +254,23 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
                 skip(f"inverted box {[_r(x0), _r(y0), _r(x1), _r(y1)]} (xyxy: max < min)")
                 continue
             if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-                skip(f"box {[_r(x0), _r(y0), _r(x1), _r(y1)]} (xyxy) is entirely outside the "
-                     f"{width}x{height} image")
+                skip(
+                    f"box {[_r(x0), _r(y0), _r(x1), _r(y1)]} (xyxy) is entirely outside the "
+                    f"{width}x{height} image"
+                )
                 continue
             cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
             cx1, cy1 = min(x1, float(width)), min(y1, float(height))
             w, h = _r(cx1 - cx0), _r(cy1 - cy0)
             if w <= 0 or h <= 0:
-                skip(f"box {[_r(x0), _r(y0), _r(x1), _r(y1)]} (xyxy) has zero area"
-                     + (" after clipping to the image" if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
-                        else ""))
+                skip(
+                    f"box {[_r(x0), _r(y0), _r(x1), _r(y1)]} (xyxy) has zero area"
+                    + (
+                        " after clipping to the image"
+                        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+                        else ""
+                    )
+                )
                 continue
             was_clipped = (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
             bbox = [_r(cx0), _r(cy0), w, h]
@@ -243,10 +286,18 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
                     clipped_notes.append(f"{entry.path.name} {box.record} (by {overshoot:.1f} px)")
                 else:
                     clamped += 1
-            area = box.area if (box.area is not None and box.area > 0 and not was_clipped) else w * h
-            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[box.label],
-                   "bbox": bbox, "area": _r(area), "iscrowd": int(bool(box.iscrowd)),
-                   "segmentation": box.segmentation if box.segmentation is not None else []}
+            area = (
+                box.area if (box.area is not None and box.area > 0 and not was_clipped) else w * h
+            )
+            ann = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_id[box.label],
+                "bbox": bbox,
+                "area": _r(area),
+                "iscrowd": int(bool(box.iscrowd)),
+                "segmentation": box.segmentation if box.segmentation is not None else [],
+            }
             annotations.append(ann)
             per_cat[box.label] += 1
             report.crowd += ann["iscrowd"]
@@ -254,20 +305,29 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
         report.negatives += kept == 0
 
     if size_notes:
-        report.notes.append(f"{len(size_notes)} images have a size in the label file that differs "
-                            f"from the file: " + "; ".join(size_notes[:MAX_LISTED_NOTES])
-                            + (" ..." if len(size_notes) > MAX_LISTED_NOTES else ""))
+        report.notes.append(
+            f"{len(size_notes)} images have a size in the label file that differs "
+            f"from the file: "
+            + "; ".join(size_notes[:MAX_LISTED_NOTES])
+            + (" ..." if len(size_notes) > MAX_LISTED_NOTES else "")
+        )
     if clipped_notes:
-        report.notes.append(f"{len(clipped_notes)} boxes partly outside their image were clipped: "
-                            + "; ".join(clipped_notes[:MAX_LISTED_NOTES])
-                            + (" ..." if len(clipped_notes) > MAX_LISTED_NOTES else ""))
+        report.notes.append(
+            f"{len(clipped_notes)} boxes partly outside their image were clipped: "
+            + "; ".join(clipped_notes[:MAX_LISTED_NOTES])
+            + (" ..." if len(clipped_notes) > MAX_LISTED_NOTES else "")
+        )
     if clamped:
-        report.notes.append(f"{clamped} boxes overshot the image border by at most "
-                            f"{CLIP_REPORT_PX} px (rounding) and were clamped to it")
+        report.notes.append(
+            f"{clamped} boxes overshot the image border by at most "
+            f"{CLIP_REPORT_PX} px (rounding) and were clamped to it"
+        )
     embedded = sum(e.embedded is not None for e in entries)
     if embedded:
-        report.notes.append(f"{embedded} images were missing on disk and taken from the label "
-                            "file's embedded image data")
+        report.notes.append(
+            f"{embedded} images were missing on disk and taken from the label "
+            "file's embedded image data"
+        )
     _note_unreferenced(result, entries, report)
 
     report.images = len(images_json)
@@ -285,22 +345,32 @@ def build_coco(result: ReadResult, ctx: ReadContext, fmt: str, names: list[str] 
         "licenses": [],
         "images": images_json,
         "annotations": annotations,
-        "categories": [{"id": cat_id[n], "name": n, "supercategory": result.supercategories.get(n, "")}
-                       for n in categories],
+        "categories": [
+            {"id": cat_id[n], "name": n, "supercategory": result.supercategories.get(n, "")}
+            for n in categories
+        ],
     }
     return coco, entries, report
 
 
-def _note_unreferenced(result: ReadResult, entries: list[ImageEntry], report: ConversionReport) -> None:
+def _note_unreferenced(
+    result: ReadResult, entries: list[ImageEntry], report: ConversionReport
+) -> None:
     """Count image files lying beside the converted ones that no converted record names."""
     used = {e.path.resolve() for e in entries if e.embedded is None}
     folders = {p.parent for p in used}
-    unused = sorted(p for d in folders for p in d.iterdir()
-                    if p.suffix.lower() in IMAGE_EXTENSIONS and p.resolve() not in used and p.is_file())
+    unused = sorted(
+        p
+        for d in folders
+        for p in d.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.resolve() not in used and p.is_file()
+    )
     if unused:
         names = ", ".join(p.name for p in unused[:5]) + (" ..." if len(unused) > 5 else "")
-        report.notes.append(f"{len(unused)} image files beside the converted ones are named by no "
-                            f"converted record (not in the output): {names}")
+        report.notes.append(
+            f"{len(unused)} image files beside the converted ones are named by no "
+            f"converted record (not in the output): {names}"
+        )
 
 
 def check_output(out: Path, ctx: ReadContext, result: ReadResult, overwrite: bool) -> None:
@@ -318,22 +388,26 @@ def check_output(out: Path, ctx: ReadContext, result: ReadResult, overwrite: boo
         if out_r == folder or folder in out_r.parents:
             raise ConversionError(
                 f"{out}: the output folder is (inside) the source folder {folder}; converters "
-                "never write into their input, choose an output folder elsewhere")
+                "never write into their input, choose an output folder elsewhere"
+            )
         if (out_r / IMAGES_DIR) == folder or (out_r / IMAGES_DIR) in folder.parents:
             raise ConversionError(
                 f"{out}: {out / IMAGES_DIR} would replace the source images in {folder}; choose "
-                "another output folder")
+                "another output folder"
+            )
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out}: exists and is not a folder")
     existing = [p for p in (target, out / IMAGES_DIR) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
         raise ConversionError(
             f"{out}: already holds {', '.join(p.name for p in existing)}; pass --overwrite "
-            "(overwrite=True) to replace them, or choose an empty folder")
+            "(overwrite=True) to replace them, or choose an empty folder"
+        )
 
 
-def write_output(out: Path, coco: dict[str, Any], entries: list[ImageEntry], link: bool,
-                 progress: bool = False) -> None:
+def write_output(
+    out: Path, coco: dict[str, Any], entries: list[ImageEntry], link: bool, progress: bool = False
+) -> None:
     """Copy (or symlink) the images into a temporary folder, swap it in, then write the JSON.
 
     If anything fails, the previous ``images/`` and ``annotations.json`` (if any) are left as they
@@ -344,8 +418,13 @@ def write_output(out: Path, coco: dict[str, Any], entries: list[ImageEntry], lin
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes it private; the output is meant to be shared
         items = list(zip(entries, coco["images"], strict=True))
-        bar = tqdm(items, unit="img", desc="linking images" if link else "copying images",
-                   file=sys.stderr, disable=not progress or len(items) < PROGRESS_MIN_IMAGES)
+        bar = tqdm(
+            items,
+            unit="img",
+            desc="linking images" if link else "copying images",
+            file=sys.stderr,
+            disable=not progress or len(items) < PROGRESS_MIN_IMAGES,
+        )
         for entry, info in bar:
             dest = staging / info["file_name"]
             if entry.embedded is not None:

@@ -45,7 +45,12 @@ def _pick_root(json_path: Path, names: list[str], given: Path | None) -> list[Pa
         hits = 0
         for n in names:
             rel = n.replace("\\", "/")
-            if rel and not rel.startswith("/") and ".." not in rel.split("/") and (root / rel).is_file():
+            if (
+                rel
+                and not rel.startswith("/")
+                and ".." not in rel.split("/")
+                and (root / rel).is_file()
+            ):
                 hits += 1
         if hits > best_hits:
             best, best_hits = root, hits
@@ -64,7 +69,9 @@ def read_coco(ctx: ReadContext) -> ReadResult:
     (path,) = source_files(ctx.src, "coco", single=True, what="COCO JSON")
     data = load_json(path)
     if not isinstance(data, dict):
-        raise ConversionError(f"{path}: top level must be an object with images/annotations/categories")
+        raise ConversionError(
+            f"{path}: top level must be an object with images/annotations/categories"
+        )
     for key in ("images", "categories"):
         if not isinstance(data.get(key), list):
             raise ConversionError(f"{path}: missing the '{key}' list; is this a COCO file?")
@@ -89,14 +96,17 @@ def read_coco(ctx: ReadContext) -> ReadResult:
     notes = []
     dropped = set()
     for cid, name in list(cat_name.items()):
-        is_parent = any(str(c.get("supercategory")) == name and c["id"] != cid
-                        for c in data["categories"])
+        is_parent = any(
+            str(c.get("supercategory")) == name and c["id"] != cid for c in data["categories"]
+        )
         if cid not in used_ids and is_parent:
             del cat_name[cid]
             order.remove(name)
             dropped.add(name)
-            notes.append(f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
-                         "annotations, only the supercategory of other categories (Roboflow)")
+            notes.append(
+                f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
+                "annotations, only the supercategory of other categories (Roboflow)"
+            )
     for name in order:
         if supercat.get(name) in dropped:
             supercat[name] = ""
@@ -111,8 +121,14 @@ def read_coco(ctx: ReadContext) -> ReadResult:
             raise ConversionError(f"{path}: images[{i}]: file_name must be a string")
     roots = _pick_root(path, [im["file_name"] for im in data["images"]], ctx.images)
     finder = ImageFinder(roots)
-    result = ReadResult(images=[], categories=order, sources=[path], image_roots=finder.roots,
-                        notes=notes, supercategories=supercat)
+    result = ReadResult(
+        images=[],
+        categories=order,
+        sources=[path],
+        image_roots=finder.roots,
+        notes=notes,
+        supercategories=supercat,
+    )
     by_id: dict[Any, ImageEntry | None] = {}
     missing: list[tuple[str, str, Any]] = []
     for i, im in enumerate(data["images"]):
@@ -138,16 +154,17 @@ def read_coco(ctx: ReadContext) -> ReadResult:
         record = f"annotation id {a.get('id', f'#{i}')}"
         bbox = a["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4:
-            raise ConversionError(f"{path}: {record}: bbox must be [x, y, width, height], got "
-                                  f"{str(bbox)[:80]}")
+            raise ConversionError(
+                f"{path}: {record}: bbox must be [x, y, width, height], got {str(bbox)[:80]}"
+            )
         x, y, w, h = (number(v, path, record, "bbox value") for v in bbox)
         if a["image_id"] not in by_id:
-            result.skipped.append(Skipped(str(path), record,
-                                          f"unknown image id {a['image_id']!r}"))
+            result.skipped.append(Skipped(str(path), record, f"unknown image id {a['image_id']!r}"))
             continue
         if a["category_id"] not in cat_name:
-            result.skipped.append(Skipped(str(path), record,
-                                          f"unknown category id {a['category_id']!r}"))
+            result.skipped.append(
+                Skipped(str(path), record, f"unknown category id {a['category_id']!r}")
+            )
             continue
         entry = by_id[a["image_id"]]
         if entry is None:
@@ -155,18 +172,37 @@ def read_coco(ctx: ReadContext) -> ReadResult:
             continue
         area = a.get("area")
         area = float(area) if isinstance(area, int | float) and not isinstance(area, bool) else None
-        entry.boxes.append(Box(cat_name[a["category_id"]], x, y, x + w, y + h, record,
-                               iscrowd=int(bool(a.get("iscrowd", 0))), area=area,
-                               segmentation=a.get("segmentation")))
+        entry.boxes.append(
+            Box(
+                cat_name[a["category_id"]],
+                x,
+                y,
+                x + w,
+                y + h,
+                record,
+                iscrowd=int(bool(a.get("iscrowd", 0))),
+                area=area,
+                segmentation=a.get("segmentation"),
+            )
+        )
     for record, _name, image_id in missing:
-        result.skipped.append(Skipped(
-            str(path), record, f"image file not found in {finder.describe()}; its "
-            f"{lost.get(image_id, 0)} boxes skipped"))
+        result.skipped.append(
+            Skipped(
+                str(path),
+                record,
+                f"image file not found in {finder.describe()}; its "
+                f"{lost.get(image_id, 0)} boxes skipped",
+            )
+        )
     if missing:
-        result.notes.append(f"{len(missing)} of {len(data['images'])} listed images are not on disk "
-                            f"({sum(lost.values())} boxes on them skipped)")
+        result.notes.append(
+            f"{len(missing)} of {len(data['images'])} listed images are not on disk "
+            f"({sum(lost.values())} boxes on them skipped)"
+        )
     crowd = sum(b.iscrowd for e in result.images for b in e.boxes)
     if crowd:
-        result.notes.append(f"{crowd} iscrowd annotations kept with iscrowd=1 (ignored in training, "
-                            "'ignore' regions in evaluation)")
+        result.notes.append(
+            f"{crowd} iscrowd annotations kept with iscrowd=1 (ignored in training, "
+            "'ignore' regions in evaluation)"
+        )
     return result

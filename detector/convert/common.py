@@ -193,8 +193,9 @@ def points_box(xs: Iterable[float], ys: Iterable[float]) -> tuple[float, float, 
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def rotated_rect_box(cx: float, cy: float, w: float, h: float,
-                     degrees: float) -> tuple[float, float, float, float]:
+def rotated_rect_box(
+    cx: float, cy: float, w: float, h: float, degrees: float
+) -> tuple[float, float, float, float]:
     """Axis-aligned box around a ``w`` x ``h`` rectangle centred on (cx, cy), rotated."""
     t = math.radians(degrees)
     half_w = (abs(w * math.cos(t)) + abs(h * math.sin(t))) / 2
@@ -202,8 +203,9 @@ def rotated_rect_box(cx: float, cy: float, w: float, h: float,
     return cx - half_w, cy - half_h, cx + half_w, cy + half_h
 
 
-def rotated_ellipse_box(cx: float, cy: float, rx: float, ry: float,
-                        radians: float) -> tuple[float, float, float, float]:
+def rotated_ellipse_box(
+    cx: float, cy: float, rx: float, ry: float, radians: float
+) -> tuple[float, float, float, float]:
     """Axis-aligned box around an ellipse with radii (rx, ry) rotated by ``radians``."""
     c, s = math.cos(radians), math.sin(radians)
     half_w = math.sqrt((rx * c) ** 2 + (ry * s) ** 2)
@@ -287,4 +289,3 @@ def check_name_is_safe(name: str, label_file: Path | str, record: str) -> None:
             f"{label_file}: {record}: image name {name!r} is an absolute path or escapes the image "
             "folder; refused"
         )
-

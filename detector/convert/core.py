@@ -34,8 +34,12 @@ FORMATS: dict[str, Callable[[ReadContext], ReadResult]] = {
 }
 
 
-def read(src: str | os.PathLike, fmt: str | None = None, images: str | os.PathLike | None = None,
-         names: list[str] | None = None) -> tuple[ReadResult, ReadContext, str, bool]:
+def read(
+    src: str | os.PathLike,
+    fmt: str | None = None,
+    images: str | os.PathLike | None = None,
+    names: list[str] | None = None,
+) -> tuple[ReadResult, ReadContext, str, bool]:
     """Parse an export without writing anything: (result, context, format, auto-detected)."""
     src = Path(src)
     if not src.exists():
@@ -47,15 +51,26 @@ def read(src: str | os.PathLike, fmt: str | None = None, images: str | os.PathLi
         raise ConversionError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if images is not None and not Path(images).is_dir():
         raise ConversionError(f"{images}: image folder not found")
-    ctx = ReadContext(src=src, images=Path(images) if images is not None else None,
-                      names=list(names) if names else None)
+    ctx = ReadContext(
+        src=src,
+        images=Path(images) if images is not None else None,
+        names=list(names) if names else None,
+    )
     return FORMATS[fmt](ctx), ctx, fmt, detected
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike | None, fmt: str | None = None,
-            images: str | os.PathLike | None = None, names: list[str] | None = None,
-            link: bool = False, *, overwrite: bool = False, dry_run: bool = False,
-            progress: bool = False) -> ConversionReport:
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike | None,
+    fmt: str | None = None,
+    images: str | os.PathLike | None = None,
+    names: list[str] | None = None,
+    link: bool = False,
+    *,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    progress: bool = False,
+) -> ConversionReport:
     """Convert the label export at ``src`` to COCO in ``out``.
 
     Args:
@@ -87,9 +102,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike | None, fmt: str | No
     if not dry_run and out_path is not None:
         if not report.images:
             shown = "; ".join(str(s) for s in report.skipped[:3])
-            raise ConversionError(f"{src}: no image could be converted, nothing written"
-                                  + (f" ({len(report.skipped)} records skipped: {shown} ...)"
-                                     if report.skipped else ""))
+            raise ConversionError(
+                f"{src}: no image could be converted, nothing written"
+                + (
+                    f" ({len(report.skipped)} records skipped: {shown} ...)"
+                    if report.skipped
+                    else ""
+                )
+            )
         if not report.categories:
             raise ConversionError(f"{src}: no categories found; nothing written")
         write_output(out_path, coco, entries, link, progress=progress)

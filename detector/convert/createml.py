@@ -23,8 +23,9 @@ from .detect import source_files
 
 
 def read_createml(ctx: ReadContext) -> ReadResult:
-    files = sorted(source_files(ctx.src, "createml", single=False, what="Create ML JSON"),
-                   key=natural_key)
+    files = sorted(
+        source_files(ctx.src, "createml", single=False, what="Create ML JSON"), key=natural_key
+    )
     roots = [ctx.images] if ctx.images else sorted({f.parent for f in files})
     finder = ImageFinder(roots)
     result = ReadResult(images=[], categories=None, sources=list(files), image_roots=finder.roots)
@@ -47,8 +48,9 @@ def read_createml(ctx: ReadContext) -> ReadResult:
                 where = f"{record}, {arec}"
                 if not isinstance(coords, dict):
                     raise ConversionError(f"{path}: {where}: missing 'coordinates'")
-                cx, cy, w, h = (number(coords.get(k), path, where, k)
-                                for k in ("x", "y", "width", "height"))
+                cx, cy, w, h = (
+                    number(coords.get(k), path, where, k) for k in ("x", "y", "width", "height")
+                )
                 label = ann.get("label")
                 if not isinstance(label, str) or not label:
                     result.skipped.append(Skipped(str(path), where, "no label"))
@@ -56,8 +58,14 @@ def read_createml(ctx: ReadContext) -> ReadResult:
                 boxes.append(Box(label, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, arec))
             img = local.find(item["image"], path, record)
             if img is None:
-                result.skipped.append(Skipped(str(path), record, f"image file not found in "
-                                              f"{local.describe()}; its {len(boxes)} boxes skipped"))
+                result.skipped.append(
+                    Skipped(
+                        str(path),
+                        record,
+                        f"image file not found in "
+                        f"{local.describe()}; its {len(boxes)} boxes skipped",
+                    )
+                )
                 continue
             result.images.append(ImageEntry(img, path, record, boxes))
     return result

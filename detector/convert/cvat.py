@@ -55,12 +55,20 @@ def read_cvat(ctx: ReadContext) -> ReadResult:
     ]
     roots = [ctx.images] if ctx.images else [xml_path.parent / "images", xml_path.parent]
     finder = ImageFinder(roots)
-    result = ReadResult(images=[], categories=[n for n in labels if n] or None,
-                        sources=[xml_path], image_roots=finder.roots)
+    result = ReadResult(
+        images=[],
+        categories=[n for n in labels if n] or None,
+        sources=[xml_path],
+        image_roots=finder.roots,
+    )
     for track in root.iter("track"):
-        result.skipped.append(Skipped(
-            str(xml_path), f"track id {track.get('id')} ({track.get('label')})",
-            "tracks are CVAT for video; export the task as 'CVAT for images 1.1'"))
+        result.skipped.append(
+            Skipped(
+                str(xml_path),
+                f"track id {track.get('id')} ({track.get('label')})",
+                "tracks are CVAT for video; export the task as 'CVAT for images 1.1'",
+            )
+        )
 
     rotated = 0
     for image in root.iter("image"):
@@ -68,50 +76,68 @@ def read_cvat(ctx: ReadContext) -> ReadResult:
         record = f"image id {image.get('id')} {name!r}"
         if not name:
             raise ConversionError(f"{xml_path}: {record}: <image> has no name")
-        declared = (int(xml_attr_number(image, "width", xml_path, record)),
-                    int(xml_attr_number(image, "height", xml_path, record)))
+        declared = (
+            int(xml_attr_number(image, "width", xml_path, record)),
+            int(xml_attr_number(image, "height", xml_path, record)),
+        )
         boxes: list[Box] = []
         for i, shape in enumerate(image):
             label = shape.get("label", "")
             srec = f"{shape.tag} #{i + 1} ({label})"
             if shape.tag in NOT_REGIONS:
-                result.skipped.append(Skipped(str(xml_path), f"{record}, {srec}",
-                                              f"a {shape.tag} is not a region; no box"))
+                result.skipped.append(
+                    Skipped(
+                        str(xml_path), f"{record}, {srec}", f"a {shape.tag} is not a region; no box"
+                    )
+                )
                 continue
             rot = float(shape.get("rotation", 0) or 0)
             if shape.tag == "box":
-                x0, y0, x1, y1 = (xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
-                                  for k in ("xtl", "ytl", "xbr", "ybr"))
+                x0, y0, x1, y1 = (
+                    xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
+                    for k in ("xtl", "ytl", "xbr", "ybr")
+                )
                 if rot % 360:
                     rotated += 1
-                    x0, y0, x1, y1 = rotated_rect_box((x0 + x1) / 2, (y0 + y1) / 2,
-                                                      x1 - x0, y1 - y0, rot)
+                    x0, y0, x1, y1 = rotated_rect_box(
+                        (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0, rot
+                    )
             elif shape.tag == "polygon":
-                x0, y0, x1, y1 = points_box(*_parse_points(shape.get("points", ""), xml_path,
-                                                           f"{record}, {srec}"))
+                x0, y0, x1, y1 = points_box(
+                    *_parse_points(shape.get("points", ""), xml_path, f"{record}, {srec}")
+                )
             elif shape.tag == "ellipse":
-                cx, cy, rx, ry = (xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
-                                  for k in ("cx", "cy", "rx", "ry"))
+                cx, cy, rx, ry = (
+                    xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
+                    for k in ("cx", "cy", "rx", "ry")
+                )
                 rotated += bool(rot % 360)
                 x0, y0, x1, y1 = rotated_ellipse_box(cx, cy, rx, ry, math.radians(rot))
             elif shape.tag == "mask":
-                left, top, w, h = (xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
-                                   for k in ("left", "top", "width", "height"))
+                left, top, w, h = (
+                    xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
+                    for k in ("left", "top", "width", "height")
+                )
                 x0, y0, x1, y1 = left, top, left + w, top + h
             else:
-                result.skipped.append(Skipped(str(xml_path), f"{record}, {srec}",
-                                              f"unknown shape <{shape.tag}>"))
+                result.skipped.append(
+                    Skipped(str(xml_path), f"{record}, {srec}", f"unknown shape <{shape.tag}>")
+                )
                 continue
             boxes.append(Box(label, x0, y0, x1, y1, srec))
         path = finder.find(name, xml_path, record)
         if path is None:
-            result.skipped.append(Skipped(str(xml_path), record,
-                                          f"image file not found in {finder.describe()}; its "
-                                          f"{len(boxes)} boxes skipped"))
+            result.skipped.append(
+                Skipped(
+                    str(xml_path),
+                    record,
+                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
+                )
+            )
             continue
         result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
     if rotated:
-        result.notes.append(f"{rotated} rotated boxes/ellipses replaced by their axis-aligned "
-                            "bounding box")
+        result.notes.append(
+            f"{rotated} rotated boxes/ellipses replaced by their axis-aligned bounding box"
+        )
     return result
-

@@ -57,9 +57,16 @@ def _rel(path: Path, root: Path) -> str:
 
 
 FORMAT_SUFFIXES = {
-    "cvat": (".xml",), "voc": (".xml",), "labelme3": (".xml",), "coco": (".json",),
-    "labelstudio": (".json",), "labelme": (".json",), "createml": (".json",),
-    "via": (".csv", ".json"), "automl": (".csv",), "yolo": (".txt",),
+    "cvat": (".xml",),
+    "voc": (".xml",),
+    "labelme3": (".xml",),
+    "coco": (".json",),
+    "labelstudio": (".json",),
+    "labelme": (".json",),
+    "createml": (".json",),
+    "via": (".csv", ".json"),
+    "automl": (".csv",),
+    "yolo": (".txt",),
 }
 
 
@@ -111,8 +118,11 @@ def _sniff_xml(path: Path) -> tuple[str, bool] | None:
     if root_tag != "annotation":
         return None
     root = ET.parse(path).getroot()
-    if root.find("imagesize") is not None or root.find("object/polygon") is not None \
-            or root.find("object/segm") is not None:
+    if (
+        root.find("imagesize") is not None
+        or root.find("object/polygon") is not None
+        or root.find("object/segm") is not None
+    ):
         return "labelme3", root.find("object") is not None
     if root.find("size") is not None or root.find("object/bndbox") is not None:
         return "voc", root.find("object/bndbox") is not None
@@ -125,14 +135,20 @@ def _sniff_json(path: Path) -> tuple[str, bool] | None:
     with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
     if isinstance(data, dict):
-        if all(isinstance(data.get(k), list) for k in ("images", "categories")) and \
-                isinstance(data.get("annotations", []), list):
+        if all(isinstance(data.get(k), list) for k in ("images", "categories")) and isinstance(
+            data.get("annotations", []), list
+        ):
             return "coco", bool(data.get("annotations"))
         if isinstance(data.get("shapes"), list) and "imagePath" in data:
             return "labelme", bool(data["shapes"])
         meta = data.get("_via_img_metadata", data)
-        if isinstance(meta, dict) and meta and all(
-                isinstance(v, dict) and "filename" in v and "regions" in v for v in meta.values()):
+        if (
+            isinstance(meta, dict)
+            and meta
+            and all(
+                isinstance(v, dict) and "filename" in v and "regions" in v for v in meta.values()
+            )
+        ):
             return "via", any(v["regions"] for v in meta.values())
         return None
     if isinstance(data, list) and data and all(isinstance(t, dict) for t in data):
@@ -235,17 +251,21 @@ def detect(src: str | Path) -> Detection:
     if not found and broken:
         raise FormatDetectionError(
             f"{src}: no label format recognised; these files do not parse:\n  "
-            + "\n  ".join(broken), [])
+            + "\n  ".join(broken),
+            [],
+        )
     if not found:
         known = "\n".join(f"  {k}: {v}" for k, v in SIGNATURES.items())
         raise FormatDetectionError(
-            f"{src}: no known label format recognised; pass --from with one of:\n{known}", [])
+            f"{src}: no known label format recognised; pass --from with one of:\n{known}", []
+        )
     cands = [Detection(k, v[0]) for k, v in sorted(found.items())]
     listing = "; ".join(c.describe(root) for c in cands)
     raise FormatDetectionError(
         f"{src}: ambiguous, it holds more than one label format: {listing}. Pass --from "
         f"{'|'.join(c.format for c in cands)}, or point at one annotation file",
-        [c.format for c in cands])
+        [c.format for c in cands],
+    )
 
 
 def detect_format(src: str | Path) -> str:
@@ -263,14 +283,17 @@ def source_files(src: Path, fmt: str, single: bool, what: str) -> list[Path]:
     if src.is_file():
         return [src]
     strict = FORMAT_SUFFIXES.get(fmt, ())
-    files = [p for p in walk_files(src, _SNIFF_SUFFIXES, max_depth=4)
-             if (hit := sniff_file(p, strict=p.suffix.lower() in strict)) is not None
-             and hit[0] == fmt]
+    files = [
+        p
+        for p in walk_files(src, _SNIFF_SUFFIXES, max_depth=4)
+        if (hit := sniff_file(p, strict=p.suffix.lower() in strict)) is not None and hit[0] == fmt
+    ]
     if not files:
         raise FormatDetectionError(f"{src}: no {what} file found ({SIGNATURES.get(fmt, fmt)})", [])
     if single and len(files) > 1:
         listing = ", ".join(_rel(p, src) for p in files)
         raise FormatDetectionError(
             f"{src}: holds {len(files)} {what} files ({listing}); pass one of them as the source",
-            [fmt])
+            [fmt],
+        )
     return files

@@ -42,15 +42,18 @@ from .detect import source_files
 NOT_REGIONS = {"line", "linestrip", "point", "points"}
 
 
-def _json_image(ctx: ReadContext, json_path: Path, image_path: str, record: str,
-                finder: ImageFinder) -> tuple[Path, bool]:
+def _json_image(
+    ctx: ReadContext, json_path: Path, image_path: str, record: str, finder: ImageFinder
+) -> tuple[Path, bool]:
     """(image path inside the image folder, whether it exists). Refuses escaping paths."""
     root = ctx.images or ctx.root
     rel_dir = os.path.relpath(json_path.parent, root) if not ctx.images else "."
     rel = image_path.replace("\\", "/")
     if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
-        raise ConversionError(f"{json_path}: {record}: imagePath {image_path!r} is an absolute path;"
-                              " label files must name images relative to themselves")
+        raise ConversionError(
+            f"{json_path}: {record}: imagePath {image_path!r} is an absolute path;"
+            " label files must name images relative to themselves"
+        )
     joined = os.path.normpath(os.path.join(rel_dir, rel)).replace("\\", "/")
     try:
         path = resolve_inside(root, joined, "imagePath")
@@ -66,8 +69,9 @@ def _json_image(ctx: ReadContext, json_path: Path, image_path: str, record: str,
 
 
 def read_labelme(ctx: ReadContext) -> ReadResult:
-    files = sorted(source_files(ctx.src, "labelme", single=False, what="LabelMe JSON"),
-                   key=natural_key)
+    files = sorted(
+        source_files(ctx.src, "labelme", single=False, what="LabelMe JSON"), key=natural_key
+    )
     finder = ImageFinder([ctx.images or ctx.root])
     result = ReadResult(images=[], categories=None, sources=list(files), image_roots=finder.roots)
     for json_path in files:
@@ -82,15 +86,21 @@ def read_labelme(ctx: ReadContext) -> ReadResult:
         embedded = None
         if not exists:
             if not data.get("imageData"):
-                result.skipped.append(Skipped(str(json_path), record,
-                                              f"image file {path} not found and no imageData; its "
-                                              f"{len(data['shapes'])} shapes skipped"))
+                result.skipped.append(
+                    Skipped(
+                        str(json_path),
+                        record,
+                        f"image file {path} not found and no imageData; its "
+                        f"{len(data['shapes'])} shapes skipped",
+                    )
+                )
                 continue
             try:
                 embedded = base64.b64decode(data["imageData"], validate=True)
             except (binascii.Error, ValueError, TypeError):
-                raise ConversionError(f"{json_path}: {record}: imageData is not valid base64") \
-                    from None
+                raise ConversionError(
+                    f"{json_path}: {record}: imageData is not valid base64"
+                ) from None
         declared = None
         if isinstance(data.get("imageWidth"), int) and isinstance(data.get("imageHeight"), int):
             declared = (data["imageWidth"], data["imageHeight"])
@@ -103,12 +113,16 @@ def read_labelme(ctx: ReadContext) -> ReadResult:
             srec = f"shape #{i + 1} {kind} ({label})"
             where = f"{record}, {srec}"
             if kind in NOT_REGIONS:
-                result.skipped.append(Skipped(str(json_path), where, f"a {kind} is not a region; "
-                                              "no box"))
+                result.skipped.append(
+                    Skipped(str(json_path), where, f"a {kind} is not a region; no box")
+                )
                 continue
             pts = shape.get("points")
-            if not isinstance(pts, list) or not pts or not all(
-                    isinstance(p, list | tuple) and len(p) == 2 for p in pts):
+            if (
+                not isinstance(pts, list)
+                or not pts
+                or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pts)
+            ):
                 raise ConversionError(f"{json_path}: {where}: 'points' must be a list of [x, y]")
             xs = [number(p[0], json_path, where, "point x") for p in pts]
             ys = [number(p[1], json_path, where, "point y") for p in pts]
@@ -122,7 +136,9 @@ def read_labelme(ctx: ReadContext) -> ReadResult:
                     raise ConversionError(f"{json_path}: {where}: a {kind} needs 2 points")
                 box = points_box(xs, ys)
             else:
-                result.skipped.append(Skipped(str(json_path), where, f"unknown shape_type {kind!r}"))
+                result.skipped.append(
+                    Skipped(str(json_path), where, f"unknown shape_type {kind!r}")
+                )
                 continue
             boxes.append(Box(label, *box, srec))
         result.images.append(ImageEntry(path, json_path, record, boxes, declared, embedded))
@@ -130,11 +146,13 @@ def read_labelme(ctx: ReadContext) -> ReadResult:
 
 
 def read_labelme3(ctx: ReadContext) -> ReadResult:
-    files = sorted(source_files(ctx.src, "labelme3", single=False, what="LabelMe 3.0 XML"),
-                   key=natural_key)
+    files = sorted(
+        source_files(ctx.src, "labelme3", single=False, what="LabelMe 3.0 XML"), key=natural_key
+    )
     roots = [ctx.images] if ctx.images else [ctx.root, ctx.root / "Images", ctx.root / "images"]
-    result = ReadResult(images=[], categories=None, sources=list(files),
-                        image_roots=ImageFinder(roots).roots)
+    result = ReadResult(
+        images=[], categories=None, sources=list(files), image_roots=ImageFinder(roots).roots
+    )
     for xml_path in files:
         root = load_xml(xml_path)
         if root.tag != "annotation":
@@ -152,8 +170,10 @@ def read_labelme3(ctx: ReadContext) -> ReadResult:
         declared = None
         size = root.find("imagesize")
         if size is not None and (size.findtext("ncols") or "").strip():
-            declared = (int(xml_number(size, "ncols", xml_path, record)),
-                        int(xml_number(size, "nrows", xml_path, record)))
+            declared = (
+                int(xml_number(size, "ncols", xml_path, record)),
+                int(xml_number(size, "nrows", xml_path, record)),
+            )
         boxes = []
         for i, obj in enumerate(root.iter("object")):
             label = (obj.findtext("name") or "").strip()
@@ -169,16 +189,22 @@ def read_labelme3(ctx: ReadContext) -> ReadResult:
                 ys = [xml_number(p, "y", xml_path, where) for p in pts]
                 box = points_box(xs, ys)
             elif segm_box is not None:
-                box = tuple(xml_number(segm_box, k, xml_path, where)
-                            for k in ("xmin", "ymin", "xmax", "ymax"))
+                box = tuple(
+                    xml_number(segm_box, k, xml_path, where)
+                    for k in ("xmin", "ymin", "xmax", "ymax")
+                )
             else:
                 result.skipped.append(Skipped(str(xml_path), where, "object has no polygon or box"))
                 continue
             boxes.append(Box(label, *box, orec))
         if path is None:
-            result.skipped.append(Skipped(str(xml_path), record,
-                                          f"image file not found in {finder.describe()}; its "
-                                          f"{len(boxes)} boxes skipped"))
+            result.skipped.append(
+                Skipped(
+                    str(xml_path),
+                    record,
+                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
+                )
+            )
             continue
         result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
     return result

@@ -45,7 +45,8 @@ def _image_url(task: dict[str, Any]) -> str | None:
         return data["image"]
     for value in data.values():
         if isinstance(value, str) and value.lower().split("?")[0].endswith(
-                (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")):
+            (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+        ):
             return value
     return None
 
@@ -104,20 +105,35 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
                 img_path = hits[0]
         ann, others = _pick_annotation(task)
         for other in others:
-            result.skipped.append(Skipped(
-                str(path), f"{record}, annotation id {other.get('id')}",
-                "cancelled annotation" if other.get("was_cancelled")
-                else "another annotation of the same task is used (ground truth or latest)"))
+            result.skipped.append(
+                Skipped(
+                    str(path),
+                    f"{record}, annotation id {other.get('id')}",
+                    "cancelled annotation"
+                    if other.get("was_cancelled")
+                    else "another annotation of the same task is used (ground truth or latest)",
+                )
+            )
         if ann is None:
-            result.skipped.append(Skipped(str(path), record, "task has no (non-cancelled) annotation;"
-                                          " predictions are not labels"))
+            result.skipped.append(
+                Skipped(
+                    str(path),
+                    record,
+                    "task has no (non-cancelled) annotation; predictions are not labels",
+                )
+            )
             continue
         arec = f"{record}, annotation id {ann.get('id')}"
         results = ann.get("result") or []
         if img_path is None:
-            result.skipped.append(Skipped(
-                str(path), arec, f"image {names[-1]!r} (from {url!r}) not found in "
-                f"{finder.describe()}; its {len(results)} results skipped"))
+            result.skipped.append(
+                Skipped(
+                    str(path),
+                    arec,
+                    f"image {names[-1]!r} (from {url!r}) not found in "
+                    f"{finder.describe()}; its {len(results)} results skipped",
+                )
+            )
             continue
         boxes: list[Box] = []
         width = height = None
@@ -127,17 +143,28 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
             rrec = f"result {res.get('id', f'#{k}')}"
             where = f"{arec}, {rrec}"
             value, rtype = res["value"], res.get("type")
-            labels = value.get("rectanglelabels") or value.get("polygonlabels") or value.get("labels")
+            labels = (
+                value.get("rectanglelabels") or value.get("polygonlabels") or value.get("labels")
+            )
             if rtype not in ("rectanglelabels", "polygonlabels", "rectangle", "polygon"):
-                result.skipped.append(Skipped(str(path), where, f"result type {rtype!r} is not a box"))
+                result.skipped.append(
+                    Skipped(str(path), where, f"result type {rtype!r} is not a box")
+                )
                 continue
             if not labels or not isinstance(labels, list) or len(labels) != 1:
-                result.skipped.append(Skipped(str(path), where,
-                                              f"needs exactly one label, has {labels!r}"))
+                result.skipped.append(
+                    Skipped(str(path), where, f"needs exactly one label, has {labels!r}")
+                )
                 continue
             if number(res.get("image_rotation", 0) or 0, path, where, "image_rotation") % 360:
-                result.skipped.append(Skipped(str(path), where, "image_rotation is not 0 (the image "
-                                              "was rotated in Label Studio); not supported"))
+                result.skipped.append(
+                    Skipped(
+                        str(path),
+                        where,
+                        "image_rotation is not 0 (the image "
+                        "was rotated in Label Studio); not supported",
+                    )
+                )
                 continue
             if width is None:
                 width, height = ctx.size(img_path, path, arec)
@@ -151,11 +178,20 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
                 xs = [number(p[0], path, where, "point x") for p in pts]
                 ys = [number(p[1], path, where, "point y") for p in pts]
                 x0, y0, x1, y1 = points_box(xs, ys)
-                boxes.append(Box(str(labels[0]), x0 * width / 100, y0 * height / 100,
-                                 x1 * width / 100, y1 * height / 100, rrec))
+                boxes.append(
+                    Box(
+                        str(labels[0]),
+                        x0 * width / 100,
+                        y0 * height / 100,
+                        x1 * width / 100,
+                        y1 * height / 100,
+                        rrec,
+                    )
+                )
                 continue
-            x, y, w, h = (number(value.get(key), path, where, key)
-                          for key in ("x", "y", "width", "height"))
+            x, y, w, h = (
+                number(value.get(key), path, where, key) for key in ("x", "y", "width", "height")
+            )
             x, y, w, h = x * width / 100, y * height / 100, w * width / 100, h * height / 100
             rot = number(value.get("rotation", 0) or 0, path, where, "rotation")
             if rot % 360:
@@ -168,18 +204,22 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
                 boxes.append(Box(str(labels[0]), x, y, x + w, y + h, rrec))
         result.images.append(ImageEntry(img_path, path, arec, boxes))
     if stripped:
-        result.notes.append(f"{stripped} image names matched after stripping Label Studio's "
-                            "8-hex-digit upload prefix")
+        result.notes.append(
+            f"{stripped} image names matched after stripping Label Studio's "
+            "8-hex-digit upload prefix"
+        )
     if rotated:
-        result.notes.append(f"{rotated} rotated rectangles replaced by their axis-aligned "
-                            "bounding box")
+        result.notes.append(
+            f"{rotated} rotated rectangles replaced by their axis-aligned bounding box"
+        )
     if size_mismatch:
-        result.notes.append(f"{size_mismatch} tasks state an original_width/height different from "
-                            "the image file; percent coordinates scaled with the file's size")
+        result.notes.append(
+            f"{size_mismatch} tasks state an original_width/height different from "
+            "the image file; percent coordinates scaled with the file's size"
+        )
     return result
 
 
 def _rotate(dx: float, dy: float, degrees: float) -> tuple[float, float]:
     t = math.radians(degrees)
     return dx * math.cos(t) - dy * math.sin(t), dx * math.sin(t) + dy * math.cos(t)
-

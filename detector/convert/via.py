@@ -32,8 +32,15 @@ from .common import (
 )
 from .detect import source_files
 
-CSV_HEADER = ["filename", "file_size", "file_attributes", "region_count", "region_id",
-              "region_shape_attributes", "region_attributes"]
+CSV_HEADER = [
+    "filename",
+    "file_size",
+    "file_attributes",
+    "region_count",
+    "region_id",
+    "region_shape_attributes",
+    "region_attributes",
+]
 LABEL_KEYS = ("label", "labels", "class", "name", "type", "category")
 
 
@@ -42,7 +49,11 @@ def _label(attrs: Any) -> str | None:
         return None
 
     def one(value: Any) -> str | None:
-        if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value).strip():
+        if (
+            isinstance(value, str | int | float)
+            and not isinstance(value, bool)
+            and str(value).strip()
+        ):
             return str(value).strip()
         if isinstance(value, dict):
             ticked = [k for k, v in value.items() if v is True or v == "true"]
@@ -70,10 +81,12 @@ def _shape_box(shape: dict[str, Any], file: Path, where: str) -> tuple[float, ..
     if kind == "polygon":
         xs, ys = shape.get("all_points_x"), shape.get("all_points_y")
         if not isinstance(xs, list) or not isinstance(ys, list) or len(xs) != len(ys) or not xs:
-            raise ConversionError(f"{file}: {where}: polygon needs all_points_x/all_points_y lists "
-                                  "of the same length")
-        return points_box([number(v, file, where, "x") for v in xs],
-                          [number(v, file, where, "y") for v in ys])
+            raise ConversionError(
+                f"{file}: {where}: polygon needs all_points_x/all_points_y lists of the same length"
+            )
+        return points_box(
+            [number(v, file, where, "x") for v in xs], [number(v, file, where, "y") for v in ys]
+        )
     if kind == "circle":
         cx, cy, r = num("cx"), num("cy"), num("r")
         return cx - r, cy - r, cx + r, cy + r
@@ -100,8 +113,9 @@ def _regions_from_csv(path: Path) -> list[tuple[str, str, list[tuple[str, Any, A
         try:
             shape, attrs = json.loads(row[5] or "{}"), json.loads(row[6] or "{}")
         except json.JSONDecodeError as e:
-            raise ConversionError(f"{path}: line {lineno}: malformed JSON in a region column: "
-                                  f"{e.msg}") from None
+            raise ConversionError(
+                f"{path}: line {lineno}: malformed JSON in a region column: {e.msg}"
+            ) from None
         if int(number(row[3] or 0, path, f"line {lineno}", "region_count")) == 0 and not shape:
             continue  # an image without regions
         regions.append((f"line {lineno} (region_id {row[4]})", shape, attrs))
@@ -124,8 +138,13 @@ def _regions_from_json(path: Path) -> list[tuple[str, str, list[tuple[str, Any, 
         for i, reg in enumerate(regions):
             if not isinstance(reg, dict):
                 raise ConversionError(f"{path}: entry {key!r}: region #{i} is not an object")
-            regs.append((f"region #{i}", reg.get("shape_attributes") or {},
-                         reg.get("region_attributes") or {}))
+            regs.append(
+                (
+                    f"region #{i}",
+                    reg.get("shape_attributes") or {},
+                    reg.get("region_attributes") or {},
+                )
+            )
         out.append((str(item["filename"]), f"entry {key!r}", regs))
     return out
 
@@ -147,14 +166,20 @@ def read_via(ctx: ReadContext) -> ReadResult:
                 continue
             label = _label(attrs)
             if label is None:
-                result.skipped.append(Skipped(str(path), where,
-                                              f"no single label in region attributes {attrs!r}"))
+                result.skipped.append(
+                    Skipped(str(path), where, f"no single label in region attributes {attrs!r}")
+                )
                 continue
             boxes.append(Box(label, *box, rrec))
         img = finder.find(filename, path, record)
         if img is None:
-            result.skipped.append(Skipped(str(path), record, f"image file not found in "
-                                          f"{finder.describe()}; its {len(boxes)} boxes skipped"))
+            result.skipped.append(
+                Skipped(
+                    str(path),
+                    record,
+                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
+                )
+            )
             continue
         result.images.append(ImageEntry(img, path, record, boxes))
     return result

@@ -56,27 +56,41 @@ def image_roots(ctx: ReadContext) -> list[Path]:
     if ctx.images:
         return [ctx.images]
     root = ctx.root
-    return [root / "JPEGImages", root / "images", root, root.parent / "JPEGImages",
-            root.parent / "images"]
+    return [
+        root / "JPEGImages",
+        root / "images",
+        root,
+        root.parent / "JPEGImages",
+        root.parent / "images",
+    ]
 
 
 def read_voc(ctx: ReadContext) -> ReadResult:
-    files = sorted(source_files(ctx.src, "voc", single=False, what="Pascal VOC XML"), key=natural_key)
+    files = sorted(
+        source_files(ctx.src, "voc", single=False, what="Pascal VOC XML"), key=natural_key
+    )
     labelmap = ctx.root / "labelmap.txt"
     categories = read_labelmap(labelmap) if labelmap.is_file() else None
     roots = image_roots(ctx)
     finders: dict[Path, ImageFinder] = {}
-    result = ReadResult(images=[], categories=categories or None, sources=list(files),
-                        image_roots=ImageFinder(roots).roots)
+    result = ReadResult(
+        images=[],
+        categories=categories or None,
+        sources=list(files),
+        image_roots=ImageFinder(roots).roots,
+    )
     difficult = rotated = renamed = 0
     for xml_path in files:
         root = load_xml(xml_path)
         if root.tag != "annotation":
-            raise ConversionError(f"{xml_path}: root element is <{root.tag}>, not VOC's <annotation>")
+            raise ConversionError(
+                f"{xml_path}: root element is <{root.tag}>, not VOC's <annotation>"
+            )
         filename = (root.findtext("filename") or "").strip()
         record = f"file {filename!r}" if filename else "file (no <filename>)"
         finder = finders.setdefault(
-            xml_path.parent, ImageFinder(roots if ctx.images else [xml_path.parent, *roots]))
+            xml_path.parent, ImageFinder(roots if ctx.images else [xml_path.parent, *roots])
+        )
         path = finder.find(filename, xml_path, record) if filename else None
         if path is None:  # LabelImg sometimes drops the extension, or the image was renamed
             for ext in IMAGE_EXTENSIONS:
@@ -97,12 +111,14 @@ def read_voc(ctx: ReadContext) -> ReadResult:
             where = f"{record}, {orec}"
             bnd, rbnd = obj.find("bndbox"), obj.find("robndbox")
             if bnd is not None:
-                xmin, ymin, xmax, ymax = (xml_number(bnd, k, xml_path, where)
-                                          for k in ("xmin", "ymin", "xmax", "ymax"))
+                xmin, ymin, xmax, ymax = (
+                    xml_number(bnd, k, xml_path, where) for k in ("xmin", "ymin", "xmax", "ymax")
+                )
                 x0, y0, x1, y1 = xmin - 1, ymin - 1, xmax, ymax
             elif rbnd is not None:
-                cx, cy, w, h, angle = (xml_number(rbnd, k, xml_path, where)
-                                       for k in ("cx", "cy", "w", "h", "angle"))
+                cx, cy, w, h, angle = (
+                    xml_number(rbnd, k, xml_path, where) for k in ("cx", "cy", "w", "h", "angle")
+                )
                 x0, y0, x1, y1 = rotated_rect_box(cx, cy, w, h, math.degrees(angle))
                 rotated += 1
             else:
@@ -111,17 +127,25 @@ def read_voc(ctx: ReadContext) -> ReadResult:
             difficult += (obj.findtext("difficult") or "0").strip() == "1"
             boxes.append(Box(label, x0, y0, x1, y1, orec))
         if path is None:
-            result.skipped.append(Skipped(str(xml_path), record,
-                                          f"image file not found in {finder.describe()}; its "
-                                          f"{len(boxes)} boxes skipped"))
+            result.skipped.append(
+                Skipped(
+                    str(xml_path),
+                    record,
+                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
+                )
+            )
             continue
         result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
-    result.notes.append("VOC coordinates read as 1-based inclusive pixels: x = xmin - 1, "
-                        "y = ymin - 1, w = xmax - xmin + 1, h = ymax - ymin + 1")
+    result.notes.append(
+        "VOC coordinates read as 1-based inclusive pixels: x = xmin - 1, "
+        "y = ymin - 1, w = xmax - xmin + 1, h = ymax - ymin + 1"
+    )
     if difficult:
         result.notes.append(f"{difficult} boxes flagged difficult kept as ordinary boxes")
     if rotated:
-        result.notes.append(f"{rotated} rotated boxes (robndbox) replaced by their axis-aligned box")
+        result.notes.append(
+            f"{rotated} rotated boxes (robndbox) replaced by their axis-aligned box"
+        )
     if renamed:
         result.notes.append(f"{renamed} images found by the XML file's name, not <filename>")
     return result

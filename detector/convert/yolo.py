@@ -89,8 +89,11 @@ def find_class_names(ctx: ReadContext) -> tuple[dict[int, str], str, list[Path]]
     root = ctx.root
     if ctx.names:
         return dict(enumerate(ctx.names)), "--names", []
-    yamls = [ctx.src] if ctx.src.is_file() and ctx.src.suffix in (".yaml", ".yml") else \
-        [root / n for n in YAML_NAMES if (root / n).is_file()]
+    yamls = (
+        [ctx.src]
+        if ctx.src.is_file() and ctx.src.suffix in (".yaml", ".yml")
+        else [root / n for n in YAML_NAMES if (root / n).is_file()]
+    )
     for y in yamls:
         names = _names_from_yaml(y)
         if names is not None:
@@ -100,14 +103,18 @@ def find_class_names(ctx: ReadContext) -> tuple[dict[int, str], str, list[Path]]
         declared = _darknet_data(data_file).get("names")
         names_file = _local(root, declared) if declared else None
         if names_file:
-            return _names_from_lines(names_file), f"{data_file.name} -> {names_file.name}", \
-                [data_file, names_file]
+            return (
+                _names_from_lines(names_file),
+                f"{data_file.name} -> {names_file.name}",
+                [data_file, names_file],
+            )
     for cand in (root / "obj.names", root / "classes.txt", root / "labels" / "classes.txt"):
         if cand.is_file():
             return _names_from_lines(cand), cand.name, [cand]
     raise ConversionError(
         f"{ctx.src}: no YOLO class names found (data.yaml, obj.data/obj.names, classes.txt); "
-        "pass --names a,b,c or --names-file FILE")
+        "pass --names a,b,c or --names-file FILE"
+    )
 
 
 def _image_lists(root: Path) -> set[Path]:
@@ -130,7 +137,7 @@ def _key(path: Path, root: Path, anchor: str) -> str:
         parts = (path.stem,)
     if anchor in parts[:-1]:
         idx = len(parts) - 1 - parts[::-1].index(anchor)
-        parts = parts[idx + 1:]
+        parts = parts[idx + 1 :]
     return "/".join(parts)
 
 
@@ -141,8 +148,9 @@ def _is_image_list(path: Path) -> bool:
     return False
 
 
-def _parse_label_file(path: Path, ctx: ReadContext, image: Path, names: dict[int, str],
-                      result: ReadResult) -> list[Box]:
+def _parse_label_file(
+    path: Path, ctx: ReadContext, image: Path, names: dict[int, str], result: ReadResult
+) -> list[Box]:
     width = height = None
     boxes = []
     for lineno, line in enumerate(read_text_lines(path), start=1):
@@ -153,17 +161,24 @@ def _parse_label_file(path: Path, ctx: ReadContext, image: Path, names: dict[int
         if len(tokens) != 5 and (len(tokens) < 7 or len(tokens) % 2 == 0):
             raise ConversionError(
                 f"{path}: {record}: expected 'class cx cy w h' (5 values) or a polygon "
-                f"'class x1 y1 x2 y2 x3 y3 ...', got {len(tokens)} values: {line.strip()[:80]!r}")
+                f"'class x1 y1 x2 y2 x3 y3 ...', got {len(tokens)} values: {line.strip()[:80]!r}"
+            )
         cls_f = number(tokens[0], path, record, "class id")
         if not cls_f.is_integer() or cls_f < 0:
-            raise ConversionError(f"{path}: {record}: class id {tokens[0]!r} is not a non-negative "
-                                  "integer")
+            raise ConversionError(
+                f"{path}: {record}: class id {tokens[0]!r} is not a non-negative integer"
+            )
         cls = int(cls_f)
         values = [number(t, path, record, "coordinate") for t in tokens[1:]]
         if cls not in names:
-            result.skipped.append(Skipped(str(path), record,
-                                          f"unknown class id {cls} (class names: {len(names)}, "
-                                          f"ids {min(names, default=0)}-{max(names, default=-1)})"))
+            result.skipped.append(
+                Skipped(
+                    str(path),
+                    record,
+                    f"unknown class id {cls} (class names: {len(names)}, "
+                    f"ids {min(names, default=0)}-{max(names, default=-1)})",
+                )
+            )
             continue
         if width is None:
             width, height = ctx.size(image, path, record)
@@ -192,8 +207,12 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
     image_root = ctx.images or root
     finder = ImageFinder([image_root])
     images = sorted(finder.all_images(), key=natural_key)
-    result = ReadResult(images=[], categories=[names[k] for k in sorted(names)],
-                        sources=[*meta, *label_files], image_roots=finder.roots)
+    result = ReadResult(
+        images=[],
+        categories=[names[k] for k in sorted(names)],
+        sources=[*meta, *label_files],
+        image_roots=finder.roots,
+    )
     result.notes.append(f"class names from {names_from}")
     if not label_files:
         raise ConversionError(f"{ctx.src}: no YOLO label files (*.txt) found")
@@ -202,8 +221,14 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
     for img in images:
         key = _key(img, image_root, "images")
         if key in images_by_key:
-            result.skipped.append(Skipped(str(img), "image", f"same name as {images_by_key[key]} "
-                                          "apart from the extension; only the first is used"))
+            result.skipped.append(
+                Skipped(
+                    str(img),
+                    "image",
+                    f"same name as {images_by_key[key]} "
+                    "apart from the extension; only the first is used",
+                )
+            )
             continue
         images_by_key[key] = img
     labels_by_key = {_key(p, root, "labels"): p for p in label_files}
@@ -226,8 +251,9 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
                 unpaired_labels.remove(lab)
     for lab in sorted(unpaired_labels, key=natural_key):
         lines = sum(1 for ln in read_text_lines(lab) if ln.strip())
-        result.skipped.append(Skipped(str(lab), f"{lines} boxes",
-                                      f"label file has no image (looked in {image_root})"))
+        result.skipped.append(
+            Skipped(str(lab), f"{lines} boxes", f"label file has no image (looked in {image_root})")
+        )
 
     negatives = []
     for img in images_by_key.values():
@@ -240,10 +266,11 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
         result.images.append(ImageEntry(img, lab, f"label file {lab.name}", boxes))
     if negatives:
         shown = ", ".join(negatives[:10]) + (" ..." if len(negatives) > 10 else "")
-        result.notes.append(f"{len(negatives)} images have no label file and are kept as "
-                            f"negatives (no boxes): {shown}")
+        result.notes.append(
+            f"{len(negatives)} images have no label file and are kept as "
+            f"negatives (no boxes): {shown}"
+        )
     empty = sum(1 for e in result.images if not e.boxes and e.label_file != e.path)
     if empty:
         result.notes.append(f"{empty} label files are empty (images kept as negatives)")
     return result
-

@@ -59,7 +59,11 @@ class Detections:
     @classmethod
     def empty(cls, image_size: tuple[int, int] = (0, 0)) -> Detections:
         return cls(
-            np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), [], image_size
+            np.zeros((0, 4), np.float32),
+            np.zeros(0, np.float32),
+            np.zeros(0, np.int64),
+            [],
+            image_size,
         )
 
 
@@ -89,7 +93,9 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         )
     missing = [k for k in C.REQUIRED_KEYS if k not in meta]
     if missing:
-        raise ModelError(f"{path}: detector metadata incomplete, missing {', '.join(missing)}; {hint}")
+        raise ModelError(
+            f"{path}: detector metadata incomplete, missing {', '.join(missing)}; {hint}"
+        )
     try:
         contract = int(meta[C.KEY_CONTRACT])
         class_names = json.loads(meta[C.KEY_CLASS_NAMES])
@@ -108,7 +114,9 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         raise ModelError(f"{path}: metadata class_names is not a JSON list of strings")
     input_format = meta[C.KEY_INPUT_FORMAT]
     if input_format not in C.INPUT_FORMATS:
-        raise ModelError(f"{path}: unknown input_format {input_format!r} (one of {', '.join(C.INPUT_FORMATS)})")
+        raise ModelError(
+            f"{path}: unknown input_format {input_format!r} (one of {', '.join(C.INPUT_FORMATS)})"
+        )
 
     inputs = session.get_inputs()
     expected_type = "tensor(uint8)" if input_format == C.INPUT_RAW else "tensor(float)"
@@ -120,7 +128,9 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         raise ModelError(f"{path}: input batch {inputs[0].shape[0]} but metadata says {batch}")
     outputs = {o.name for o in session.get_outputs()}
     if not set(C.OUTPUT_NAMES) <= outputs:
-        raise ModelError(f"{path}: outputs {sorted(outputs)} lack {sorted(set(C.OUTPUT_NAMES) - outputs)}")
+        raise ModelError(
+            f"{path}: outputs {sorted(outputs)} lack {sorted(set(C.OUTPUT_NAMES) - outputs)}"
+        )
     return ModelInfo(
         class_names=class_names,
         category_ids=[int(c) for c in category_ids] if isinstance(category_ids, list) else None,
@@ -143,10 +153,18 @@ def check_frame(frame: Any, index: int = 0) -> np.ndarray:
             f"give), got {type(frame).__name__}"
         )
     if frame.dtype != np.uint8:
-        hint = " (scale 0..1 floats with (frame * 255).round().astype(np.uint8))" if frame.dtype.kind == "f" else ""
+        hint = (
+            " (scale 0..1 floats with (frame * 255).round().astype(np.uint8))"
+            if frame.dtype.kind == "f"
+            else ""
+        )
         raise InputError(f"{what}: expected dtype uint8, got {frame.dtype}{hint}")
     if frame.ndim != 3:
-        hint = "; a grayscale image needs cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)" if frame.ndim == 2 else ""
+        hint = (
+            "; a grayscale image needs cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)"
+            if frame.ndim == 2
+            else ""
+        )
         raise InputError(f"{what}: expected 3 dimensions HxWx3, got shape {frame.shape}{hint}")
     if frame.shape[2] != 3:
         hint = {
@@ -208,21 +226,37 @@ class Detector:
             options.intra_op_num_threads = int(threads)
         try:
             self.session, self.skipped_providers = create_session(
-                self.path, providers, session_options=options, device_id=device_id,
-                trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16,
+                self.path,
+                providers,
+                session_options=options,
+                device_id=device_id,
+                trt_cache_dir=trt_cache_dir,
+                trt_fp16=trt_fp16,
             )
-        except (ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail,
-                ort_errors.NotImplemented) as e:
+        except (
+            ort_errors.InvalidProtobuf,
+            ort_errors.InvalidGraph,
+            ort_errors.Fail,
+            ort_errors.NotImplemented,
+        ) as e:
             raise ModelError(f"{self.path}: onnxruntime cannot load this file: {e}") from None
         self.provider = self.session.get_providers()[0]
         self.info = read_model_info(self.session, str(self.path))
         if self.info.precision == "fp16" and self.provider == "CPUExecutionProvider":
-            log.warning("%s: fp16 model on the CPU provider runs through float casts (slow); "
-                        "export without --fp16 for CPU", self.path)
-        self.score_threshold = self.info.score_threshold if score_threshold is None else float(score_threshold)
+            log.warning(
+                "%s: fp16 model on the CPU provider runs through float casts (slow); "
+                "export without --fp16 for CPU",
+                self.path,
+            )
+        self.score_threshold = (
+            self.info.score_threshold if score_threshold is None else float(score_threshold)
+        )
         if self.score_threshold < self.info.score_threshold:
-            log.warning("score_threshold %.3f is below the model's in-graph threshold %.3f, which applies",
-                        self.score_threshold, self.info.score_threshold)
+            log.warning(
+                "score_threshold %.3f is below the model's in-graph threshold %.3f, which applies",
+                self.score_threshold,
+                self.info.score_threshold,
+            )
         self._output_names = list(C.OUTPUT_NAMES)
 
     # convenience views of the metadata
@@ -286,7 +320,9 @@ class Detector:
         if self.info.input_format == C.INPUT_RAW:
             feed = bgr
         else:
-            feed = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+            feed = np.ascontiguousarray(
+                bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32
+            ) / np.float32(255.0)
         boxes, scores, labels, counts = self.session.run(self._output_names, {C.INPUT_NAME: feed})
         results = []
         for i, f in enumerate(frames):

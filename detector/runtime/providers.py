@@ -47,7 +47,9 @@ def provider_name(name: str) -> str:
         return ALIASES[key.lower()]
     if key.endswith("ExecutionProvider"):
         return key
-    raise ProviderError(f"unknown execution provider {name!r}; use tensorrt, cuda, cpu or a full onnxruntime name")
+    raise ProviderError(
+        f"unknown execution provider {name!r}; use tensorrt, cuda, cpu or a full onnxruntime name"
+    )
 
 
 def cuda_devices() -> tuple[int, str]:
@@ -97,7 +99,9 @@ def plan_providers(
     gpu_reason = ""
     for name in dict.fromkeys(names):  # keep order, drop duplicates
         if name not in available:
-            plan.skipped[name] = f"not built into this onnxruntime ({ort.__version__}, {ort.get_device()})"
+            plan.skipped[name] = (
+                f"not built into this onnxruntime ({ort.__version__}, {ort.get_device()})"
+            )
             continue
         if name in (TENSORRT, CUDA):
             if gpu_count is None:
@@ -141,19 +145,26 @@ def create_session(
     Returns ``(session, skipped)`` where ``skipped`` maps provider name to the reason.
     Raises :class:`ProviderError` when none of ``requested`` can run here.
     """
-    plan = plan_providers(requested, device_id=device_id, trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16)
+    plan = plan_providers(
+        requested, device_id=device_id, trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16
+    )
     if not plan.providers:
         reasons = "; ".join(f"{k}: {v}" for k, v in plan.skipped.items())
         raise ProviderError(f"none of the requested execution providers can run here ({reasons})")
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(
-        source, sess_options=session_options, providers=plan.providers, provider_options=plan.options
+        source,
+        sess_options=session_options,
+        providers=plan.providers,
+        provider_options=plan.options,
     )
     active = session.get_providers()
     skipped = dict(plan.skipped)
     for name in plan.providers:
         if name not in active:
-            skipped[name] = "failed to initialise (libraries missing? see onnxruntime's messages above)"
+            skipped[name] = (
+                "failed to initialise (libraries missing? see onnxruntime's messages above)"
+            )
     chosen = active[0] if active else "?"
     if plan.providers[0] != chosen or skipped:
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
@@ -161,5 +172,7 @@ def create_session(
     else:
         log.info("onnxruntime provider: %s", chosen)
     if TENSORRT in active and trt_cache_dir is None:
-        log.warning("TensorRT without an engine cache (trt_cache_dir): engines are rebuilt at every start")
+        log.warning(
+            "TensorRT without an engine cache (trt_cache_dir): engines are rebuilt at every start"
+        )
     return session, skipped
