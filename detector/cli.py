@@ -1,4 +1,4 @@
-"""Command line: ``detector train | evaluate | export | predict | benchmark``."""
+"""Command line: ``detector train | evaluate | config | export | predict | benchmark``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
 
 
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML, each key with its comment",
+        description="Print defaults <- CONFIG <- KEY=VALUE overrides as YAML, each key with its "
+        "comment from detector/config.py; the output is itself a config file.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (default: the defaults only)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
 def newest_run(out_dir: str, name: str) -> Path:
     base = Path(out_dir)
     candidates = [
@@ -71,6 +82,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=resume, progress=not args.no_progress)
     if result.rank == 0:  # torchrun: one summary, rank 0's
         print(summary(result))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import format_config, load_config
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path, *overrides]  # `detector config key=value`: no file
+    cfg = load_config(path, overrides)
+    source = " <- ".join(["detector/config.py defaults", *([path] if path else []), *overrides])
+    print(format_config(cfg, f"Resolved config: {source}"), end="")
     return 0
 
 
@@ -104,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_config(sub)
     from . import benchmark, export, predict
 
     for name, module, help_text in (
@@ -122,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     # KEY=VALUE overrides may come anywhere after `train CONFIG`, options included.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(a.startswith("-") or "=" not in a for a in extra):
+        if args.command not in ("train", "config") or any(
+            a.startswith("-") or "=" not in a for a in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
@@ -130,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "config": cmd_config}
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args) or 0)
