@@ -439,6 +439,7 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
@@ -679,7 +680,8 @@ def format_config(cfg: Config, header: str = "") -> str:
 
 
 def _format_section(obj: Any, prefix: str, comments: dict[str, str]) -> list[str]:
-    out, indent, previous = [], "  " * prefix.count(".") + ("  " if prefix else ""), ""
+    indent = "  " * (prefix.count(".") + 1 if prefix else 0)
+    out, previous = [], ""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         key = f"{prefix}.{f.name}" if prefix else f.name

@@ -45,7 +45,7 @@ def test_readme_sample_job_runs(tmp_path, capsys):
         [
             "train",
             str(REPO / "configs/sample.yaml"),
-            "train.epochs=1",
+            "train.unfreeze.epochs=1",  # the sample trains in its unfreeze phase (FPN + heads)
             f"train.out_dir={tmp_path}",
             "--no-progress",
         ]
