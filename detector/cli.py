@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def expected_errors(command: str) -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story. predict/benchmark stay torch-free (vehicle)."""
+    if command == "config":  # only reads YAML: no torch, no runtime
+        from .config import ConfigError
+
+        return (ConfigError, OSError)
     from .runtime import InputError, ModelError, ProviderError
 
     errors: tuple[type[BaseException], ...] = (InputError, ModelError, ProviderError, OSError)

@@ -357,6 +357,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         base, *rules = typing.get_args(annotation)
+        if base is str and not isinstance(value, str):  # e.g. until: 0600, an octal int
+            raise ConfigError(f"{key}={_show(value)}: must be {_describe(rules[0])}")
         checked = _coerce(value, base, key)
         for rule in rules:
             if not _allows(rule, checked):

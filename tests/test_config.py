@@ -168,12 +168,13 @@ def test_bad_values_are_refused_with_key_value_and_range(tmp_path, override, mes
     assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
 
 
-def test_cli_names_file_key_value_and_range(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["train", "config"])
+def test_cli_names_file_key_value_and_range(tmp_path, capsys, command):
     from detector import cli
 
     path = tmp_path / "x.yaml"
     path.write_text("train:\n  momentum: -1\n")
-    assert cli.main(["train", str(path)]) == 2
+    assert cli.main([command, str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}: train.momentum=-1: must be in [0, 1)\n"
 
 
@@ -277,6 +278,9 @@ def test_every_clock_time_loads_from_yaml_and_from_the_command_line(tmp_path):
         assert load_config(None, [f"train.until={text}"]).train.until == text
     with pytest.raises(ConfigError, match="train.until=24:00: must be a clock time"):
         load_config(None, ["train.until=24:00"])
+    path.write_text("train:\n  until: 0600\n")  # YAML's octal 384, not a time
+    with pytest.raises(ConfigError, match="train.until=384: must be a clock time HH:MM"):
+        load_config(path)
 
 
 def test_yaml_numbers_still_read_as_numbers():
