@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from coco_fixtures import tiny_config
 
 from detector import cli
@@ -40,6 +41,7 @@ def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path
     assert checkpoint["state"]["iteration"] > 0  # stopped mid-epoch, resumable
 
 
+@pytest.mark.slow  # one epoch of the real sample transfer run (MobileNetV2-FPN, 75 images)
 def test_readme_sample_job_runs(tmp_path, capsys):
     code = cli.main(
         [
