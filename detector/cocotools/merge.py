@@ -256,17 +256,19 @@ def write_merged(
     copy: bool = False,
     inputs: Sequence[MergeSource] = (),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> WriteStats:
     """Fill the merged image folder with hard links (or copies) and write the JSON last, atomically.
 
     Hard links keep the merged set valid even if a source folder is later moved or deleted. Where
-    a hard link is impossible (another file system, no permission) the image is copied. Refuses to overwrite an input JSON, to write into a source
-    image folder, or to replace an existing file with other content.
+    a hard link is impossible (another file system, no permission) the image is copied. Refuses to
+    overwrite an input JSON, an existing ``out_json`` without ``overwrite``, to write into a
+    source image folder, or to replace an existing image with other content.
     """
     out_json = Path(out_json)
     images_dir = Path(images_out) if images_out else out_json.resolve().parent / "images"
     for src in inputs:
-        check_output(out_json, src.annotations)
+        check_output(out_json, src.annotations, overwrite=overwrite)
         source_dir = image_dir_for(src.annotations, src.images_dir)
         target = images_dir.resolve()
         if target == source_dir or source_dir in target.parents:

@@ -3,9 +3,10 @@
 Re-validated and renumbered: categories get contiguous 1-based ids in the file's order (COCO's
 91-id numbering becomes 1..80), images and annotations get fresh 1-based ids. ``iscrowd``,
 ``area`` and ``segmentation`` are kept. Dropped, with a reason: Roboflow's placeholder category
-(a category with no annotation that is another category's ``supercategory``, e.g.
-``{"id": 0, "name": "z"}``), images listed but absent on disk, annotations naming an unknown
-image or category. Images are looked up beside the JSON, in ``images/`` beside it or its
+(a category with no annotation that is the ``supercategory`` of every other category, e.g.
+``{"id": 0, "name": "z"}``: ``coco_rules.placeholder_category_ids``), images listed but absent on disk, annotations naming an unknown
+image or category. Refused: category ids used 0-based against categories numbered from 1, and
+boxes that hold [x1, y1, x2, y2] in the [x, y, w, h] field (checked by the builder). Images are looked up beside the JSON, in ``images/`` beside it or its
 parent folder, and in ``images/<split>`` for ``instances_<split>.json`` (or ``--images``).
 """
 
@@ -14,6 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..coco_rules import (
+    ZERO_BASED_FIX,
+    image_size,
+    placeholder_category_ids,
+    zero_based_category_ids,
+)
 from .common import (
     Box,
     ConversionError,
@@ -92,21 +99,18 @@ def read_coco(ctx: ReadContext) -> ReadResult:
         if name not in order:
             order.append(name)
         supercat.setdefault(name, str(c.get("supercategory") or ""))
-    used_ids = {a.get("category_id") for a in anns if isinstance(a, dict)}
+    if zero_based_category_ids(data["categories"], anns):
+        raise ConversionError(f"{path}: {ZERO_BASED_FIX}; nothing written")
     notes = []
     dropped = set()
-    for cid, name in list(cat_name.items()):
-        is_parent = any(
-            str(c.get("supercategory")) == name and c["id"] != cid for c in data["categories"]
+    for cid in placeholder_category_ids(data["categories"], anns):
+        name = cat_name.pop(cid)
+        order.remove(name)
+        dropped.add(name)
+        notes.append(
+            f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
+            "annotations, only the supercategory of the other categories (Roboflow)"
         )
-        if cid not in used_ids and is_parent:
-            del cat_name[cid]
-            order.remove(name)
-            dropped.add(name)
-            notes.append(
-                f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
-                "annotations, only the supercategory of other categories (Roboflow)"
-            )
     for name in order:
         if supercat.get(name) in dropped:
             supercat[name] = ""
@@ -128,6 +132,7 @@ def read_coco(ctx: ReadContext) -> ReadResult:
         image_roots=finder.roots,
         notes=notes,
         supercategories=supercat,
+        boxes_are_xywh=True,
     )
     by_id: dict[Any, ImageEntry | None] = {}
     missing: list[tuple[str, str, Any]] = []
@@ -140,10 +145,7 @@ def read_coco(ctx: ReadContext) -> ReadResult:
             by_id[im["id"]] = None
             missing.append((record, im["file_name"], im["id"]))
             continue
-        declared = None
-        if isinstance(im.get("width"), int | float) and isinstance(im.get("height"), int | float):
-            declared = (int(im["width"]), int(im["height"]))
-        entry = ImageEntry(img_path, path, record, [], declared)
+        entry = ImageEntry(img_path, path, record, [], image_size(im))
         by_id[im["id"]] = entry
         result.images.append(entry)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -91,7 +90,7 @@ def read_cvat(ctx: ReadContext) -> ReadResult:
                     )
                 )
                 continue
-            rot = float(shape.get("rotation", 0) or 0)
+            rot = number(shape.get("rotation", 0) or 0, xml_path, f"{record}, {srec}", "rotation")
             if shape.tag == "box":
                 x0, y0, x1, y1 = (
                     xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
@@ -126,16 +125,7 @@ def read_cvat(ctx: ReadContext) -> ReadResult:
                 continue
             boxes.append(Box(label, x0, y0, x1, y1, srec))
         path = finder.find(name, xml_path, record)
-        if path is None:
-            result.skipped.append(
-                Skipped(
-                    str(xml_path),
-                    record,
-                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
-                )
-            )
-            continue
-        result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
+        result.add_image(path, xml_path, record, boxes, declared, looked_in=finder.describe())
     if rotated:
         result.notes.append(
             f"{rotated} rotated boxes/ellipses replaced by their axis-aligned bounding box"

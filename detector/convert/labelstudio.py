@@ -1,7 +1,9 @@
 """Label Studio JSON export (the full "JSON" export: a list of tasks).
 
 Per task, one annotation is used: the ``ground_truth`` one if any, else the last one not
-cancelled (the others are reported as skipped). ``rectanglelabels`` results are boxes in
+cancelled (the others are reported as skipped). A task with only ``predictions`` (model
+pre-annotations nobody reviewed) is skipped, unless ``include_predictions`` reads its last
+prediction as its labels. ``rectanglelabels`` results are boxes in
 **percent** of the image (x, y = top-left corner); they are scaled with the real image size.
 A non-zero ``rotation`` (degrees, clockwise about the top-left corner) is replaced by the
 axis-aligned bounding box of the rotated rectangle (counted in the report). ``polygonlabels``
@@ -23,7 +25,6 @@ from urllib.parse import parse_qs, unquote, urlparse
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -75,6 +76,12 @@ def _pick_annotation(task: dict[str, Any]) -> tuple[dict[str, Any] | None, list[
     return chosen, [a for a in anns if a is not chosen]
 
 
+def _pick_prediction(task: dict[str, Any]) -> dict[str, Any] | None:
+    """The last prediction of a task (pre-annotations imported from a model), if any."""
+    preds = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
+    return preds[-1] if preds else None
+
+
 def read_labelstudio(ctx: ReadContext) -> ReadResult:
     (path,) = source_files(ctx.src, "labelstudio", single=True, what="Label Studio JSON")
     tasks = load_json(path)
@@ -82,7 +89,7 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
         raise ConversionError(f"{path}: a Label Studio JSON export is a list of tasks")
     finder = ImageFinder([ctx.images or path.parent])
     result = ReadResult(images=[], categories=None, sources=[path], image_roots=finder.roots)
-    rotated = stripped = size_mismatch = 0
+    rotated = stripped = size_mismatch = from_predictions = 0
     for i, task in enumerate(tasks):
         if not isinstance(task, dict):
             raise ConversionError(f"{path}: task #{i}: expected an object, got {str(task)[:80]!r}")
@@ -114,16 +121,21 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
                     else "another annotation of the same task is used (ground truth or latest)",
                 )
             )
+        arec = f"{record}, annotation id {ann.get('id')}" if ann else ""
+        if ann is None and ctx.include_predictions:
+            ann = _pick_prediction(task)
+            arec = f"{record}, prediction id {ann.get('id')}" if ann else ""
+            from_predictions += ann is not None
         if ann is None:
             result.skipped.append(
                 Skipped(
                     str(path),
                     record,
-                    "task has no (non-cancelled) annotation; predictions are not labels",
+                    "task has no (non-cancelled) annotation; predictions are not labels"
+                    + ("" if ctx.include_predictions else " (--include-predictions reads them)"),
                 )
             )
             continue
-        arec = f"{record}, annotation id {ann.get('id')}"
         results = ann.get("result") or []
         if img_path is None:
             result.skipped.append(
@@ -167,7 +179,10 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
                 )
                 continue
             if width is None:
-                width, height = ctx.size(img_path, path, arec)
+                try:
+                    width, height = ctx.size(img_path, path, arec)
+                except ConversionError:  # unreadable: the builder skips the image and says why
+                    width = height = 1
                 ow, oh = res.get("original_width"), res.get("original_height")
                 if ow and oh and (ow, oh) != (width, height):
                     size_mismatch += 1
@@ -202,7 +217,12 @@ def read_labelstudio(ctx: ReadContext) -> ReadResult:
                 boxes.append(Box(str(labels[0]), min(xs), min(ys), max(xs), max(ys), rrec))
             else:
                 boxes.append(Box(str(labels[0]), x, y, x + w, y + h, rrec))
-        result.images.append(ImageEntry(img_path, path, arec, boxes))
+        result.add_image(img_path, path, arec, boxes)
+    if from_predictions:
+        result.notes.append(
+            f"{from_predictions} tasks without an annotation took their boxes from their "
+            "prediction (--include-predictions): check them before training on them"
+        )
     if stripped:
         result.notes.append(
             f"{stripped} image names matched after stripping Label Studio's "

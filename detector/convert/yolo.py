@@ -24,11 +24,11 @@ from .common import (
     IMAGE_EXTENSIONS,
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
     Skipped,
+    check_normalised,
     natural_key,
     number,
     read_text_lines,
@@ -148,10 +148,8 @@ def _is_image_list(path: Path) -> bool:
     return False
 
 
-def _parse_label_file(
-    path: Path, ctx: ReadContext, image: Path, names: dict[int, str], result: ReadResult
-) -> list[Box]:
-    width = height = None
+def _parse_label_file(path: Path, names: dict[int, str], result: ReadResult) -> list[Box]:
+    """The boxes of one label file, in fractions of the image (the builder scales them)."""
     boxes = []
     for lineno, line in enumerate(read_text_lines(path), start=1):
         tokens = line.split()
@@ -180,15 +178,14 @@ def _parse_label_file(
                 )
             )
             continue
-        if width is None:
-            width, height = ctx.size(image, path, record)
+        check_normalised(values, path, record)
         if len(tokens) == 5:
             cx, cy, w, h = values
             x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
         else:
             xs, ys = values[0::2], values[1::2]
             x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
-        boxes.append(Box(names[cls], x0 * width, y0 * height, x1 * width, y1 * height, record))
+        boxes.append(Box(names[cls], x0, y0, x1, y1, record))  # fractions: scaled by build
     return boxes
 
 
@@ -260,10 +257,10 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
         lab = pairs.get(img)
         if lab is None:
             negatives.append(img.name)
-            result.images.append(ImageEntry(img, img, "image without label file (negative)", []))
+            result.add_image(img, img, "image without label file (negative)", [])
             continue
-        boxes = _parse_label_file(lab, ctx, img, names, result)
-        result.images.append(ImageEntry(img, lab, f"label file {lab.name}", boxes))
+        boxes = _parse_label_file(lab, names, result)
+        result.add_image(img, lab, f"label file {lab.name}", boxes, units="fraction")
     if negatives:
         shown = ", ".join(negatives[:10]) + (" ..." if len(negatives) > 10 else "")
         result.notes.append(
