@@ -54,25 +54,13 @@ def image_size(record: dict[str, Any]) -> tuple[int, int] | None:
     return int(w), int(h)
 
 
-def image_record_problem(record: Any) -> str | None:
-    """Why an ``images[]`` entry is unusable (no/non-integer id, no file_name), else None.
-
-    The size is checked on its own (:func:`image_size`): a set may leave it to ``--fix``.
-    """
-    if not isinstance(record, dict) or "id" not in record:
-        return "has no id"
-    if not is_int_id(record["id"]):
-        return f"id {record['id']!r} is not an integer (COCO image ids are integers)"
-    return file_name_problem(record.get("file_name"))
-
-
 def annotation_record_problem(ann: Any) -> str | None:
-    """Why an ``annotations[]`` entry cannot be read at all, else None (box checked apart)."""
+    """Why an ``annotations[]`` entry names no image or class, else None (bbox checked apart)."""
     if not isinstance(ann, dict):
         return "is not an object"
-    missing = [k for k in ("image_id", "category_id", "bbox") if ann.get(k) is None]
+    missing = [k for k in ("image_id", "category_id") if ann.get(k) is None]
     if missing:
-        return f"has no {', '.join(missing)} (or it is null)"
+        return f"has no {' and no '.join(missing)} (missing or null)"
     for key in ("image_id", "category_id"):
         if not is_int_id(ann[key]):
             return f"{key} {ann[key]!r} is not an integer"
@@ -87,7 +75,7 @@ def file_name_problem(name: Any) -> str | None:
     if os.path.isabs(rel) or rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
         return f"file_name {name!r} is an absolute path"
     if ".." in rel.split("/"):
-        return f"file_name {name!r} climbs out of the image folder"
+        return f"file_name {name!r} escapes the image folder (names are relative to it)"
     return None
 
 

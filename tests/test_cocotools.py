@@ -608,20 +608,12 @@ def test_merge_coco128_and_rabbit(coco128, rabbit, tmp_path):
     )
     report = validate_coco(out, progress=False)  # self-contained: images/ beside it
     assert report.ok and report.images_found == 325
-    # a second run finds the same files there; --out onto an input is refused
+    # a second run needs --overwrite, then finds the same files there; --out onto an input
+    # is refused
+    again = [str(c_ann), str(r_ann), "--images", str(c_images), "-", "--out", str(out)]
+    assert merge.main([*again, "--no-progress"]) == 2
     assert (
-        merge.main(
-            [
-                str(c_ann),
-                str(r_ann),
-                "--images",
-                str(c_images),
-                "-",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
+        merge.main([*again, "--no-progress", "--overwrite"])
         == 0
     )
     assert (

@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..coco_rules import placeholder_category_ids
 from ..fileio import UnsafePathError, atomic_write_json
 from .common import (
     CocoError,
@@ -31,7 +32,6 @@ from .common import (
     image_dir_for,
     load_coco_json,
     normalize_name,
-    placeholder_category_ids,
     require_unique_ids,
     safe_image_path,
 )
@@ -131,7 +131,7 @@ def merge_coco(
     dropped_categories: list[str] = []
     box_count: Counter[str] = Counter()
     for name, (_, data, _) in zip(names, loaded, strict=True):
-        placeholders = placeholder_category_ids(data)
+        placeholders = placeholder_category_ids(data["categories"], data["annotations"])
         key_of[name] = {}
         for cat in data["categories"]:
             if cat["id"] in placeholders:

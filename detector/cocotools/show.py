@@ -7,7 +7,6 @@ that looks wrong here is wrong in training too. Crowd boxes are drawn thin with 
 from __future__ import annotations
 
 import colorsys
-import math
 import random
 import re
 from collections import defaultdict
@@ -20,8 +19,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..coco_rules import usable_xywh
 from ..fileio import ImageReadError, UnsafePathError, atomic_write_with, read_image_rgb
-from .common import CocoError, image_dir_for, load_coco_json, parse_bbox, safe_image_path
+from .common import CocoError, image_dir_for, load_coco_json, safe_image_path
 
 
 @dataclass
@@ -62,8 +62,8 @@ def draw_boxes(
     font_scale = max(0.4, max(ch, cw) / 1400)
     skipped = 0
     for ann in annotations:
-        box = parse_bbox(ann.get("bbox"))
-        if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+        box = usable_xywh(ann.get("bbox"))
+        if box is None:
             skipped += 1
             continue
         x, y, w, h = (v * scale for v in box)

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..coco_rules import usable_xywh
 from ..fileio import UnsafePathError, atomic_write_with
-from .common import parse_bbox, safe_image_path
+from .common import safe_image_path
 
 SMALL_MAX_AREA = 32**2
 MEDIUM_MAX_AREA = 96**2
@@ -88,8 +89,8 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
             cls.boxes += 1
             cls.crowd += is_crowd
             classes_in_image[image_id].add(cls.id)
-        box = parse_bbox(ann.get("bbox"))
-        if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+        box = usable_xywh(ann.get("bbox"))
+        if box is None:
             invalid += 1
             continue
         area = box[2] * box[3]

@@ -23,25 +23,29 @@ from typing import Any
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from ..coco_rules import (
+    annotation_record_problem,
+    area_of,
+    box_position,
+    clip_xywh,
+    image_size,
+    image_truncation,
+    is_int_id,
+    looks_xyxy,
+    parse_bbox,
+    placeholder_category_ids,
+    xywh_problem,
+    xyxy_pattern,
+)
+from ..coco_rules import name_key as normalize_name
 from ..fileio import MAX_IMAGE_PIXELS, UnsafePathError
 from .common import (
     CocoError,
     display_path,
     image_dir_for,
     list_image_files,
-    normalize_name,
-    parse_bbox,
-    placeholder_category_ids,
-    positive_size,
     safe_image_path,
 )
-
-# A box may run this many pixels past the image edge before it is reported (float rounding).
-EDGE_TOLERANCE = 0.5
-# The xyxy-stored-as-xywh pattern: at least this share of boxes run past the edge ...
-XYXY_MIN_PAST_SHARE = 0.1
-# ... while at least this share has w > x and h > y and would fit inside the image as x2, y2.
-XYXY_MIN_PATTERN_SHARE = 0.9
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -191,14 +195,6 @@ def _strict_truncation() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
-    """A complete JPEG ends with FFD9 (some writers append a few bytes after it)."""
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - tail))
-        return b"\xff\xd9" in f.read()
-
-
 def probe_image(path: Path, decode: bool = False) -> ImageProbe:
     """Read an image's header (and with ``decode`` its pixels) without raising."""
     if not path.is_file():
@@ -213,6 +209,9 @@ def probe_image(path: Path, decode: bool = False) -> ImageProbe:
                 orientation = 1
             if decode:
                 im.load()
+        cut = image_truncation(path) if decode else None
+        if cut:
+            return ImageProbe("unreadable", path, detail=cut)
     except Image.DecompressionBombError as e:
         return ImageProbe("too_large", path, detail=str(e))
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on corrupt data
@@ -222,36 +221,9 @@ def probe_image(path: Path, decode: bool = False) -> ImageProbe:
     if size[0] * size[1] > MAX_IMAGE_PIXELS:
         probe.status = "too_large"
         probe.detail = f"{size[0]}x{size[1]} is over the {MAX_IMAGE_PIXELS:,} pixel limit"
-    elif not decode and fmt == "JPEG":
-        probe.maybe_truncated = not _jpeg_has_end_marker(path)
+    elif not decode:
+        probe.maybe_truncated = image_truncation(path) is not None
     return probe
-
-
-# --------------------------------------------------------------------------------------------
-# boxes
-
-
-def box_position(
-    box: tuple[float, float, float, float],
-    width: float,
-    height: float,
-    tolerance: float = EDGE_TOLERANCE,
-) -> tuple[str, float]:
-    """('inside' | 'past' | 'outside', overshoot in px) of a finite xywh box with w, h > 0."""
-    x, y, w, h = box
-    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-        return "outside", math.inf
-    over = max(-x, -y, x + w - width, y + h - height, 0.0)
-    return ("past" if over > tolerance else "inside"), over
-
-
-def clip_box(
-    box: tuple[float, float, float, float], width: float, height: float
-) -> tuple[float, float, float, float]:
-    x, y, w, h = box
-    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    return x1, y1, x2 - x1, y2 - y1
 
 
 def _fmt_box(box: Any) -> str:
@@ -377,6 +349,11 @@ def _check_categories(report: ValidationReport, categories: list[Any]) -> dict[A
             )
             continue
         cid, name = cat["id"], cat.get("name")
+        if not is_int_id(cid):
+            report.error(
+                "bad_record",
+                f"category id {cid!r} is not an integer; COCO category ids are integers",
+            )
         if not isinstance(name, str) or not name.strip():
             report.error(
                 "bad_record",
@@ -439,7 +416,14 @@ def _check_images(
             "image_id": image_id,
             "file_name": name if isinstance(name, str) else None,
         }
-        label = f"image id {image_id} ({name})"
+        label = f"image id {image_id!r} ({name})"
+        if not is_int_id(image_id):
+            report.error(
+                "bad_image_id",
+                f"{label}: the id is not an integer; COCO image ids are integers and the "
+                "trainer needs them (--fix renumbers the image and its boxes)",
+                **rid,
+            )
         if image_id in by_id:
             first = images[_first_index(images, image_id)]
             same = first.get("file_name") == name
@@ -473,6 +457,7 @@ def _check_images(
             report.probes.append(ImageProbe("unsafe", detail=str(e)))
             by_id.setdefault(image_id, report.probes[-1])
             continue
+        _report_symlink(report, path, label, rid)
         key = str(path)
         if key in seen_names:
             report.warn(
@@ -500,6 +485,23 @@ def _check_images(
             ),
         )
     return by_id
+
+
+def _report_symlink(report: ValidationReport, path: Path, label: str, rid: dict[str, Any]) -> None:
+    """An image that is a symlink out of the image folder (tools/convert.py --link makes them):
+    read through, never written through; a moved source breaks it."""
+    assert report.images_dir is not None
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    root = report.images_dir.resolve()
+    if target != root and root not in target.parents:
+        report.info(
+            "symlink_outside",
+            f"{label}: a symlink to {target}, outside the image folder; it breaks if that "
+            "file moves (convert without --link to copy the images)",
+            **rid,
+        )
 
 
 def _first_index(images: list[Any], image_id: Any) -> int:
@@ -539,12 +541,13 @@ def _report_probe(
         return
     assert probe.size is not None and probe.raw_size is not None
     width, height = probe.size
-    stored = positive_size(rec)
+    stored = image_size(rec)
     if stored is None:
         report.error(
             "bad_image_size",
-            f"{label}: width/height missing or not positive ({rec.get('width')!r} x "
-            f"{rec.get('height')!r}); the file is {width}x{height} (--fix sets it)",
+            f"{label}: width/height missing or not positive whole numbers "
+            f"({rec.get('width')!r} x {rec.get('height')!r}); the file is {width}x{height} "
+            "(--fix sets it)",
             **rid,
         )
     elif stored != probe.size:
@@ -577,7 +580,7 @@ def _report_probe(
     if probe.maybe_truncated:
         report.warn(
             "maybe_truncated",
-            f"{label}: the JPEG has no end marker, it may be truncated; "
+            f"{label}: the file has no end marker, it may be truncated; "
             "run with --decode to check it",
             **rid,
         )
@@ -676,7 +679,11 @@ def _check_annotations(
             "ann_id": ann_id,
             "file_name": name if isinstance(name, str) else None,
         }
-        label = f"annotation {ann_id} (image {image_id}{', ' + str(name) if name else ''})"
+        label = f"annotation {ann_id} (image {image_id!r}{', ' + str(name) if name else ''})"
+        problem = annotation_record_problem(ann)
+        if problem:
+            report.error("bad_record", f"{label}: {problem} (--fix drops the box)", **rid)
+            continue
         if "id" not in ann:
             report.error(
                 "bad_record",
@@ -721,25 +728,26 @@ def _check_annotations(
                 **rid,
             )
             continue
-        if not all(math.isfinite(v) for v in box):
+        box_problem = xywh_problem(box)
+        if box_problem == "box_nan":
             report.error(
                 "box_nan",
                 f"{label}: bbox {_fmt_box(box)} has NaN/infinite values (--fix drops it)",
                 **rid,
             )
             continue
-        if box[2] <= 0 or box[3] <= 0:
+        if box_problem == "box_empty":
             report.error(
                 "box_empty",
                 f"{label}: bbox {_fmt_box(box)} has zero or negative width/height (--fix drops it)",
                 **rid,
             )
             continue
-        area = ann.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+        if area_of(ann) is None:
             report.warn(
                 "missing_area",
-                f"{label}: no usable 'area' (COCO evaluation needs it; --fix sets width*height)",
+                f"{label}: no usable 'area' (COCO evaluation needs it: the trainer fills it "
+                "from the box, --fix writes width*height)",
                 **rid,
             )
         frame = _frame_of(images_by_id.get(image_id), rec)
@@ -753,6 +761,15 @@ def _check_annotations(
                 "box_outside",
                 f"{label}: bbox {_fmt_box(box)} lies entirely outside "
                 f"the {width}x{height} image (--fix drops it)",
+                **rid,
+            )
+        elif where == "past" and looks_xyxy(box, width, height):
+            report.warn(
+                "box_looks_xyxy",
+                f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past the edge of the "
+                f"{width}x{height} image, but read as [x1, y1, x2, y2] it lies inside it: it "
+                "was probably stored as corners, not [x, y, width, height]. Correct this box "
+                "in the labels (--fix would clip it to a wrong box)",
                 **rid,
             )
         elif where == "past":
@@ -769,7 +786,9 @@ def _check_annotations(
             f"{crowd} iscrowd boxes: left out of training, used as "
             "'ignore' regions by COCO evaluation",
         )
-    placeholders = placeholder_category_ids(report.data or {})
+    placeholders = placeholder_category_ids(
+        (report.data or {}).get("categories") or [], annotations
+    )
     for cid, cname in cat_names.items():
         if boxes_per_cat[cid]:
             continue
@@ -806,7 +825,7 @@ def _frame_of(probe: ImageProbe | None, rec: dict[str, Any]) -> tuple[int, int] 
     """The size boxes are checked against: the file's displayed size, else the JSON's."""
     if probe is not None and probe.size is not None:
         return probe.size
-    return positive_size(rec)
+    return image_size(rec)
 
 
 def _check_xyxy(
@@ -814,27 +833,18 @@ def _check_xyxy(
 ) -> None:
     """Boxes stored as [x1, y1, x2, y2]: x + w runs past the edge for many, while w > x, h > y
     and (w, h) read as a corner falls inside the image for nearly all of them."""
-    if not boxes:
+    found = xyxy_pattern(boxes)
+    if found is None:
         return
+    past, pattern = found
     n = len(boxes)
-    past = sum(
-        1
-        for (x, y, w, h), W, H in boxes
-        if x + w > W + EDGE_TOLERANCE or y + h > H + EDGE_TOLERANCE
+    report.warn(
+        "bbox_looks_xyxy",
+        f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
+        "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
+        "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
+        "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)",
     )
-    pattern = sum(
-        1
-        for (x, y, w, h), W, H in boxes
-        if w > x and h > y and w <= W + EDGE_TOLERANCE and h <= H + EDGE_TOLERANCE
-    )
-    if past >= 2 and past >= XYXY_MIN_PAST_SHARE * n and pattern >= XYXY_MIN_PATTERN_SHARE * n:
-        report.warn(
-            "bbox_looks_xyxy",
-            f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
-            "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
-            "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
-            "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)",
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -870,7 +880,10 @@ def fix_coco(report: ValidationReport, *, xyxy: bool = False) -> FixResult:
     data = copy.deepcopy(src)
     changes: list[str] = []
     categories, cat_remap = _fix_categories(data, src, changes)
-    images, sizes, dropped_images = _fix_images(data, report, changes)
+    images, sizes, dropped_images, image_remap = _fix_images(data, report, changes)
+    for ann in data.get("annotations") or []:
+        if isinstance(ann, dict) and not is_int_id(ann.get("image_id")):
+            ann["image_id"] = image_remap.get(ann.get("image_id"), ann.get("image_id"))
     annotations, dropped_anns = _fix_annotations(
         data, sizes, {c["id"] for c in categories}, cat_remap, xyxy, changes
     )
@@ -895,7 +908,7 @@ def _next_id(records: list[Any]) -> Iterator[int]:
 def _fix_categories(
     data: dict[str, Any], src: dict[str, Any], changes: list[str]
 ) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
-    placeholders = placeholder_category_ids(src)
+    placeholders = placeholder_category_ids(src["categories"], src.get("annotations") or [])
     new_ids = _next_id(data["categories"])
     kept: list[dict[str, Any]] = []
     by_id: dict[Any, dict[str, Any]] = {}
@@ -945,8 +958,9 @@ def _fix_categories(
 
 def _fix_images(
     data: dict[str, Any], report: ValidationReport, changes: list[str]
-) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]], int]:
+) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]], int, dict[Any, int]]:
     new_ids = _next_id(data["images"])
+    remap: dict[Any, int] = {}  # non-integer image id -> its new id
     kept: list[dict[str, Any]] = []
     sizes: dict[Any, tuple[int, int]] = {}
     names: dict[Any, Any] = {}
@@ -970,12 +984,16 @@ def _fix_images(
             dropped += 1
             continue
         assert probe.size is not None
-        if positive_size(rec) != probe.size:
+        if image_size(rec) != probe.size:
             changes.append(
                 f"{label}: width x height {rec.get('width')} x {rec.get('height')} -> "
                 f"{probe.size[0]} x {probe.size[1]} (from the file)"
             )
             rec["width"], rec["height"] = probe.size
+        if not is_int_id(rec["id"]):
+            old, rec["id"] = rec["id"], next(new_ids)
+            remap.setdefault(old, rec["id"])
+            changes.append(f"{label}: id {old!r} is not an integer; renumbered to {rec['id']}")
         if rec["id"] in sizes:
             if names[rec["id"]] == rec.get("file_name"):
                 changes.append(f"dropped repeated record of {label}")
@@ -990,7 +1008,7 @@ def _fix_images(
         sizes[rec["id"]] = probe.size
         names[rec["id"]] = rec.get("file_name")
         kept.append(rec)
-    return kept, sizes, dropped
+    return kept, sizes, dropped, remap
 
 
 def _fix_annotations(
@@ -1041,7 +1059,7 @@ def _fix_annotations(
             if where == "outside":
                 reason = f"bbox {_fmt_box(box)} entirely outside the {size[0]}x{size[1]} image"
             elif where == "past":
-                clipped = clip_box(box, *size)
+                clipped = clip_xywh(box, *size)
                 changes.append(f"{label}: bbox {_fmt_box(box)} clipped to {_fmt_box(clipped)}")
                 box = clipped
                 ann["bbox"] = [round(v, 2) for v in box]
