@@ -612,10 +612,7 @@ def test_merge_coco128_and_rabbit(coco128, rabbit, tmp_path):
     # is refused
     again = [str(c_ann), str(r_ann), "--images", str(c_images), "-", "--out", str(out)]
     assert merge.main([*again, "--no-progress"]) == 2
-    assert (
-        merge.main([*again, "--no-progress", "--overwrite"])
-        == 0
-    )
+    assert merge.main([*again, "--no-progress", "--overwrite"]) == 0
     assert (
         merge.main(
             [
