@@ -403,77 +403,11 @@ def _check_images(
     for i, rec in enumerate(
         tqdm(images, desc="images", unit="img", disable=not progress, leave=False)
     ):
-        if not isinstance(rec, dict) or "id" not in rec:
-            report.error(
-                "bad_record",
-                f"images[{i}] has no id: {str(rec)[:80]}; give it a unique "
-                "integer id (--fix drops it)",
-            )
-            report.probes.append(ImageProbe("bad_record"))
-            continue
-        image_id, name = rec["id"], rec.get("file_name")
-        rid: dict[str, Any] = {
-            "image_id": image_id,
-            "file_name": name if isinstance(name, str) else None,
-        }
-        label = f"image id {image_id!r} ({name})"
-        if not is_int_id(image_id):
-            report.error(
-                "bad_image_id",
-                f"{label}: the id is not an integer; COCO image ids are integers and the "
-                "trainer needs them (--fix renumbers the image and its boxes)",
-                **rid,
-            )
-        if image_id in by_id:
-            first = images[_first_index(images, image_id)]
-            same = first.get("file_name") == name
-            report.error(
-                "duplicate_image_id",
-                f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
-                "boxes with this image_id are ambiguous; give each image a unique id "
-                + (
-                    "(--fix drops the repeated record)"
-                    if same
-                    else "(--fix renumbers the later one; it keeps no boxes: re-label it)"
-                ),
-                **rid,
-            )
-        if not isinstance(name, str) or not name.strip():
-            report.error(
-                "bad_record", f"image id {image_id} has no file_name (--fix drops it)", **rid
-            )
-            report.probes.append(ImageProbe("bad_record"))
-            by_id.setdefault(image_id, report.probes[-1])
-            continue
-        try:
-            path = safe_image_path(image_dir, name, image_id)
-        except UnsafePathError as e:
-            report.error(
-                "unsafe_path",
-                f"{e}. Name images relative to the image folder and "
-                "keep them inside it (--fix drops the record)",
-                **rid,
-            )
-            report.probes.append(ImageProbe("unsafe", detail=str(e)))
-            by_id.setdefault(image_id, report.probes[-1])
-            continue
-        _report_symlink(report, path, label, rid)
-        key = str(path)
-        if key in seen_names:
-            report.warn(
-                "duplicate_file_name",
-                f"{label}: the same file is also listed as image id {seen_names[key]}; "
-                "one photo twice can land in both train and val; remove one record",
-                **rid,
-            )
-        else:
-            seen_names[key] = image_id
-        probe = probe_image(path, report.decoded)
+        probe = _check_image(report, i, rec, images, by_id, seen_names)
         report.probes.append(probe)
-        by_id.setdefault(image_id, probe)
-        _report_probe(report, rec, probe, label, rid)
-        if probe.status in ("ok", "too_large", "unreadable"):
-            found += 1
+        if isinstance(rec, dict) and "id" in rec:
+            by_id.setdefault(rec["id"], probe)
+        found += probe.status in ("ok", "too_large", "unreadable")
     report.images_found = found
     if images and found == 0 and image_dir.is_dir():
         report.errors.insert(
@@ -485,6 +419,89 @@ def _check_images(
             ),
         )
     return by_id
+
+
+def _check_image(
+    report: ValidationReport,
+    i: int,
+    rec: Any,
+    images: list[Any],
+    by_id: dict[Any, ImageProbe],
+    seen_names: dict[str, Any],
+) -> ImageProbe:
+    """One image record: its id and file name, then the file behind it."""
+    assert report.images_dir is not None
+    if not isinstance(rec, dict) or "id" not in rec:
+        report.error(
+            "bad_record",
+            f"images[{i}] has no id: {str(rec)[:80]}; give it a unique integer id (--fix drops it)",
+        )
+        return ImageProbe("bad_record")
+    image_id, name = rec["id"], rec.get("file_name")
+    rid: dict[str, Any] = {
+        "image_id": image_id,
+        "file_name": name if isinstance(name, str) else None,
+    }
+    label = f"image id {image_id!r} ({name})"
+    _check_image_id(report, rec, images, by_id, label, rid)
+    if not isinstance(name, str) or not name.strip():
+        report.error("bad_record", f"image id {image_id} has no file_name (--fix drops it)", **rid)
+        return ImageProbe("bad_record")
+    try:
+        path = safe_image_path(report.images_dir, name, image_id)
+    except UnsafePathError as e:
+        report.error(
+            "unsafe_path",
+            f"{e}. Name images relative to the image folder and "
+            "keep them inside it (--fix drops the record)",
+            **rid,
+        )
+        return ImageProbe("unsafe", detail=str(e))
+    _report_symlink(report, path, label, rid)
+    if str(path) in seen_names:
+        report.warn(
+            "duplicate_file_name",
+            f"{label}: the same file is also listed as image id {seen_names[str(path)]}; "
+            "one photo twice can land in both train and val; remove one record",
+            **rid,
+        )
+    else:
+        seen_names[str(path)] = image_id
+    probe = probe_image(path, report.decoded)
+    _report_probe(report, rec, probe, label, rid)
+    return probe
+
+
+def _check_image_id(
+    report: ValidationReport,
+    rec: dict[str, Any],
+    images: list[Any],
+    by_id: dict[Any, ImageProbe],
+    label: str,
+    rid: dict[str, Any],
+) -> None:
+    image_id = rec["id"]
+    if not is_int_id(image_id):
+        report.error(
+            "bad_image_id",
+            f"{label}: the id is not an integer; COCO image ids are integers and the "
+            "trainer needs them (--fix renumbers the image and its boxes)",
+            **rid,
+        )
+    if image_id in by_id:
+        first = images[_first_index(images, image_id)]
+        same = first.get("file_name") == rec.get("file_name")
+        report.error(
+            "duplicate_image_id",
+            f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
+            "boxes with this image_id are ambiguous; give each image a unique id "
+            + (
+                "(--fix drops the repeated record)"
+                if same
+                else "(--fix renumbers the later one; it keeps no boxes: re-label it)"
+            ),
+            **rid,
+        )
 
 
 def _report_symlink(report: ValidationReport, path: Path, label: str, rid: dict[str, Any]) -> None:
@@ -539,6 +556,40 @@ def _report_probe(
             **rid,
         )
         return
+    stored = _report_size(report, rec, probe, label, rid)
+    if probe.orientation not in (1, 0) and (stored is None or stored == probe.size):
+        report.info(
+            "exif_orientation",
+            f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
+            "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF",
+            **rid,
+        )
+    if probe.maybe_truncated:
+        report.warn(
+            "maybe_truncated",
+            f"{label}: the file has no end marker, it may be truncated; "
+            "run with --decode to check it",
+            **rid,
+        )
+    suffix = Path(str(rec.get("file_name"))).suffix.lower()
+    allowed = _EXTENSIONS_OF_FORMAT.get(probe.format or "")
+    if allowed is not None and suffix not in allowed:
+        report.info(
+            "wrong_extension",
+            f"{label}: the file is {probe.format} despite its "
+            f"'{suffix}' name (readable, but confusing)",
+            **rid,
+        )
+
+
+def _report_size(
+    report: ValidationReport,
+    rec: dict[str, Any],
+    probe: ImageProbe,
+    label: str,
+    rid: dict[str, Any],
+) -> tuple[int, int] | None:
+    """The record's width/height against the file's displayed size; returns the stored size."""
     assert probe.size is not None and probe.raw_size is not None
     width, height = probe.size
     stored = image_size(rec)
@@ -570,29 +621,7 @@ def _report_probe(
                 "check the boxes with tools/show.py)",
                 **rid,
             )
-    if probe.orientation not in (1, 0) and (stored is None or stored == probe.size):
-        report.info(
-            "exif_orientation",
-            f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
-            "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF",
-            **rid,
-        )
-    if probe.maybe_truncated:
-        report.warn(
-            "maybe_truncated",
-            f"{label}: the file has no end marker, it may be truncated; "
-            "run with --decode to check it",
-            **rid,
-        )
-    suffix = Path(str(rec.get("file_name"))).suffix.lower()
-    allowed = _EXTENSIONS_OF_FORMAT.get(probe.format or "")
-    if allowed is not None and suffix not in allowed:
-        report.info(
-            "wrong_extension",
-            f"{label}: the file is {probe.format} despite its "
-            f"'{suffix}' name (readable, but confusing)",
-            **rid,
-        )
+    return stored
 
 
 def _sibling_listed(report: ValidationReport) -> tuple[set[str], list[str]]:
@@ -648,6 +677,22 @@ def _check_unlisted(report: ValidationReport, images: list[Any]) -> None:
         )
 
 
+@dataclass
+class _AnnotationTally:
+    """What the annotation checks count on the way, for the set-level findings."""
+
+    records: dict[Any, dict[str, Any]]  # image id -> first image record
+    cat_names: dict[Any, str]
+    images_by_id: dict[Any, ImageProbe]
+    boxes_per_image: Counter[Any] = field(default_factory=Counter)
+    boxes_per_cat: Counter[Any] = field(default_factory=Counter)
+    seen_ids: set[Any] = field(default_factory=set)
+    crowd: int = 0
+    frame_boxes: list[tuple[tuple[float, float, float, float], int, int]] = field(
+        default_factory=list
+    )
+
+
 def _check_annotations(
     report: ValidationReport,
     annotations: list[Any],
@@ -655,142 +700,155 @@ def _check_annotations(
     cat_names: dict[Any, str],
 ) -> None:
     images = report.data.get("images", []) if report.data else []
-    records = {}
+    records: dict[Any, dict[str, Any]] = {}
     for rec in images if isinstance(images, list) else []:
         if isinstance(rec, dict) and "id" in rec:
             records.setdefault(rec["id"], rec)
-    boxes_per_image: Counter[Any] = Counter()
-    boxes_per_cat: Counter[Any] = Counter()
-    seen_ids: set[Any] = set()
-    crowd = 0
-    frame_boxes: list[tuple[tuple[float, float, float, float], int, int]] = []
-    known = ", ".join(str(c) for c in list(cat_names)[:20])
+    tally = _AnnotationTally(records, cat_names, images_by_id)
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             report.error(
                 "bad_record", f"annotations[{i}] is not an object: {str(ann)[:80]} (--fix drops it)"
             )
             continue
-        ann_id, image_id = ann.get("id"), ann.get("image_id")
-        rec = records.get(image_id)
-        name = rec.get("file_name") if rec else None
-        rid = {
-            "image_id": image_id,
-            "ann_id": ann_id,
-            "file_name": name if isinstance(name, str) else None,
-        }
-        label = f"annotation {ann_id} (image {image_id!r}{', ' + str(name) if name else ''})"
-        problem = annotation_record_problem(ann)
-        if problem:
-            report.error("bad_record", f"{label}: {problem} (--fix drops the box)", **rid)
-            continue
-        if "id" not in ann:
-            report.error(
-                "bad_record",
-                f"annotations[{i}] (image {image_id}) has no id (--fix gives it one)",
-                **rid,
-            )
-        elif ann_id in seen_ids:
-            report.error(
-                "duplicate_ann_id",
-                f"{label}: annotation id {ann_id} is used more than "
-                "once; give each box a unique id (--fix renumbers)",
-                **rid,
-            )
-        seen_ids.add(ann_id)
-        if rec is None:
-            report.error(
-                "unknown_image_id",
-                f"{label}: image_id {image_id!r} is not in 'images' (--fix drops the box)",
-                **rid,
-            )
-            continue
-        boxes_per_image[image_id] += 1
-        cid = ann.get("category_id")
-        if cid not in cat_names:
-            report.error(
-                "unknown_category",
-                f"{label}: category_id {cid!r} is not in "
-                f"'categories' (known: {known}); correct the id or "
-                "add the category (--fix drops the box)",
-                **rid,
-            )
-        else:
-            boxes_per_cat[cid] += 1
-        if ann.get("iscrowd"):
-            crowd += 1
-        box = parse_bbox(ann.get("bbox"))
-        if box is None:
-            report.error(
-                "bad_bbox",
-                f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
-                "[x, y, width, height] (--fix drops it)",
-                **rid,
-            )
-            continue
-        box_problem = xywh_problem(box)
-        if box_problem == "box_nan":
-            report.error(
-                "box_nan",
-                f"{label}: bbox {_fmt_box(box)} has NaN/infinite values (--fix drops it)",
-                **rid,
-            )
-            continue
-        if box_problem == "box_empty":
-            report.error(
-                "box_empty",
-                f"{label}: bbox {_fmt_box(box)} has zero or negative width/height (--fix drops it)",
-                **rid,
-            )
-            continue
-        if area_of(ann) is None:
-            report.warn(
-                "missing_area",
-                f"{label}: no usable 'area' (COCO evaluation needs it: the trainer fills it "
-                "from the box, --fix writes width*height)",
-                **rid,
-            )
-        frame = _frame_of(images_by_id.get(image_id), rec)
-        if frame is None:
-            continue
-        width, height = frame
-        frame_boxes.append((box, width, height))
-        where, over = box_position(box, width, height)
-        if where == "outside":
-            report.error(
-                "box_outside",
-                f"{label}: bbox {_fmt_box(box)} lies entirely outside "
-                f"the {width}x{height} image (--fix drops it)",
-                **rid,
-            )
-        elif where == "past" and looks_xyxy(box, width, height):
-            report.warn(
-                "box_looks_xyxy",
-                f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past the edge of the "
-                f"{width}x{height} image, but read as [x1, y1, x2, y2] it lies inside it: it "
-                "was probably stored as corners, not [x, y, width, height]. Correct this box "
-                "in the labels (--fix would clip it to a wrong box)",
-                **rid,
-            )
-        elif where == "past":
-            report.warn(
-                "box_past_edge",
-                f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
-                f"the edge of the {width}x{height} image (--fix clips it)",
-                **rid,
-            )
-    _check_xyxy(report, frame_boxes)
-    if crowd:
+        _check_annotation(report, i, ann, tally)
+    _check_xyxy(report, tally.frame_boxes)
+    if tally.crowd:
         report.info(
             "crowd_boxes",
-            f"{crowd} iscrowd boxes: left out of training, used as "
+            f"{tally.crowd} iscrowd boxes: left out of training, used as "
             "'ignore' regions by COCO evaluation",
         )
+    _report_empty_categories(report, annotations, tally)
+    _report_negatives(report, tally)
+
+
+def _check_annotation(
+    report: ValidationReport, i: int, ann: dict[str, Any], tally: _AnnotationTally
+) -> None:
+    """One annotation: its ids, its image and category, then its box."""
+    ann_id, image_id = ann.get("id"), ann.get("image_id")
+    rec = tally.records.get(image_id)
+    name = rec.get("file_name") if rec else None
+    rid = {
+        "image_id": image_id,
+        "ann_id": ann_id,
+        "file_name": name if isinstance(name, str) else None,
+    }
+    label = f"annotation {ann_id} (image {image_id!r}{', ' + str(name) if name else ''})"
+    problem = annotation_record_problem(ann)
+    if problem:
+        report.error("bad_record", f"{label}: {problem} (--fix drops the box)", **rid)
+        return
+    if "id" not in ann:
+        report.error(
+            "bad_record",
+            f"annotations[{i}] (image {image_id}) has no id (--fix gives it one)",
+            **rid,
+        )
+    elif ann_id in tally.seen_ids:
+        report.error(
+            "duplicate_ann_id",
+            f"{label}: annotation id {ann_id} is used more than "
+            "once; give each box a unique id (--fix renumbers)",
+            **rid,
+        )
+    tally.seen_ids.add(ann_id)
+    if rec is None:
+        report.error(
+            "unknown_image_id",
+            f"{label}: image_id {image_id!r} is not in 'images' (--fix drops the box)",
+            **rid,
+        )
+        return
+    tally.boxes_per_image[image_id] += 1
+    cid = ann.get("category_id")
+    if cid not in tally.cat_names:
+        known = ", ".join(str(c) for c in list(tally.cat_names)[:20])
+        report.error(
+            "unknown_category",
+            f"{label}: category_id {cid!r} is not in 'categories' (known: {known}); correct the "
+            "id or add the category (--fix drops the box)",
+            **rid,
+        )
+    else:
+        tally.boxes_per_cat[cid] += 1
+    tally.crowd += bool(ann.get("iscrowd"))
+    _check_box(report, ann, label, rid, _frame_of(tally.images_by_id.get(image_id), rec), tally)
+
+
+def _check_box(
+    report: ValidationReport,
+    ann: dict[str, Any],
+    label: str,
+    rid: dict[str, Any],
+    frame: tuple[int, int] | None,
+    tally: _AnnotationTally,
+) -> None:
+    """The bbox: four finite numbers, positive size, inside the image (``coco_rules``)."""
+    box = parse_bbox(ann.get("bbox"))
+    if box is None:
+        report.error(
+            "bad_bbox",
+            f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
+            "[x, y, width, height] (--fix drops it)",
+            **rid,
+        )
+        return
+    box_problem = xywh_problem(box)
+    if box_problem is not None:
+        what = (
+            "has NaN/infinite values"
+            if box_problem == "box_nan"
+            else "has zero or negative width/height"
+        )
+        report.error(box_problem, f"{label}: bbox {_fmt_box(box)} {what} (--fix drops it)", **rid)
+        return
+    if area_of(ann) is None:
+        report.warn(
+            "missing_area",
+            f"{label}: no usable 'area' (COCO evaluation needs it: the trainer fills it "
+            "from the box, --fix writes width*height)",
+            **rid,
+        )
+    if frame is None:
+        return
+    width, height = frame
+    tally.frame_boxes.append((box, width, height))
+    where, over = box_position(box, width, height)
+    if where == "outside":
+        report.error(
+            "box_outside",
+            f"{label}: bbox {_fmt_box(box)} lies entirely outside "
+            f"the {width}x{height} image (--fix drops it)",
+            **rid,
+        )
+    elif where == "past" and looks_xyxy(box, width, height):
+        report.warn(
+            "box_looks_xyxy",
+            f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past the edge of the "
+            f"{width}x{height} image, but read as [x1, y1, x2, y2] it lies inside it: it "
+            "was probably stored as corners, not [x, y, width, height]. Correct this box "
+            "in the labels (--fix would clip it to a wrong box)",
+            **rid,
+        )
+    elif where == "past":
+        report.warn(
+            "box_past_edge",
+            f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
+            f"the edge of the {width}x{height} image (--fix clips it)",
+            **rid,
+        )
+
+
+def _report_empty_categories(
+    report: ValidationReport, annotations: list[Any], tally: _AnnotationTally
+) -> None:
     placeholders = placeholder_category_ids(
         (report.data or {}).get("categories") or [], annotations
     )
-    for cid, cname in cat_names.items():
-        if boxes_per_cat[cid]:
+    for cid, cname in tally.cat_names.items():
+        if tally.boxes_per_cat[cid]:
             continue
         if cid in placeholders:
             report.warn(
@@ -806,19 +864,23 @@ def _check_annotations(
                 "a class it never sees; drop it unless another set adds "
                 "boxes",
             )
-    for image_id, rec in records.items():
-        if not boxes_per_image[image_id]:
-            probe = images_by_id.get(image_id)
-            if probe is not None and probe.status != "ok":
-                continue
-            report.info(
-                "negative",
-                f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
-                "trained as a negative (background only); label it if it "
-                "shows objects",
-                image_id=image_id,
-                file_name=rec.get("file_name"),
-            )
+
+
+def _report_negatives(report: ValidationReport, tally: _AnnotationTally) -> None:
+    for image_id, rec in tally.records.items():
+        if tally.boxes_per_image[image_id]:
+            continue
+        probe = tally.images_by_id.get(image_id)
+        if probe is not None and probe.status != "ok":
+            continue
+        report.info(
+            "negative",
+            f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
+            "trained as a negative (background only); label it if it "
+            "shows objects",
+            image_id=image_id,
+            file_name=rec.get("file_name"),
+        )
 
 
 def _frame_of(probe: ImageProbe | None, rec: dict[str, Any]) -> tuple[int, int] | None:
