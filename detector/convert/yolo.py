@@ -189,6 +189,40 @@ def _parse_label_file(path: Path, names: dict[int, str], result: ReadResult) -> 
     return boxes
 
 
+def _pair_labels(
+    images_by_key: dict[str, Path],
+    label_files: list[Path],
+    root: Path,
+    image_root: Path,
+    result: ReadResult,
+) -> dict[Path, Path]:
+    """image -> its label file; label files without an image are listed as skipped."""
+    labels_by_key = {_key(p, root, "labels"): p for p in label_files}
+    pairs: dict[Path, Path] = {}  # image -> label file
+    for key, lab in labels_by_key.items():
+        if key in images_by_key:
+            pairs[images_by_key[key]] = lab
+    # Fallback: unique stems (labels and images in unrelated folders, e.g. with --images).
+    unpaired_labels = [p for k, p in labels_by_key.items() if k not in images_by_key]
+    if unpaired_labels:
+        free_images = [p for p in images_by_key.values() if p not in pairs]
+        stem_count: dict[str, int] = {}
+        for p in free_images:
+            stem_count[p.stem] = stem_count.get(p.stem, 0) + 1
+        by_stem = {p.stem: p for p in free_images if stem_count[p.stem] == 1}
+        for lab in list(unpaired_labels):
+            img = by_stem.get(lab.stem)
+            if img is not None and sum(q.stem == lab.stem for q in unpaired_labels) == 1:
+                pairs[img] = lab
+                unpaired_labels.remove(lab)
+    for lab in sorted(unpaired_labels, key=natural_key):
+        lines = sum(1 for ln in read_text_lines(lab) if ln.strip())
+        result.skipped.append(
+            Skipped(str(lab), f"{lines} boxes", f"label file has no image (looked in {image_root})")
+        )
+    return pairs
+
+
 def read_yolo(ctx: ReadContext) -> ReadResult:
     root = ctx.root
     if root.name == "labels" and (root.parent / "images").is_dir():  # pointed at labels/
@@ -228,30 +262,7 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
             )
             continue
         images_by_key[key] = img
-    labels_by_key = {_key(p, root, "labels"): p for p in label_files}
-    pairs: dict[Path, Path] = {}  # image -> label file
-    for key, lab in labels_by_key.items():
-        if key in images_by_key:
-            pairs[images_by_key[key]] = lab
-    # Fallback: unique stems (labels and images in unrelated folders, e.g. with --images).
-    unpaired_labels = [p for k, p in labels_by_key.items() if k not in images_by_key]
-    if unpaired_labels:
-        free_images = [p for p in images_by_key.values() if p not in pairs]
-        stem_count: dict[str, int] = {}
-        for p in free_images:
-            stem_count[p.stem] = stem_count.get(p.stem, 0) + 1
-        by_stem = {p.stem: p for p in free_images if stem_count[p.stem] == 1}
-        for lab in list(unpaired_labels):
-            img = by_stem.get(lab.stem)
-            if img is not None and sum(q.stem == lab.stem for q in unpaired_labels) == 1:
-                pairs[img] = lab
-                unpaired_labels.remove(lab)
-    for lab in sorted(unpaired_labels, key=natural_key):
-        lines = sum(1 for ln in read_text_lines(lab) if ln.strip())
-        result.skipped.append(
-            Skipped(str(lab), f"{lines} boxes", f"label file has no image (looked in {image_root})")
-        )
-
+    pairs = _pair_labels(images_by_key, label_files, root, image_root, result)
     negatives = []
     for img in images_by_key.values():
         lab = pairs.get(img)
