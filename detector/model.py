@@ -481,6 +481,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(
             f"{path}: checkpoint version {obj['version']} is newer than this detector"
         )
+    missing = [key for key in ("model", "arch", "class_names") if key not in obj]
+    if missing:
+        raise WeightsError(
+            f"{path}: incomplete checkpoint, no {', '.join(missing)} (it has the detector format "
+            "tag but was not written by detector train); use a best.pt or last.pt of a run"
+        )
     return obj
 
 
