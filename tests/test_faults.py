@@ -366,6 +366,7 @@ def test_sigterm_and_ctrl_c_to_the_process_group_save_exit_0_and_resume_bit_iden
     assert_same_training(load_checkpoint(run / "last.pt"), reference)
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_folder_the_second_refuses_naming_the_pid(
     driver, tiny_set, tmp_path, cli_main, capsys
 ):
@@ -585,6 +586,13 @@ def test_checkpoint_with_the_format_tag_but_no_class_names_is_a_clear_error(
     assert cli_main(["evaluate", str(partial), "--data", str(tiny_set)]) == 2
     err = capsys.readouterr().err
     assert "partial.pt: incomplete checkpoint, no class_names" in err and "best.pt" in err, err
+    values = tiny_config(tiny_set, None, tmp_path / "runs").to_dict()
+    values["model"]["weights"] = str(partial)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert cli_main(["train", str(config), "data.preflight=false", "--no-progress"]) == 2
+    assert "partial.pt: incomplete checkpoint, no class_names" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_yaml_is_loaded_safely(tmp_path, cli_main, capsys):
