@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -1093,52 +1092,22 @@ def _fix_annotations(
             dropped += 1
             continue
         label = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
-        reason = None
         size = sizes.get(ann.get("image_id"))
         cid = cat_remap.get(ann.get("category_id"), ann.get("category_id"))
-        box = parse_bbox(ann.get("bbox"))
         if size is None:
             reason = "its image is not in the fixed set"
         elif cid not in cat_ids:
             reason = f"unknown category_id {ann.get('category_id')!r}"
-        elif box is None:
-            reason = f"malformed bbox {ann.get('bbox')!r}"
-        elif not all(math.isfinite(v) for v in box):
-            reason = f"NaN/infinite bbox {_fmt_box(box)}"
-        if reason is None and box is not None and xyxy:
-            x1, y1, x2, y2 = box
-            converted = (min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1))
-            changes.append(
-                f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> {_fmt_box(converted)}"
-            )
-            box = converted
-            ann["bbox"] = list(box)
-            ann["area"] = box[2] * box[3]
-        if reason is None and box is not None and (box[2] <= 0 or box[3] <= 0):
-            reason = f"zero or negative width/height {_fmt_box(box)}"
-        if reason is None and box is not None and size is not None:
-            where, _ = box_position(box, *size)
-            if where == "outside":
-                reason = f"bbox {_fmt_box(box)} entirely outside the {size[0]}x{size[1]} image"
-            elif where == "past":
-                clipped = clip_xywh(box, *size)
-                changes.append(f"{label}: bbox {_fmt_box(box)} clipped to {_fmt_box(clipped)}")
-                box = clipped
-                ann["bbox"] = [round(v, 2) for v in box]
-                box = parse_bbox(ann["bbox"])
-                if box is None or box[2] <= 0 or box[3] <= 0:
-                    reason = "nothing left after clipping"
-                elif isinstance(ann.get("area"), (int, float)):
-                    ann["area"] = min(float(ann["area"]), box[2] * box[3])
+        else:
+            reason = _fix_box(ann, size, xyxy, label, changes)
         if reason is not None:
             changes.append(f"dropped {label}: {reason}")
             dropped += 1
             continue
-        assert box is not None
-        if cid != ann.get("category_id"):
-            ann["category_id"] = cid
-        area = ann.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+        ann["category_id"] = cid
+        if area_of(ann) is None:
+            box = parse_bbox(ann["bbox"])
+            assert box is not None  # _fix_box kept it
             ann["area"] = box[2] * box[3]
             changes.append(f"{label}: area set to {ann['area']:g} (width*height)")
         if "id" not in ann or ann["id"] in seen:
@@ -1150,3 +1119,38 @@ def _fix_annotations(
         seen.add(ann["id"])
         kept.append(ann)
     return kept, dropped
+
+
+def _fix_box(
+    ann: dict[str, Any], size: tuple[int, int], xyxy: bool, label: str, changes: list[str]
+) -> str | None:
+    """Repair ``ann["bbox"]`` in place (xyxy conversion, clipping); why it is dropped, or None."""
+    box = parse_bbox(ann.get("bbox"))
+    if box is None:
+        return f"malformed bbox {ann.get('bbox')!r}"
+    if xywh_problem(box) == "box_nan":
+        return f"NaN/infinite bbox {_fmt_box(box)}"
+    if xyxy:
+        x1, y1, x2, y2 = box
+        converted = (min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1))
+        changes.append(
+            f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> {_fmt_box(converted)}"
+        )
+        box = converted
+        ann["bbox"] = list(box)
+        ann["area"] = box[2] * box[3]
+    if xywh_problem(box) == "box_empty":
+        return f"zero or negative width/height {_fmt_box(box)}"
+    where, _ = box_position(box, *size)
+    if where == "outside":
+        return f"bbox {_fmt_box(box)} entirely outside the {size[0]}x{size[1]} image"
+    if where == "past":
+        clipped = clip_xywh(box, *size)
+        changes.append(f"{label}: bbox {_fmt_box(box)} clipped to {_fmt_box(clipped)}")
+        ann["bbox"] = [round(v, 2) for v in clipped]
+        box = parse_bbox(ann["bbox"])
+        if box is None or xywh_problem(box) is not None:
+            return "nothing left after clipping"
+        if area_of(ann) is not None:
+            ann["area"] = min(float(ann["area"]), box[2] * box[3])
+    return None
