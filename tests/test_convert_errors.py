@@ -826,5 +826,9 @@ def test_labelstudio_predictions_only_with_include_predictions(shared_datasets, 
     report = convert(export, tmp_path / "out", "labelstudio", include_predictions=True)
     assert report.images == 2 and report.boxes == 2
     assert any("prediction" in n for n in report.notes)
+    cli_out = tmp_path / "cli"
+    argv = [str(export), "--from", "labelstudio", "--out", str(cli_out), "--include-predictions"]
+    assert load_convert_tool().main(argv) == 0
+    assert len(load(cli_out)["annotations"]) == 2
     coco = load(tmp_path / "out")
     assert coco["annotations"][1]["bbox"] == [80.0, 114.6, 400.0, 229.2]  # raccoon-2: 800x573
