@@ -766,6 +766,9 @@ def test_symlinked_images_are_accepted(tmp_path):
     assert coco_stats(data, linked / "images").images_on_disk == 3
     assert split_file(ann, 0.34, out_dir=tmp_path / "split", progress=False).missing_images == 0
     assert len(show_coco(ann, tmp_path / "show", n=3, progress=False).written) == 3
+    with pytest.raises(CocoError, match="already exists; pass --overwrite"):  # a second run
+        show_coco(ann, tmp_path / "show", n=3, progress=False)
+    assert len(show_coco(ann, tmp_path / "show", n=3, progress=False, overwrite=True).written) == 3
     merged = merge_coco([MergeSource(ann)])
     stats = write_merged(
         merged, tmp_path / "m" / "merged.json", inputs=[MergeSource(ann)], progress=False
