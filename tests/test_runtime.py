@@ -120,13 +120,15 @@ def test_provider_plan_with_a_gpu_sets_tensorrt_cache_options(monkeypatch, tmp_p
     from detector.runtime import providers
 
     monkeypatch.setattr(providers, "cuda_devices", lambda: (1, ""))
-    plan = providers.plan_providers(None, trt_cache_dir=tmp_path / "trt", trt_fp16=True)
+    trt = providers.TensorRTOptions(cache_dir=tmp_path / "trt", workspace_bytes=1 << 30)
+    plan = providers.plan_providers(None, tensorrt=trt)
     built = set(providers.ort.get_available_providers())
     expected = [p for p in providers.DEFAULT_PROVIDERS if p in built]
     assert plan.providers == expected
     if providers.TENSORRT in built:
         options = plan.options[0]
         assert options["trt_engine_cache_enable"] is True and options["trt_fp16_enable"] is True
+        assert options["trt_max_workspace_size"] == 1 << 30
         assert (
             options["trt_engine_cache_path"] == str(tmp_path / "trt")
             and (tmp_path / "trt").is_dir()
@@ -253,7 +255,7 @@ def test_model_without_metadata_is_refused(tmp_path):
             write_onnx(tmp_path / "outputs.onnx", {**newer, C.KEY_CONTRACT: "1"}), providers=["cpu"]
         )
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    with pytest.raises(ModelError, match="cannot load"):
+    with pytest.raises(ModelError, match="junk.onnx: not a readable ONNX model"):
         Detector(tmp_path / "junk.onnx", providers=["cpu"])
     with pytest.raises(FileNotFoundError):
         Detector(tmp_path / "missing.onnx")
