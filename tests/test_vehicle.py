@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import venv
 from pathlib import Path
 
@@ -20,6 +19,13 @@ import pytest
 from detector.runtime import Detector
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("onnx_one_torch_thread")]
 
 
@@ -37,7 +43,7 @@ def frames(tmp_path_factory, shared_datasets) -> Path:
 
 
 def test_vehicle_extra_matches_requirements_file():
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = pyproject()["project"]
     listed = [
         line.strip()
         for line in (ROOT / "requirements-vehicle.txt").read_text().splitlines()
@@ -52,7 +58,7 @@ def _runtime_packages() -> list[str]:
     """The runtime extra with the CPU onnxruntime (no GPU here), at the installed versions."""
     from importlib.metadata import version
 
-    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extra = pyproject()["project"]
     names = [re.split(r"[<>=;\[ ]", r)[0] for r in extra["optional-dependencies"]["runtime"]]
     names = ["onnxruntime" if n == "onnxruntime-gpu" else n for n in names]
     assert sorted(names) == ["numpy", "onnxruntime", "opencv-python-headless"]
