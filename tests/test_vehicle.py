@@ -179,7 +179,7 @@ def test_cpp_example_reads_the_contract_and_matches_python(b2, frames, tmp_path)
     for i, det in enumerate(expected):
         assert f"frame {i}: {len(det)} detections" in done.stdout
         rows = [
-            line.split()[2:] for line in done.stdout.splitlines() if line.startswith(f"frame {i} ")
+            line.split()[3:] for line in done.stdout.splitlines() if line.startswith(f"frame {i} ")
         ]
         got = np.array([[float(v) for v in row] for row in rows], np.float32).reshape(-1, 5)
         np.testing.assert_allclose(got[:, 0], det.scores, atol=1e-4)
