@@ -208,3 +208,16 @@ def test_progress_without_tqdm_is_a_plain_counter(monkeypatch, capsys):
         bar.update(2)
         bar.update(1)
     assert "predict: 3/3 img" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_a_named_provider_that_cannot_run(monkeypatch, tmp_path, capsys):
+    import argparse
+
+    from detector import benchmark
+
+    monkeypatch.setattr(providers, "cuda_devices", lambda: (0, "no NVIDIA driver (test)"))
+    parser = argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "m.onnx"), "--providers", "cuda", "--iters", "1"])
+    assert benchmark.run(args) == 2
+    assert "CUDAExecutionProvider" in capsys.readouterr().err

@@ -350,6 +350,15 @@ class Detector:
             np.zeros((n, k), np.int64),
             np.zeros((n,), np.int64),
         ]
+        declared = {o.name: o.shape for o in self.session.get_outputs()}
+        for name, buffer in zip(C.OUTPUT_NAMES, buffers, strict=True):
+            shape = declared[name]
+            fixed = all(isinstance(d, int) for d in shape)
+            if fixed and tuple(shape) != buffer.shape:
+                raise ModelError(
+                    f"{self.path}: output {name} is {shape}, but the metadata (batch {n}, "
+                    f"{k} detections per image) says {list(buffer.shape)}"
+                )
         binding = self.session.io_binding()
         for name, buffer in zip(C.OUTPUT_NAMES, buffers, strict=True):
             binding.bind_output(
