@@ -14,14 +14,17 @@ from typing import Any
 class Counter:
     """``desc: 40/200 unit`` lines on stderr, at most one every ``every`` seconds, and at the end."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, every: float = 5.0):
+    def __init__(
+        self, total: int | None, desc: str, unit: str, every: float = 5.0, enabled: bool = True
+    ):
         self.total, self.desc, self.unit, self.every = total, desc, unit, every
+        self.enabled = enabled
         self.done = 0
         self._last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if time.monotonic() - self._last >= self.every:
+        if self.enabled and time.monotonic() - self._last >= self.every:
             self._print()
 
     def _print(self) -> None:
@@ -30,7 +33,8 @@ class Counter:
         self._last = time.monotonic()
 
     def close(self) -> None:
-        self._print()
+        if self.enabled:
+            self._print()
 
     def __enter__(self) -> Counter:
         return self
@@ -44,5 +48,5 @@ def progress(total: int | None, desc: str, unit: str, enabled: bool = True) -> A
     try:
         from tqdm import tqdm
     except ImportError:
-        return Counter(total, desc, unit, every=5.0 if enabled else float("inf"))
+        return Counter(total, desc, unit, enabled=enabled)
     return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True)
