@@ -28,7 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .runtime import Detector, ModelError, ProviderError
+from .runtime import Detector, ModelError, ProviderError, read_image
 from .runtime.arguments import add_provider_arguments, detector_options
 from .runtime.progress import progress
 from .runtime.providers import DEFAULT_PROVIDERS, TensorRTOptions, plan_providers, provider_name
@@ -89,9 +89,7 @@ def make_frames(
 ) -> list[np.ndarray]:
     """``count`` size x size uint8 BGR frames: the given image resized, else smooth noise."""
     if image is not None:
-        frame = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if frame is None:
-            raise ValueError(f"{image}: not a readable image")
+        frame = read_image(image)  # ImageError (a ValueError) naming the file and why
         return [cv2.resize(frame, (size, size))] * count
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (max(size // 16, 2), max(size // 16, 2), 3), dtype=np.uint8)
