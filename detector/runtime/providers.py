@@ -151,8 +151,10 @@ def missing_library(provider: str) -> str | None:
     try:
         ctypes.CDLL(str(path))
     except OSError as e:
-        return str(e).split(":", 1)[0].strip() or str(e)
-    return None
+        message = str(e)
+        if "cannot open shared object file" in message:
+            return message.split(":", 1)[0].strip()
+    return None  # it loads (or fails for another reason: onnxruntime's own error says which)
 
 
 def preload_gpu_libraries() -> list[str]:
