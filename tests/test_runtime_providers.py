@@ -221,3 +221,30 @@ def test_benchmark_refuses_a_named_provider_that_cannot_run(monkeypatch, tmp_pat
     args = parser.parse_args([str(tmp_path / "m.onnx"), "--providers", "cuda", "--iters", "1"])
     assert benchmark.run(args) == 2
     assert "CUDAExecutionProvider" in capsys.readouterr().err
+
+
+def test_cli_options_reach_the_detector_arguments():
+    import argparse
+
+    from detector.runtime.arguments import add_provider_arguments, detector_options
+
+    parser = argparse.ArgumentParser()
+    add_provider_arguments(parser)
+    args = parser.parse_args(
+        ["--providers", "tensorrt", "cuda", "--no-trt-fp16", "--trt-workspace-gb", "1.5",
+         "--trt-exclude-ops", "NonZero,TopK", "--trt-profile", "a", "b", "c",
+         "--no-cpu-fallback", "--trt-cache", "/tmp/c", "--device-id", "1"]
+    )  # fmt: skip
+    assert detector_options(args) == {
+        "providers": ["tensorrt", "cuda"],
+        "device_id": 1,
+        "trt_cache_dir": "/tmp/c",
+        "trt_fp16": False,
+        "trt_workspace_bytes": int(1.5 * (1 << 30)),
+        "trt_exclude_ops": ["NonZero", "TopK"],
+        "trt_profile": ("a", "b", "c"),
+        "cpu_fallback": False,
+    }
+    defaults = detector_options(parser.parse_args([]))
+    assert defaults["trt_fp16"] is True and defaults["cpu_fallback"] is True
+    assert defaults["providers"] is None and defaults["trt_exclude_ops"] is None
