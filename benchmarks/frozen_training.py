@@ -499,36 +499,34 @@ def main() -> int:
         if not args.start:
             start_weights(arch, train_json, args.data / "images", args, work / f"{arch}-start.pt")
         for method in args.methods:
-            command = (
-                [
-                    sys.executable,
-                    __file__,
-                    str(args.data),
-                    "--one",
-                    method,
-                    "--arch",
-                    arch,
-                    "--work",
-                    str(work),
-                ]
-                + [
-                    f"--{k.replace('_', '-')}={getattr(args, k)}"
-                    for k in (
-                        "min_size",
-                        "max_size",
-                        "epochs",
-                        "batch_size",
-                        "lr",
-                        "weight_decay",
-                        "workers",
-                        "box_batch_size",
-                        "seed",
-                        "aspect_ratio_groups",
-                        "device",
-                    )
-                ]
-                + (["--amp"] if args.amp else [])
-            )
+            command = [
+                sys.executable,
+                __file__,
+                str(args.data),
+                "--one",
+                method,
+                "--arch",
+                arch,
+                "--work",
+                str(work),
+            ] + [
+                f"--{k.replace('_', '-')}={getattr(args, k)}"
+                for k in (
+                    "min_size",
+                    "max_size",
+                    "epochs",
+                    "batch_size",
+                    "lr",
+                    "weight_decay",
+                    "workers",
+                    "box_batch_size",
+                    "seed",
+                    "aspect_ratio_groups",
+                    "device",
+                )
+            ]
+            if args.amp:
+                command.append("--amp")
             proc = subprocess.run(command, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
