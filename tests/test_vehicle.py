@@ -56,13 +56,13 @@ def test_vehicle_extra_matches_requirements_file():
 
 def _runtime_packages() -> list[str]:
     """The runtime extra with the CPU onnxruntime (no GPU here), at the installed versions."""
-    from importlib.metadata import version
-
     extra = pyproject()["project"]
     names = [re.split(r"[<>=;\[ ]", r)[0] for r in extra["optional-dependencies"]["runtime"]]
     names = ["onnxruntime" if n == "onnxruntime-gpu" else n for n in names]
     assert sorted(names) == ["numpy", "onnxruntime", "opencv-python-headless"]
-    pins = {"onnxruntime": version("onnxruntime-gpu")}
+    import onnxruntime
+
+    pins = {"onnxruntime": onnxruntime.__version__}  # the CPU wheel of the installed version
     return [f"{n}=={pins[n]}" if n in pins else n for n in names]
 
 
