@@ -263,7 +263,8 @@ class TrainConfig:
     until: Clock | None = None
     # A batch with a non-finite loss is skipped; this many in a row stop the run.
     max_nonfinite_batches: PositiveInt = 5
-    # Write the training losses to TensorBoard every N iterations.
+    # Every N optimizer steps, and at the end of each epoch: a log line (losses, lr, images/s)
+    # and TensorBoard scalars (train/loss, train/loss_classifier, ..., train/lr).
     log_every: PositiveInt = 20
     # Where runs are written: <out_dir>/<name>/ ; name defaults to the config file's stem.
     out_dir: str = "runs"

@@ -376,7 +376,8 @@ def test_checkpoint_from_a_newer_config_version_is_refused(tmp_path):
     from detector.model import load_checkpoint, save_checkpoint
 
     path = tmp_path / "new.pt"
-    save_checkpoint(path, {"model": {}, "class_names": ["a"], "config": {"version": VERSION + 1}})
+    new = {"model": {}, "arch": ARCHS[0], "class_names": ["a"], "config": {"version": VERSION + 1}}
+    save_checkpoint(path, new)
     with pytest.raises(ConfigError, match=r"new.pt: saved config: config version \d+ is newer"):
         load_checkpoint(path)
 

@@ -22,6 +22,7 @@ def run_tool(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path):
     out = tmp_path / "deer"
     report = run_tool("tools/convert.py", str(shared_datasets / "deer-automl"), "--out", str(out))
