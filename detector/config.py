@@ -100,7 +100,6 @@ PositiveFloat = Annotated[float, Range(0.0, low_open=True)]
 Probability = Annotated[float, Range(0.0, 1.0)]
 Device = Annotated[str, Matches(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")]
 Clock = Annotated[str, Matches(CLOCK.pattern, "a clock time HH:MM from 00:00 to 23:59")]
-RunName = Annotated[str, Matches(r"(?!\.\.?$)[^/\\]+", "a folder name (no / or \\, not . or ..)")]
 
 
 @dataclass
@@ -268,7 +267,7 @@ class TrainConfig:
     log_every: PositiveInt = 20
     # Where runs are written: <out_dir>/<name>/ ; name defaults to the config file's stem.
     out_dir: str = "runs"
-    name: RunName | None = None
+    name: str | None = None
     # The optional second phase (train.unfreeze.*).
     unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
 
