@@ -284,9 +284,10 @@ def run_evaluation(
     draw_score_threshold: float = 0.5,
     num_workers: int = 0,
     model_name: str = "",
+    progress: bool = True,
 ) -> Evaluation:
     """Predict with a PyTorch model, score with COCOeval; ``out_dir``: results, PR curve, grid."""
-    results = predict(model, cset, device, batch_size, num_workers)
+    results = predict(model, cset, device, batch_size, num_workers, progress)
     metrics, evaluator = coco_metrics(cset, results)
     min_score = float(getattr(getattr(model, "roi_heads", None), "score_thresh", 0.0))
     evaluation = Evaluation(metrics, results, evaluator, cset, model_name, min_score)

@@ -40,9 +40,10 @@ from .data import (
     epoch_batches,
     make_loader,
 )
-from .evaluate import Metrics, evaluate, format_metrics
+from .evaluate import Metrics, evaluate, format_metrics, run_evaluation
 from .fileio import atomic_write_text
 from .model import BuildInfo, build_model, load_checkpoint, save_checkpoint, unfreeze_last_blocks
+from .report import format_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -603,7 +604,7 @@ def _train(
         # Plots and prediction grid of the model the user will deploy.
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
-        final_metrics = evaluate(
+        evaluation = run_evaluation(
             model,
             val_set,
             device,
@@ -611,8 +612,13 @@ def _train(
             batch_size=cfg.train.batch_size,
             grid_images=cfg.eval.grid_images,
             draw_score_threshold=cfg.eval.draw_score_threshold,
+            model_name=best_path.name,
+            progress=progress,
         )
+        final_metrics = evaluation.metrics
         atomic_write_text(run_dir / "best_metrics.txt", format_metrics(final_metrics) + "\n")
+        report = write_report(evaluation, run_dir, tensorboard_dir=run_dir / "tensorboard")
+        log.info("deployment report of best.pt:\n%s", format_report(evaluation, report))
     distributed.barrier()
     result = TrainResult(
         run_dir,

@@ -203,3 +203,71 @@ def test_confusion_matrix_ignores_detections_in_crowd_regions(tmp_path):
     dets = [det(1, 1, [0, 0, 20, 20], 0.9), det(1, 1, [60, 60, 20, 20], 0.8)]
     confusion = confusion_matrix(cset, dets, {"cat": 0.5})
     assert confusion.matrix.tolist() == [[1, 0], [0, 0]]
+
+
+def raccoon_val_set(root: Path, datasets: Path, count: int = 30) -> Path:
+    """A COCO file over the first ``count`` images of the shared raccoon-voc export."""
+    import onnx_fixtures as fx
+
+    names = sorted(p.stem for p in (datasets / "raccoon-voc" / "images").glob("*.jpg"))[:count]
+    images, anns = [], []
+    for i, name in enumerate(names, 1):
+        frame = fx.raccoon_image(datasets, name)
+        images.append(
+            {"id": i, "file_name": f"{name}.jpg", "width": frame.shape[1], "height": frame.shape[0]}
+        )
+        for x1, y1, x2, y2 in fx.raccoon_boxes(datasets, name):
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+    path = root / "raccoon_val.json"
+    categories = [{"id": 1, "name": "raccoon"}]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    return path
+
+
+@pytest.mark.slow
+def test_onnx_and_checkpoint_agree_within_half_an_ap_point(
+    work, checkpoint, shared_datasets, tmp_path, capsys, onnx_one_torch_thread
+):
+    import onnx_fixtures as fx
+
+    from detector import cli
+
+    onnx_path = fx.exported(work, shared_datasets, "b1")[0]
+    sample_val = Path(__file__).resolve().parents[1] / "datasets" / "sample" / "val.json"
+    shared_val = raccoon_val_set(tmp_path, shared_datasets)
+    for data, images in (
+        (shared_val, shared_datasets / "raccoon-voc" / "images"),
+        (sample_val, None),
+    ):
+        scores = {}
+        for model in (checkpoint, onnx_path):
+            out = tmp_path / f"{data.stem}-{model.suffix[1:]}"
+            argv = ["evaluate", str(model), "--data", str(data), "--out", str(out), "--no-progress"]
+            argv += ["--images", str(images)] if images else []
+            argv += ["--providers", "cpu"] if model.suffix == ".onnx" else ["--batch-size", "1"]
+            assert cli.main(argv) == 0
+            scores[model.suffix] = json.loads((out / "metrics.json").read_text())["overall"]
+            assert (out / "report.html").is_file() and (out / "thresholds.json").is_file()
+        printed = capsys.readouterr().out
+        assert "in-graph threshold (0.05, set at export)" in printed
+        assert abs(scores[".pt"]["AP"] - scores[".onnx"]["AP"]) <= 0.005
+        assert abs(scores[".pt"]["AP50"] - scores[".onnx"]["AP50"]) <= 0.005
+    assert scores[".onnx"]["AP50"] > 0.01  # the model finds raccoons: the agreement is not 0 = 0
+
+
+def test_evaluate_onnx_needs_a_set(tmp_path, capsys):
+    from detector import cli
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    with pytest.raises(SystemExit, match="needs --data"):
+        cli.main(["evaluate", str(model)])
