@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from . import prelabel
 from .runtime import (
     Detections,
     Detector,
@@ -298,6 +299,30 @@ def _finish(
     )
 
 
+def _refuse_existing(paths: list[Path]) -> None:
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(f"{path} exists; move it away or choose another --out")
+
+
+def _write_prelabels(args: argparse.Namespace, detector: Detector) -> None:
+    """The pre-annotation files, from the results.json and images.json just written."""
+    with open(args.out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    with open(args.out / "images.json", encoding="utf-8") as f:
+        coco = json.load(f)
+    written = prelabel.write_prelabels(
+        args.out,
+        args.format,
+        coco["images"],
+        results,
+        coco["categories"],
+        detector.path.name,
+        args.image_url_prefix,
+    )
+    print(f"pre-annotations: {', '.join(str(p) for p in written)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="ONNX model written by `detector export`")
     parser.add_argument("source", type=Path, help="an image, a folder of images, or a video file")
@@ -323,6 +348,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="COCO JSON of these images: use its image ids (matched on file name)",
     )
     parser.add_argument("--no-draw", action="store_true", help="write only the JSON files")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=prelabel.FORMATS,
+        default=None,
+        help="also write pre-annotations for a labelling tool: cvat.xml (CVAT for images 1.1), "
+        "labelstudio.json (tasks with predictions), coco.json (with scores) in --out",
+    )
+    parser.add_argument(
+        "--image-url-prefix",
+        default=prelabel.LABEL_STUDIO_URL_PREFIX,
+        help="Label Studio: prefix of each task's image URL (default: local-files storage)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -338,6 +376,8 @@ def run(args: argparse.Namespace) -> int:
             score_threshold=args.score,
         )
         if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
+            if args.format:
+                raise InputError("--format writes pre-annotations of images; give a folder")
             summary = predict_video(detector, source, args.out, draw=not args.no_draw)
         else:
             paths = list_images(source)
@@ -347,9 +387,13 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
+            if args.format:
+                _refuse_existing(prelabel.output_paths(args.out, args.format))
             summary = predict_images(
                 detector, paths, args.out, annotations=args.annotations, draw=not args.no_draw
             )
+            if args.format:
+                _write_prelabels(args, detector)
     except (ModelError, InputError, ProviderError, FileNotFoundError, OSError, ValueError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
