@@ -662,6 +662,9 @@ def _match_image(
         if crowd.size and _inside_fraction(det_boxes[d], crowd).max() >= confusion.iou:
             continue
         confusion.matrix[background, det_labels[d]] += 1
+        # A person reads "the box is off" differently from "nothing there".
+        overlap = iou[d][same[d]].max() if same[d].any() else 0.0
+        detail = f"box off (IoU {overlap:.2f})" if overlap >= 0.1 else "background"
         confusion.mistakes.append(
             Mistake(
                 "false_positive",
@@ -669,7 +672,7 @@ def _match_image(
                 tuple(det_boxes[d]),
                 names[det_labels[d]],
                 dets[d]["score"],
-                "background",
+                detail,
             )
         )
     for g in np.flatnonzero(gt_free):

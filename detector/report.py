@@ -312,8 +312,9 @@ def crop_mistake(image_bgr: np.ndarray, mistake: Mistake) -> np.ndarray:
 
 
 def _caption(mistake: Mistake) -> str:
-    score = "-" if mistake.score is None else f"{mistake.score:.2f}"
-    return f"{mistake.class_name} {score} {mistake.detail}"[:34]
+    score = "" if mistake.score is None else f" {mistake.score:.2f}"
+    what = "false positive" if mistake.kind == "false_positive" else "missed"
+    return f"{mistake.class_name[:14]}{score} {what}"
 
 
 def write_gallery(
@@ -400,7 +401,7 @@ td:first-child, th:first-child { text-align: left; }
 th { background: #f3f3f3; } .note { color: #555; font-size: 13px; }
 .gallery { display: flex; flex-wrap: wrap; gap: 8px; }
 .gallery figure { margin: 0; font-size: 12px; width: 192px; }
-.gallery figcaption { word-break: break-all; }
+.gallery figcaption { overflow-wrap: anywhere; }
 .row { display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }
 img { max-width: 100%; }
 """

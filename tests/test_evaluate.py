@@ -271,3 +271,11 @@ def test_evaluate_onnx_needs_a_set(tmp_path, capsys):
     model.write_bytes(b"")
     with pytest.raises(SystemExit, match="needs --data"):
         cli.main(["evaluate", str(model)])
+
+
+def test_false_positive_near_a_box_is_called_box_off(tmp_path):
+    cset = load_coco(write_set(tmp_path, [{"id": 1, "name": "cat"}], [1], [(1, 1, [0, 0, 20, 20])]))
+    confusion = confusion_matrix(cset, [det(1, 1, [5, 5, 20, 20], 0.9)], {"cat": 0.5})
+    assert confusion.matrix.tolist() == [[0, 1], [1, 0]]  # the cat missed, a box on background
+    (fp,) = [m for m in confusion.mistakes if m.kind == "false_positive"]
+    assert fp.detail == "box off (IoU 0.39)"  # 15 * 15 / (400 + 400 - 225)
