@@ -322,6 +322,8 @@ def write_gallery(
 ) -> list[dict[str, Any]]:
     """Crops of the worst mistakes as JPEGs in ``folder``; their list (file, image, box, score)."""
     folder.mkdir(parents=True, exist_ok=True)
+    for old in [*folder.glob("false_positive_*.jpg"), *folder.glob("missed_*.jpg")]:
+        old.unlink()  # crops of an earlier evaluation into the same folder
     cset = evaluation.cset
     false_positives, missed = worst_mistakes(mistakes, size)
     entries: list[dict[str, Any]] = []

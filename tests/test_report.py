@@ -100,3 +100,10 @@ def test_report_writes_tensorboard_pr_curves(evaluation, tmp_path):
     events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
     events.Reload()
     assert {"eval/pr_cat", "eval/pr_dog"} <= set(events.Tags()["tensors"])
+
+
+def test_gallery_of_a_second_evaluation_replaces_the_first(evaluation, tmp_path):
+    out = tmp_path / "report"
+    write_report(evaluation, out, score_threshold=0.2, gallery_size=3)
+    write_report(evaluation, out, score_threshold=0.2, gallery_size=1)
+    assert sorted(p.name for p in (out / "gallery").glob("*.jpg")) == ["false_positive_01.jpg"]
