@@ -31,6 +31,9 @@ class Metrics:
     ap_medium: float = -1.0
     ap_large: float = -1.0
     ar100: float = 0.0
+    ar_small: float = -1.0
+    ar_medium: float = -1.0
+    ar_large: float = -1.0
     per_class_ap: dict[str, float] = field(default_factory=dict)
     per_class_ap50: dict[str, float] = field(default_factory=dict)
     # class -> AP, AP50, AP75, AR100 and AP/AR per size; -1 where the set has no such box
@@ -131,6 +134,7 @@ def coco_metrics(cset: CocoSet, results: list[dict[str, Any]]) -> tuple[Metrics,
     metrics.map, metrics.ap50, metrics.ap75 = float(stats[0]), float(stats[1]), float(stats[2])
     metrics.ap_small, metrics.ap_medium, metrics.ap_large = (float(s) for s in stats[3:6])
     metrics.ar100 = float(stats[8])
+    metrics.ar_small, metrics.ar_medium, metrics.ar_large = (float(s) for s in stats[9:12])
     metrics.summary = "\n".join(
         line for line in captured.getvalue().splitlines() if line.startswith(" Average")
     )

@@ -140,6 +140,9 @@ def metrics_json(evaluation: Evaluation) -> dict[str, Any]:
             "AP_small": m.ap_small,
             "AP_medium": m.ap_medium,
             "AP_large": m.ap_large,
+            "AR_small": m.ar_small,
+            "AR_medium": m.ar_medium,
+            "AR_large": m.ar_large,
         },
         "per_class": m.per_class,
     }

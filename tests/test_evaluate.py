@@ -70,6 +70,7 @@ def test_per_class_size_table(tmp_path):
     assert row["AP_medium"] == pytest.approx(0.0)
     assert row["AP_large"] == -1.0  # no large box in the set
     assert row["AR_small"] == pytest.approx(1.0) and row["AR100"] == pytest.approx(0.5)
+    assert metrics.ar_small == pytest.approx(1.0) and metrics.ar_large == -1.0
 
 
 def test_model_class_names_match_ignoring_case_and_whitespace(tmp_path, caplog):
