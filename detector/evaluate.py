@@ -309,10 +309,19 @@ def evaluate(
     grid_images: int = 8,
     draw_score_threshold: float = 0.5,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> Metrics:
     """Predict, score with COCOeval and (with ``out_dir``) write results JSON, PR curve and grid."""
     return run_evaluation(
-        model, cset, device, out_dir, batch_size, grid_images, draw_score_threshold, num_workers
+        model,
+        cset,
+        device,
+        out_dir,
+        batch_size,
+        grid_images,
+        draw_score_threshold,
+        num_workers,
+        progress=progress,
     ).metrics
 
 
