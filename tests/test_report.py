@@ -107,3 +107,20 @@ def test_gallery_of_a_second_evaluation_replaces_the_first(evaluation, tmp_path)
     write_report(evaluation, out, score_threshold=0.2, gallery_size=3)
     write_report(evaluation, out, score_threshold=0.2, gallery_size=1)
     assert sorted(p.name for p in (out / "gallery").glob("*.jpg")) == ["false_positive_01.jpg"]
+
+
+def test_training_run_ends_with_the_report_of_best_pt(shared_datasets, tmp_path):
+    from coco_fixtures import tiny_config, write_coco128_subset
+
+    from detector.train import train
+
+    train_json = write_coco128_subset(shared_datasets, tmp_path, count=3, name="train.json")
+    ids = [i["id"] for i in json.loads(train_json.read_text())["images"]][:2]
+    val_json = write_coco128_subset(shared_datasets, tmp_path, image_ids=ids, name="val.json")
+    cfg = tiny_config(train_json, val_json, tmp_path / "runs", train={"epochs": 1})
+    result = train(cfg, progress=False)
+    for name in ("report.html", "thresholds.json", "metrics.json", "confusion.png"):
+        assert (result.run_dir / name).is_file(), name
+    thresholds = json.loads((result.run_dir / "thresholds.json").read_text())
+    assert thresholds["target_precision"] == 0.9 and "per_class" in thresholds
+    assert (result.run_dir / "gallery" / "gallery.json").is_file()
