@@ -1,4 +1,9 @@
-"""Evaluate stage: COCO mAP with pycocotools, a PR-curve plot and a predictions-vs-truth grid."""
+"""Evaluate stage: COCO mAP with pycocotools, a PR-curve plot and a predictions-vs-truth grid.
+
+A ``.pt`` model runs in PyTorch; an exported ``.onnx`` runs through ``detector.runtime``, scored
+the same way. The deployment numbers computed here (per-class and per-size AP, per-class score
+thresholds, the confusion matrix and its mistakes) are written by ``detector.report``.
+"""
 
 from __future__ import annotations
 
@@ -648,28 +653,25 @@ def _match_image(
     all_dets: list[dict[str, Any]],
 ) -> None:
     names, background = cset.class_names, len(cset.class_names)
-    label_of = cset.label_of_category
     gt_boxes, gt_labels = cset.boxes[image_id].astype(float), cset.labels[image_id] - 1
     det_boxes = _xyxy(dets)
-    det_labels = np.asarray([label_of[r["category_id"]] - 1 for r in dets], int)
+    det_labels = np.asarray([cset.label_of_category[r["category_id"]] - 1 for r in dets], int)
     iou = box_iou(det_boxes, gt_boxes)
     det_free = np.ones(len(dets), bool)
     gt_free = np.ones(len(gt_boxes), bool)
     same = det_labels[:, None] == gt_labels[None, :]
+
+    def false_positive(d: int, detail: str) -> Mistake:
+        box = tuple(float(v) for v in det_boxes[d])
+        return Mistake(
+            "false_positive", image_id, box, names[det_labels[d]], dets[d]["score"], detail
+        )
+
     for d, g in _greedy_match(iou, same, det_free, gt_free, confusion.iou):
         confusion.matrix[gt_labels[g], det_labels[d]] += 1
     for d, g in _greedy_match(iou, ~same, det_free, gt_free, confusion.iou):
         confusion.matrix[gt_labels[g], det_labels[d]] += 1
-        confusion.mistakes.append(
-            Mistake(
-                "false_positive",
-                image_id,
-                tuple(det_boxes[d]),
-                names[det_labels[d]],
-                dets[d]["score"],
-                f"is {names[gt_labels[g]]}",
-            )
-        )
+        confusion.mistakes.append(false_positive(d, f"is {names[gt_labels[g]]}"))
     crowd = _crowd_boxes(cset, image_id)
     for d in np.flatnonzero(det_free):
         if crowd.size and _inside_fraction(det_boxes[d], crowd).max() >= confusion.iou:
@@ -678,16 +680,7 @@ def _match_image(
         # A person reads "the box is off" differently from "nothing there".
         overlap = iou[d][same[d]].max() if same[d].any() else 0.0
         detail = f"box off (IoU {overlap:.2f})" if overlap >= 0.1 else "background"
-        confusion.mistakes.append(
-            Mistake(
-                "false_positive",
-                image_id,
-                tuple(det_boxes[d]),
-                names[det_labels[d]],
-                dets[d]["score"],
-                detail,
-            )
-        )
+        confusion.mistakes.append(false_positive(d, detail))
     for g in np.flatnonzero(gt_free):
         confusion.matrix[gt_labels[g], background] += 1
         confusion.mistakes.append(

@@ -94,25 +94,7 @@ def cvat_prelabels(
     """CVAT for images 1.1 XML; boxes with ``source="auto"`` and ``score``/``model`` attributes."""
     root = ET.Element("annotations")
     ET.SubElement(root, "version").text = "1.1"
-    meta = ET.SubElement(root, "meta")
-    task = ET.SubElement(meta, "task")
-    ET.SubElement(task, "name").text = f"pre-annotations by {model}"
-    ET.SubElement(task, "size").text = str(len(images))
-    ET.SubElement(task, "mode").text = "annotation"
-    labels = ET.SubElement(task, "labels")
-    for category in categories:
-        label = ET.SubElement(labels, "label")
-        ET.SubElement(label, "name").text = str(category["name"])
-        ET.SubElement(label, "type").text = "rectangle"
-        attributes = ET.SubElement(label, "attributes")
-        for name in ("score", "model"):
-            attribute = ET.SubElement(attributes, "attribute")
-            ET.SubElement(attribute, "name").text = name
-            ET.SubElement(attribute, "mutable").text = "False"
-            ET.SubElement(attribute, "input_type").text = "text"
-            ET.SubElement(attribute, "default_value")
-            ET.SubElement(attribute, "values")
-    ET.SubElement(meta, "dumped").text = datetime.now(timezone.utc).isoformat()
+    _cvat_meta(root, len(images), categories, model)
     name_of = {c["id"]: str(c["name"]) for c in categories}
     by_image = _by_image(results)
     for index, image in enumerate(images):
@@ -142,6 +124,29 @@ def cvat_prelabels(
             ET.SubElement(box, "attribute", name="model").text = model
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, "unicode") + "\n"
+
+
+def _cvat_meta(root: ET.Element, size: int, categories: list[dict[str, Any]], model: str) -> None:
+    """The task's <meta>: its labels, each with the text attributes ``score`` and ``model``."""
+    meta = ET.SubElement(root, "meta")
+    task = ET.SubElement(meta, "task")
+    ET.SubElement(task, "name").text = f"pre-annotations by {model}"
+    ET.SubElement(task, "size").text = str(size)
+    ET.SubElement(task, "mode").text = "annotation"
+    labels = ET.SubElement(task, "labels")
+    for category in categories:
+        label = ET.SubElement(labels, "label")
+        ET.SubElement(label, "name").text = str(category["name"])
+        ET.SubElement(label, "type").text = "rectangle"
+        attributes = ET.SubElement(label, "attributes")
+        for name in ("score", "model"):
+            attribute = ET.SubElement(attributes, "attribute")
+            ET.SubElement(attribute, "name").text = name
+            ET.SubElement(attribute, "mutable").text = "False"
+            ET.SubElement(attribute, "input_type").text = "text"
+            ET.SubElement(attribute, "default_value")
+            ET.SubElement(attribute, "values")
+    ET.SubElement(meta, "dumped").text = datetime.now(timezone.utc).isoformat()
 
 
 def labelstudio_prelabels(
