@@ -124,3 +124,17 @@ def test_training_run_ends_with_the_report_of_best_pt(shared_datasets, tmp_path)
     thresholds = json.loads((result.run_dir / "thresholds.json").read_text())
     assert thresholds["target_precision"] == 0.9 and "per_class" in thresholds
     assert (result.run_dir / "gallery" / "gallery.json").is_file()
+
+
+def test_report_of_a_model_that_finds_nothing(evaluation, tmp_path):
+    metrics, evaluator = coco_metrics(evaluation.cset, [])
+    empty = Evaluation(metrics, [], evaluator, evaluation.cset, "blind.onnx", 0.05)
+    out = tmp_path / "report"
+    report = write_report(empty, out)
+    assert json.loads((out / "thresholds.json").read_text())["per_class"] == {}
+    assert json.loads((out / "confusion.json").read_text())["matrix"] == [
+        [0, 0, 2],
+        [0, 0, 3],
+        [0, 0, 0],
+    ]
+    assert len(report.gallery) == 5 and (out / "report.html").is_file()
