@@ -143,7 +143,7 @@ def test_predict_format_writes_every_prelabel_file(work, shared_datasets, photos
     assert_same_boxes(converted, expected)
     # A second run does not overwrite the pre-annotations.
     assert cli.main([*argv, "--format", "cvat"]) == 2
-    assert "cvat.xml exists" in capsys.readouterr().err
+    assert "cvat.xml: exists" in capsys.readouterr().err
 
 
 def test_prelabel_and_predict_import_no_torch():
