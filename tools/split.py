@@ -2,7 +2,7 @@
 """Split a COCO set into train.json / val.json (/ test.json), stratified and group-aware.
 
     python tools/split.py ANNOTATIONS.json [--out DIR] [--images DIR] --val 0.2 [--test 0.1]
-                          [--seed 0] [--no-hash]
+                          [--seed 0] [--no-hash] [--overwrite]
                           [--group-by name --pattern REGEX | field --field KEY | exif-time --gap 60s]
 
 Copies of one photo (Roboflow `<name>_jpg.rf.<hash>.jpg`, byte-identical files) stay on one side;
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not group byte-identical files (skips reading every image)",
     )
     p.add_argument(
+        "--overwrite", action="store_true", help="replace existing train/val/test.json files"
+    )
+    p.add_argument(
         "--group-by",
         choices=GROUP_KINDS,
         help="keep the frames of one video or camera burst on one side: 'name' (--pattern), "
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             args.images,
             hash_content=not args.no_hash,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
             group_by=group_by,
         )
     except (CocoError, ValueError, OSError) as e:
