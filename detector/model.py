@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import re
+import types
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,13 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .config import ModelConfig
 from .fileio import atomic_write_with
+from .resize_rule import resized_size
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +406,7 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         model.transform.min_size = (cfg.min_size,)
     if cfg.max_size is not None:
         model.transform.max_size = cfg.max_size
+    use_integer_resize(model)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     if cfg.freeze_rpn:
@@ -416,6 +420,57 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         ", new box predictor" if info.predictor_replaced else "",
     )
     return model, info
+
+
+def _resize_integer(
+    self: GeneralizedRCNNTransform, image: torch.Tensor, target: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """GeneralizedRCNNTransform.resize with the size from :func:`resized_size` (exact integers).
+
+    Traced (ONNX export), the size is computed from the image's shape in int64 graph ops.
+    """
+    if self.fixed_size is not None or (self.training and self._skip_resize):
+        return GeneralizedRCNNTransform.resize(self, image, target)
+    min_size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+    if torch.jit.is_tracing():
+        from torch.onnx import operators
+
+        shape = operators.shape_as_tensor(image)
+        h, w = shape[-2:-1], shape[-1:]  # 1-D: the exporter demotes 0-d integer tensors
+        new_h, new_w = resized_size(h, w, int(min_size), int(self.max_size))
+        size: list[Any] = [new_h[0], new_w[0]]
+    else:
+        h, w = image.shape[-2:]
+        size = list(resized_size(int(h), int(w), int(min_size), int(self.max_size)))
+    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    if target is None:
+        return resized, target
+    target["boxes"] = resize_boxes(target["boxes"], image.shape[-2:], resized.shape[-2:])
+    if "masks" in target:
+        masks = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+        target["masks"] = masks
+    return resized, target
+
+
+def use_integer_resize(model: FasterRCNN) -> FasterRCNN:
+    """Make the model resize with the exact integer rule of ``detector.resize_rule``, the one its
+    ONNX export and the runtime use (torchvision's float64 size differs by a pixel for some sizes).
+    """
+    model.transform.resize = types.MethodType(_resize_integer, model.transform)
+    return model
+
+
+def detection_branches(model: nn.Module) -> list[tuple[nn.Module, nn.Module, int]]:
+    """``[(rpn, roi_heads, label_offset), ...]``: the detection heads that share the backbone.
+
+    A plain Faster R-CNN has one, ``(model.rpn, model.roi_heads, 0)``. A model with several
+    (each branch's labels 1..C_b are model labels label_offset + 1..label_offset + C_b) says so
+    with a ``detection_branches()`` method returning that list.
+    """
+    branches = getattr(model, "detection_branches", None)
+    if callable(branches):
+        return list(branches())
+    return [(model.rpn, model.roi_heads, 0)]
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -502,6 +557,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN:
         model.transform.min_size = (int(model_cfg["min_size"]),)
     if model_cfg.get("max_size") is not None:
         model.transform.max_size = int(model_cfg["max_size"])
+    use_integer_resize(model)
     return model.eval()
 
 
