@@ -309,7 +309,7 @@ def test_every_variant_is_tensorrt_parsable(b1_cli, b2, b2_float, fp16, static):
             }, path.name
 
 
-def test_traced_batched_nms_is_branch_free_and_equal():
+def test_traced_box_ops_are_branch_free_and_equal():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10.0]])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     idxs = torch.tensor([1, 1, 1, 2])
@@ -319,9 +319,12 @@ def test_traced_batched_nms_is_branch_free_and_equal():
     assert graph.batched_nms_branch_free(boxes, scores, idxs, 0.5).tolist() == expected.tolist()
     empty = graph.batched_nms_branch_free(boxes[:0], scores[:0], idxs[:0], 0.5)
     assert empty.shape == (0,) and empty.dtype == torch.int64
-    with graph.branch_free_nms():
+    with graph.traceable_box_ops():
         assert box_ops.batched_nms is graph.batched_nms_branch_free
     assert box_ops.batched_nms is not graph.batched_nms_branch_free
+    clipped = graph.clip_boxes_without_reshape(boxes[:, None].repeat(1, 2, 1) - 5, (8, 55))
+    expected = box_ops.clip_boxes_to_image(boxes[:, None].repeat(1, 2, 1) - 5, (8, 55))
+    assert torch.equal(clipped, expected)
 
 
 def test_no_rpn_proposals_does_not_crash(work, torch_model):

@@ -122,17 +122,30 @@ def filter_proposals_opaque_counts(
     )
 
 
+def clip_boxes_without_reshape(boxes: torch.Tensor, size: tuple[Any, Any]) -> torch.Tensor:
+    """torchvision's ``clip_boxes_to_image`` (traced branch) without its final
+    ``reshape(boxes.shape)``: onnxsim folds that shape to ``[0, 2, -1]``-style targets, which
+    ONNX Runtime cannot apply to an empty tensor (a frame where the RPN keeps no proposal)."""
+    height, width = size
+    zero = torch.tensor(0, dtype=boxes.dtype, device=boxes.device)
+    x = torch.min(torch.max(boxes[..., 0::2], zero), torch.tensor(width).to(boxes))
+    y = torch.min(torch.max(boxes[..., 1::2], zero), torch.tensor(height).to(boxes))
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
 @contextlib.contextmanager
-def branch_free_nms() -> Iterator[None]:
-    """While tracing: torchvision's RPN and RoI heads call ``box_ops.batched_nms`` through the
-    module, so they get the branch-free version (restored afterwards)."""
+def traceable_box_ops() -> Iterator[None]:
+    """While tracing: torchvision's RPN and RoI heads call ``box_ops.batched_nms`` and
+    ``box_ops.clip_boxes_to_image`` through the module, so they get the versions above
+    (restored afterwards)."""
     boxes_module = torchvision.ops.boxes
-    original = boxes_module.batched_nms
+    originals = boxes_module.batched_nms, boxes_module.clip_boxes_to_image
     boxes_module.batched_nms = batched_nms_branch_free
+    boxes_module.clip_boxes_to_image = clip_boxes_without_reshape
     try:
         yield
     finally:
-        boxes_module.batched_nms = original
+        boxes_module.batched_nms, boxes_module.clip_boxes_to_image = originals
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -235,7 +248,7 @@ def trace_to_onnx(
         axes = {1: "height", 2: "width"} if wrapper.raw_input else {2: "height", 3: "width"}
         dynamic = {C.INPUT_NAME: axes}
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), branch_free_nms():
+    with warnings.catch_warnings(), traceable_box_ops():
         # TracerWarnings about constants are expected (sizes, anchors, scales); parity checks
         # that what was frozen is right for other images and sizes.
         warnings.simplefilter("ignore")
