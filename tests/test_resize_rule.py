@@ -105,7 +105,7 @@ def _transform(min_size: int, max_size: int) -> GeneralizedRCNNTransform:
 @pytest.mark.parametrize(("min_size", "max_size"), SETTINGS)
 def test_patched_eager_transform_uses_the_rule(min_size, max_size):
     rng = np.random.default_rng(min_size + max_size)
-    sizes = [(418, 625), (200, 427), (1080, 1920), (16, 8000 // 4)]
+    sizes = [(418, 625), (154, 215), (200, 427), (1080, 1920), (16, 8000 // 4)]
     sizes += [tuple(int(v) for v in rng.integers(16, 1500, 2)) for _ in range(40)]
     transform = _transform(min_size, max_size)
     for h, w in sizes:
@@ -128,3 +128,30 @@ def test_rule_on_python_ints_and_known_sizes():
     assert resized_size(1080, 1920, 800, 1333) == (749, 1333)
     assert resized_size(418, 625, 320, 640) == (320, 478)
     assert resized_size(16, 8000, 64, 128) == (0, 128)  # the runtime refuses such a frame
+
+
+def test_built_and_loaded_models_resize_with_the_rule(tmp_path):
+    from detector.config import config_from_dict
+    from detector.model import build_model, load_model, save_checkpoint
+
+    cfg = config_from_dict(
+        {"model": {"arch": "fasterrcnn_mobilenet_v3_large_320_fpn", "weights": "none"}}
+    )
+    model, _ = build_model(cfg.model, ["a"])
+    path = tmp_path / "m.pt"
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "arch": cfg.model.arch,
+            "class_names": ["a"],
+            "config": cfg.to_dict(),
+            "config_hash": cfg.hash(),
+            "epoch": 0,
+        },
+    )
+    loaded, _ = load_model(path)
+    for m in (model.eval(), loaded):
+        # 154 x 215 at 320/640: torchvision's float64 gives 319 x 446, the rule 320 x 446
+        images, _ = m.transform([torch.zeros(3, 154, 215)])
+        assert images.image_sizes == [resized_size(154, 215, 320, 640)] == [(320, 446)]
