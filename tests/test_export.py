@@ -505,3 +505,25 @@ def test_cli_help_and_parser_stay_torch_free():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_parity_recognises_rpn_ties_with_fixed_proposals(work, torch_model, shared_datasets):
+    """Every anchor with the same objectness (a barely trained RPN): PyTorch and ONNX Runtime
+    keep different proposals, the detections differ by tens of pixels; with PyTorch's proposals
+    fed to both sides they agree, and the export says why it passed."""
+    model = copy.deepcopy(torch_model)
+    with torch.no_grad():
+        model.rpn.head.cls_logits.weight.zero_()
+    frames = [fx.raccoon_image(shared_datasets, n) for n in ("raccoon-1", "raccoon-110")]
+    out = work / "rpn_ties.onnx"
+    report = export.export_model(
+        model, out, class_names=["raccoon"], parity_frames=frames, simplify_graph=False
+    )
+    assert report.parity.passed and report.parity.rpn_tie_images >= 1, report.parity.format()
+    assert "RPN ties" in report.parity.format()
+    # Without the fixed-proposal comparison the same graph fails: the ties are real.
+    plain = parity.run_parity(
+        model, out.read_bytes(), frames, ["a", "b"], batch=1, raw_input=True, fp16=False
+    )
+    assert not plain.passed and plain.rpn_tie_images == 0

@@ -238,6 +238,65 @@ class DeployWrapper(nn.Module):
         return boxes[index], scores[index], labels[index], count
 
 
+class ProposalProbe(nn.Module):
+    """For the parity check only: one image and proposals in, the RoI heads' detections from
+    those proposals and the RPN's own proposals with their objectness out.
+
+    ``forward(images [1, ...], proposals float32 [P, 4])`` (proposals in the resized image's
+    pixels, as the RPN gives them) returns ``(rpn_boxes [P', 4], rpn_scores [P'], boxes [D, 4],
+    scores [D], labels [D])``. Feeding PyTorch's proposals to both sides separates the heads (which
+    must then agree exactly) from the RPN's choice among tied objectness scores.
+    """
+
+    def __init__(self, model: nn.Module, raw_input: bool):
+        super().__init__()
+        self.wrapper = DeployWrapper(model, 1, raw_input=raw_input)
+
+    def forward(self, images: torch.Tensor, proposals: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+        m = self.wrapper.model
+        if self.wrapper.raw_input:
+            images = images.permute(0, 3, 1, 2).flip(1).to(torch.float32) / 255.0
+        original_size = [(images.shape[-2], images.shape[-1])]
+        image_list, _ = m.transform([images[0]])
+        features = m.backbone(image_list.tensors)
+        levels = list(features.values())
+        objectness, deltas = m.rpn.head(levels)
+        anchors = m.rpn.anchor_generator(image_list, levels)
+        counts = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        rpn_boxes = m.rpn.box_coder.decode(deltas, anchors).view(1, -1, 4)
+        rpn_boxes, rpn_scores = m.rpn.filter_proposals(
+            rpn_boxes, objectness, image_list.image_sizes, counts
+        )
+        dets, _ = m.roi_heads(features, [proposals], image_list.image_sizes)
+        det = m.transform.postprocess(dets, image_list.image_sizes, original_size)[0]
+        return rpn_boxes[0], rpn_scores[0], det["boxes"], det["scores"], det["labels"]
+
+
+def trace_probe(model: nn.Module, raw_input: bool, opset: int, example: torch.Tensor) -> bytes:
+    """The :class:`ProposalProbe` of ``model`` as ONNX (any image size, any proposal count)."""
+    probe = ProposalProbe(model, raw_input).eval()
+    with torch.inference_mode():
+        proposals = probe(example, torch.zeros(0, 4, device=example.device))[0]
+    axes = {1: "height", 2: "width"} if raw_input else {2: "height", 3: "width"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), traceable_box_ops():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            probe,
+            (example, proposals.clone()),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[C.INPUT_NAME, "proposals"],
+            output_names=["rpn_boxes", "rpn_scores", "boxes", "scores", "labels"],
+            dynamic_axes={C.INPUT_NAME: axes, "proposals": {0: "proposals"}},
+        )
+    return buffer.getvalue()
+
+
 def trace_to_onnx(
     wrapper: nn.Module, example: torch.Tensor, opset: int, dynamic_size: bool = True
 ) -> bytes:

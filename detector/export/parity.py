@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ class ParityReport:
     # pairs with the same label and score but other boxes, where that score is tied on its side:
     # the two runtimes broke a tie among equal scores differently (a weakly trained model)
     tie_swaps: int = 0
+    # images whose RPN broke ties among equal objectness differently: compared again with
+    # PyTorch's proposals fed to both sides (the heads then agree, and the RPN up to its tie)
+    rpn_tie_images: int = 0
     max_box_diff: float = 0.0
     max_score_diff: float = 0.0
     box_tolerance: float = BOX_TOLERANCE
@@ -97,6 +101,12 @@ class ParityReport:
             lines.append(
                 f"  tie swaps              {self.tie_swaps} (same label and score, other box: "
                 "PyTorch and ONNX Runtime kept different ones among equal scores)"
+            )
+        if self.rpn_tie_images:
+            lines.append(
+                f"  RPN ties               {self.rpn_tie_images} image(s) where equal objectness "
+                "scores were broken differently: compared with PyTorch's proposals fed to both "
+                "sides, and the RPN up to its first tie"
             )
         if self.required_score > 0:
             lines.append(
@@ -346,6 +356,76 @@ def _fp16_required_score(references: list[dict[str, np.ndarray]], report: Parity
     report.required_score = lower
 
 
+def merge_report(report: ParityReport, part: ParityReport) -> None:
+    """Add one image's comparison (``part``) to ``report``."""
+    for name in ("detections_torch", "detections_onnx", "matched", "tolerated", "tie_swaps"):
+        setattr(report, name, getattr(report, name) + getattr(part, name))
+    report.max_box_diff = max(report.max_box_diff, part.max_box_diff)
+    report.max_score_diff = max(report.max_score_diff, part.max_score_diff)
+    report.worst_iou = min(report.worst_iou, part.worst_iou)
+    report.failures += part.failures
+
+
+def _empty_like(report: ParityReport) -> ParityReport:
+    return ParityReport(
+        images=0,
+        provider=report.provider,
+        score_tolerance=report.score_tolerance,
+        min_iou=report.min_iou,
+        required_score=report.required_score,
+    )
+
+
+def first_tie(scores: np.ndarray) -> int | None:
+    """Index of the first score (in decreasing order) equal to the next one, None without ties."""
+    tied = np.flatnonzero(np.abs(np.diff(np.sort(scores)[::-1])) <= TIE_TOLERANCE)
+    return int(tied[0]) if tied.size else None
+
+
+def rpn_tie_check(
+    model: nn.Module,
+    probe: Any,
+    frame_bgr: np.ndarray,
+    reference: dict[str, np.ndarray],
+    part: ParityReport,
+    *,
+    raw_input: bool,
+    device: str,
+    where: str,
+    **limits: Any,
+) -> bool:
+    """Compare again with PyTorch's proposals fed to the ONNX RoI heads (``probe``: the
+    :class:`~detector.export.graph.ProposalProbe` session); True (and ``part`` rewritten) when
+    the heads agree and the RPNs agree up to their first tied objectness score."""
+    from .graph import ProposalProbe
+
+    feed = graph_feed([frame_bgr], raw_input)
+    with torch.inference_mode():
+        eager = ProposalProbe(model, raw_input).eval().to(device)
+        e_boxes, e_scores = (
+            t.cpu().numpy()
+            for t in eager(torch.from_numpy(feed).to(device), torch.zeros(0, 4, device=device))[:2]
+        )
+    o_boxes, o_scores, boxes, scores, labels = probe.run(
+        None, {C.INPUT_NAME: feed, "proposals": e_boxes}
+    )
+    tie = first_tie(e_scores)
+    if tie is None:
+        return False
+    # Before the first tie both RPNs must keep the same proposals, in the same order.
+    same_prefix = len(o_scores) > tie and np.allclose(o_scores[:tie], e_scores[:tie], atol=1e-5)
+    same_prefix = same_prefix and np.abs(o_boxes[:tie] - e_boxes[:tie]).max(initial=0) <= 0.5
+    if not same_prefix:
+        return False
+    again = _empty_like(part)
+    test = {"boxes": boxes, "scores": scores, "labels": labels}
+    compare_detections(reference, test, again, where=f"{where} (PyTorch proposals)", **limits)
+    if not again.passed:
+        return False
+    part.__dict__.update(again.__dict__)
+    return True
+
+
 def run_parity(
     model: nn.Module,
     onnx_bytes: bytes,
@@ -357,8 +437,12 @@ def run_parity(
     fp16: bool,
     device: str = "cpu",
     synthetic_only: bool = False,
+    probe: Callable[[], Any] | None = None,
 ) -> ParityReport:
-    """Run the eager model and the ONNX graph on the same frames and compare every detection."""
+    """Run the eager model and the ONNX graph on the same frames and compare every detection.
+
+    ``probe`` makes the ONNX ProposalProbe session (called once, when an image differs): an
+    image whose difference comes from the RPN's ties is then compared with fixed proposals."""
     session = ort_session(onnx_bytes, device)
     report = ParityReport(
         images=0, provider=session.get_providers()[0], synthetic_only=synthetic_only
@@ -372,9 +456,14 @@ def run_parity(
         report.required_score = FP16_REQUIRED_SCORE
         _fp16_required_score([r for refs in references for r in refs], report)
     heads = [h for _, h, _ in detection_branches(model)]
-    score_threshold = min(float(h.score_thresh) for h in heads)
-    max_detections = sum(int(h.detections_per_img) for h in heads)
-    for output, reference, group_name in zip(outputs, references, group_names, strict=False):
+    limits = {
+        "score_threshold": min(float(h.score_thresh) for h in heads),
+        "max_detections": sum(int(h.detections_per_img) for h in heads),
+    }
+    probe_session = None
+    for output, reference, group, group_name in zip(
+        outputs, references, groups, group_names, strict=False
+    ):
         boxes, scores, labels, counts = output
         for i, name in enumerate(group_name):
             n = int(counts[i])
@@ -382,14 +471,16 @@ def run_parity(
             if not (0 <= n <= boxes.shape[1]) or padding_bad:
                 report.failures.append(f"{name}: padding rows past num_detections={n} are not zero")
             test = {"boxes": boxes[i, :n], "scores": scores[i, :n], "labels": labels[i, :n]}
-            compare_detections(
-                reference[i],
-                test,
-                report,
-                score_threshold=score_threshold,
-                max_detections=max_detections,
-                where=name,
-            )
+            part = _empty_like(report)
+            compare_detections(reference[i], test, part, where=name, **limits)
+            if not part.passed and probe is not None and not fp16 and len(heads) == 1:
+                probe_session = probe_session or probe()
+                tie_args = {"raw_input": raw_input, "device": device, "where": name}
+                if rpn_tie_check(
+                    model, probe_session, group[i], reference[i], part, **tie_args, **limits
+                ):
+                    report.rpn_tie_images += 1
+            merge_report(report, part)
             report.images += 1
     return report
 

@@ -30,6 +30,7 @@ from .graph import (
     node_count,
     simplify,
     tensorrt_problems,
+    trace_probe,
     trace_to_onnx,
 )
 from .parity import (
@@ -380,6 +381,7 @@ def export_model(
             fp16=fp16,
             device=device,
             synthetic_only=synthetic_only,
+            probe=lambda: ort_session(trace_probe(model, raw_input, opset, example[:1]), device),
         )
         if not report_parity.passed:
             raise ParityError(
