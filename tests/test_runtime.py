@@ -575,12 +575,13 @@ def test_predict_reports_truncated_and_oversized_images_by_name(
     assert run_predict(b1, frames_dir, "--out", out, "--no-draw") == 0
     printed = capsys.readouterr().out
     assert "predict: 2 images (2 unreadable, skipped)" in printed
-    assert "cut.jpg: truncated JPEG" in printed
+    assert "cut.jpg: the JPEG has no end marker" in printed
     assert "bomb.png: 30000x30000 pixels (from its header) is over the limit" in printed
 
 
 def test_header_sizes_match_the_decoded_images(tmp_path):
-    from detector.runtime.images import header_size, truncation
+    from detector.coco_rules import image_truncation as truncation
+    from detector.runtime.images import header_size
 
     image = np.zeros((37, 53, 3), np.uint8)
     for suffix in (".jpg", ".png", ".bmp", ".webp", ".tif"):
@@ -590,4 +591,4 @@ def test_header_sizes_match_the_decoded_images(tmp_path):
         assert truncation(path) is None, suffix
     data = (tmp_path / "a.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[:-20])
-    assert "truncated PNG" in truncation(tmp_path / "cut.png")
+    assert "PNG has no IEND" in truncation(tmp_path / "cut.png")

@@ -17,11 +17,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..coco_rules import image_truncation  # the one truncation rule (stdlib only)
 from .errors import ImageError
 
 # The same bound as pre-flight's (detector.fileio.MAX_IMAGE_PIXELS, which needs Pillow).
 MAX_PIXELS = 16_000 * 16_000
-TAIL_BYTES = 64  # what is searched for the end marker, after trailing padding bytes
 
 
 def _jpeg_size(head: bytes) -> tuple[int, int] | None:
@@ -104,27 +104,12 @@ def header_size(path: str | os.PathLike, head: bytes | None = None) -> tuple[int
     return None
 
 
-def truncation(path: str | os.PathLike) -> str | None:
-    """Why a JPEG or PNG file is cut short (its end marker missing), or None."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 4096))
-        tail = f.read().rstrip(b"\x00\xff\r\n\t ")  # padding some writers append
-    if head[:3] == b"\xff\xd8\xff" and not tail.endswith(b"\xff\xd9"):
-        return "truncated JPEG (no end-of-image marker FFD9 at the end of the file)"
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail[-TAIL_BYTES:]:
-        return "truncated PNG (no IEND chunk at the end of the file)"
-    return None
-
-
 def read_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image file as HxWx3 uint8 BGR (EXIF orientation applied), or ImageError saying why."""
     path = Path(path)
     try:
         size = header_size(path)
-        cut = truncation(path)
+        cut = image_truncation(path)
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     if size is not None and size[0] * size[1] > max_pixels:
