@@ -1,4 +1,4 @@
-"""Command line: ``detector train | evaluate | export | predict | benchmark``."""
+"""Command line: ``detector train | evaluate | merge | export | predict | benchmark``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=4)
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="one model from a base detector and a model trained from it on its frozen trunk",
+        description="Append NEW's classes (its RPN + RoI heads) to BASE's, on their shared trunk; "
+        "refused unless both trunks are bit-identical. Earlier classes keep their detections.",
+    )
+    p.add_argument("base", type=Path, help="the earlier detector's checkpoint")
+    p.add_argument("new", type=Path, help="a checkpoint trained from BASE with its trunk frozen")
+    p.add_argument("--out", type=Path, required=True, help="merged checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def newest_run(out_dir: str, name: str) -> Path:
@@ -98,12 +111,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .branches import describe
+    from .model import load_model, merge_checkpoints, save_checkpoint
+
+    if args.out.resolve() in (args.base.resolve(), args.new.resolve()):
+        raise FileExistsError(f"merge: --out {args.out} is one of the inputs; name a new file")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"merge: {args.out} exists; pass --overwrite to replace it")
+    save_checkpoint(args.out, merge_checkpoints(args.base, args.new))
+    model, checkpoint = load_model(args.out)
+    print(describe(model))
+    print(f"wrote {args.out}: {len(checkpoint['class_names'])} classes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detector", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_merge(sub)
     from . import benchmark, export, predict
 
     for name, module, help_text in (
@@ -130,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate}
+    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "merge": cmd_merge}
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args) or 0)

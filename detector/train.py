@@ -27,7 +27,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from . import distributed, feature_cache
+from . import branches, distributed, feature_cache
 from .config import Config, config_from_dict, parse_clock
 from .data import (
     CocoSet,
@@ -38,6 +38,7 @@ from .data import (
     data_sets,
     describe,
     epoch_batches,
+    load_coco,
     make_loader,
 )
 from .evaluate import Metrics, evaluate, format_metrics
@@ -79,6 +80,7 @@ class TrainResult:
     peak_ram_mb: float = 0.0  # this process's peak resident memory
     peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the run (CUDA only)
     rank: int = 0  # torchrun: the process that wrote the run folder is rank 0
+    classes: str = ""  # model.keep_classes: which classes came from where (branches.describe)
 
 
 @dataclass
@@ -222,6 +224,7 @@ def _checkpoint(
         "state": state.__dict__.copy(),
         "saved_at": time.time(),
     }
+    checkpoint.update(branches.checkpoint_fields(model, cset.category_ids))  # keep_classes
     if metrics is not None:
         checkpoint["metrics"] = {**metrics.as_row(), "per_class_ap": metrics.per_class_ap}
     if info is not None:
@@ -383,6 +386,8 @@ def _train(
         preflight(train_set, val_set, progress=progress)
 
     model, info = build_model(cfg.model, train_set.class_names)
+    if cfg.model.keep_classes and val_set is not None:  # scored on every class of the model
+        val_set = load_coco(cfg.data.val_annotations, cfg.data.val_images, model.class_names)
     later_params = unfreeze_candidates(model, cfg)
     model.to(device)
     if device.type == "cuda" and cfg.train.channels_last:
@@ -625,6 +630,7 @@ def _train(
         images_seen,
         **_peak_memory(device),
         rank=distributed.rank(),
+        classes=branches.describe(model),
     )
     log.info("run finished: %s", result.stop_reason)
     if distributed.is_main():
@@ -659,6 +665,8 @@ def summary(result: TrainResult) -> str:
         lines.append(f"best.pt: epoch {result.best_epoch} (no val set: the latest model)")
     else:
         lines.append("no epoch completed: resume with --resume to continue")
+    if result.classes:
+        lines.append(result.classes)
     return "\n".join(lines)
 
 

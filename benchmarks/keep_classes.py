@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""Add deer to a raccoon + rabbit detector without changing what it detects (model.keep_classes).
+
+Stages (each reads what the earlier ones wrote under runs/keep_classes/):
+
+  prepare  raccoon-voc + the rabbit Roboflow export converted, merged with tools/merge.py and
+           split 80/20 (seed 0); deer-automl converted and split 80/20 (seed 0);
+  base     the earlier detector: fasterrcnn_mobilenet_v2_fpn on ImageNet MobileNetV2, FPN and
+           the last 8 body blocks trainable, on raccoon + rabbit (configs/base-offline.yaml's
+           settings on these two classes);
+  add      from the base checkpoint, with the same budget and settings, one after the other:
+           keep  model.keep_classes=true (one model: raccoon, rabbit, Deer);
+           replace  today's path: the base's predictor replaced by a Deer one (trunk frozen);
+           then the base classes' AP of the base and of the merged model on the base val set,
+           the deer AP of both runs on the deer val set, and a check that the merged model's
+           raccoon/rabbit detections are bit-identical to the base's on every base val image;
+  latency  CPU ONNX Runtime per frame of a two-branch model vs its two one-branch models run
+           one after the other (random weights): R50-FPN at 800 px, MobileNetV2-FPN at 320
+           and 800 px.
+
+    python benchmarks/keep_classes.py prepare
+    python benchmarks/keep_classes.py base --budget-min 10
+    python benchmarks/keep_classes.py add --budget-min 8
+    python benchmarks/keep_classes.py latency
+
+Results: benchmarks/results/keep_classes_cpu.json, updated after every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from detector.config import config_from_dict  # noqa: E402
+from detector.fileio import atomic_write_text  # noqa: E402
+
+log = logging.getLogger("keep_classes")
+
+WORK = ROOT / "runs" / "keep_classes"
+RESULTS = ROOT / "benchmarks" / "results" / "keep_classes_cpu.json"
+SHARED = Path(os.environ.get("DETECTOR_SHARED", ROOT.parent / "shared"))
+BACKBONE = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+def _run(*args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, *args], check=True, cwd=ROOT, env=env)
+
+
+def prepare() -> None:
+    """Both data sets, with the pipeline's own tools only."""
+    data = SHARED / "datasets"
+    src = WORK / "data" / "sources"
+    base, deer = WORK / "data" / "base", WORK / "data" / "deer"
+    _run("tools/convert.py", str(data / "raccoon-voc"), "--from", "voc", "--out",
+         str(src / "raccoon"), "--overwrite")  # fmt: skip
+    _run("tools/convert.py", str(data / "rabbit-roboflow-labelstudio/train/_annotations.coco.json"),
+         "--from", "coco", "--out", str(src / "rabbit"), "--overwrite")  # fmt: skip
+    _run("tools/merge.py", str(src / "raccoon/annotations.json"),
+         str(src / "rabbit/annotations.json"), "--names", "raccoon", "rabbit", "--drop-empty",
+         "--copy", "--out", str(base / "merged.json"), "--no-progress")  # fmt: skip
+    _run("tools/split.py", str(base / "merged.json"), "--val", "0.2", "--seed", "0",
+         "--no-progress")  # fmt: skip
+    _run("tools/convert.py", str(data / "deer-automl"), "--from", "automl", "--out", str(deer),
+         "--overwrite")  # fmt: skip
+    _run("tools/split.py", str(deer / "annotations.json"), "--val", "0.2", "--seed", "0",
+         "--no-progress")  # fmt: skip
+
+
+def common_settings(budget_min: float, name: str) -> dict[str, Any]:
+    """configs/base-offline.yaml's settings (320 px, batch 4, SGD 0.02, cosine)."""
+    return {
+        "data": {"num_workers": 1},
+        "model": {
+            "arch": "fasterrcnn_mobilenet_v2_fpn",
+            "min_size": 320,
+            "max_size": 512,
+            "box_batch_size_per_image": 128,
+            "rpn_post_nms_top_n_test": 300,
+        },
+        "augment": {"hflip": 0.5, "scale": 0.0, "brightness_contrast": 0.3},
+        "train": {
+            "batch_size": 4,
+            "lr": 0.02,
+            "warmup_iters": 50,
+            "max_hours": budget_min / 60.0,
+            "out_dir": str(WORK / "runs"),
+            "name": name,
+        },
+        "eval": {"grid_images": 4},
+    }
+
+
+def _merge(into: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    for key, value in updates.items():
+        if isinstance(value, dict):
+            _merge(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
+    return into
+
+
+def load_results() -> dict[str, Any]:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def save_results(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS, json.dumps(results, indent=2) + "\n")
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "load_average_1_5_15": [round(x, 2) for x in load],
+        "when_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+def run_base(budget_min: float, epochs: int) -> None:
+    from detector.train import train
+
+    values = _merge(
+        common_settings(budget_min, "base"),
+        {
+            "data": {
+                "train_annotations": str(WORK / "data/base/train.json"),
+                "val_annotations": str(WORK / "data/base/val.json"),
+            },
+            "model": {"weights": "none", "weights_backbone": str(BACKBONE)},
+            "train": {
+                "epochs": 0,
+                "unfreeze": {"epochs": epochs, "backbone_blocks": 8, "lr_scale": 1.0},
+            },
+        },
+    )
+    before = machine()
+    result = train(config_from_dict(values), progress=False)
+    results = load_results()
+    results["base"] = {
+        "run": str(result.run_dir.relative_to(ROOT)),
+        "classes": ["raccoon", "rabbit"],
+        "budget_min": budget_min,
+        "planned_epochs": epochs,
+        "epochs_done": result.epochs_done,
+        "stop_reason": result.stop_reason,
+        "wall_min": round(result.seconds / 60, 2),
+        "val": result.final_metrics.as_row() if result.final_metrics else None,
+        "per_class_ap": result.final_metrics.per_class_ap if result.final_metrics else None,
+        "machine_before": before,
+        "machine_after": machine(),
+    }
+    save_results(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=["prepare", "base", "add", "latency"])
+    parser.add_argument("--budget-min", type=float, default=10.0)
+    parser.add_argument("--epochs", type=int, default=6, help="planned epochs of a training run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.stage == "prepare":
+        prepare()
+    elif args.stage == "base":
+        run_base(args.budget_min, args.epochs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
