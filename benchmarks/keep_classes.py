@@ -166,17 +166,132 @@ def run_base(budget_min: float, epochs: int) -> None:
     save_results(results)
 
 
+def run_deer(variant: str, budget_min: float, epochs: int) -> None:
+    """One deer run from the base: ``keep`` (model.keep_classes) or ``replace`` (today's path).
+
+    No val set in the run: both are evaluated afterwards by ``add``, on the same sets.
+    """
+    from detector.train import train
+
+    values = _merge(
+        common_settings(budget_min, f"deer-{variant}"),
+        {
+            "data": {"train_annotations": str(WORK / "data/deer/train.json")},
+            "model": {
+                "weights": str(WORK / "runs/base/best.pt"),
+                "freeze_backbone": True,
+                "keep_classes": variant == "keep",
+            },
+            "train": {"epochs": epochs},
+        },
+    )
+    result = train(config_from_dict(values), progress=False)
+    print(json.dumps({"run": str(result.run_dir), "images_seen": result.images_seen,
+                      "epochs_done": result.epochs_done, "stop_reason": result.stop_reason,
+                      "wall_min": round(result.seconds / 60, 2)}))  # fmt: skip
+
+
+def _score(model, val_json: Path, class_names: list[str]) -> tuple[dict[str, Any], list]:
+    import torch
+
+    from detector.data import load_coco
+    from detector.evaluate import coco_metrics, predict
+
+    cset = load_coco(val_json, class_names=class_names)
+    results = predict(model, cset, torch.device("cpu"), batch_size=4, progress=False)
+    metrics, _ = coco_metrics(cset, results)
+    row = {**metrics.as_row(), "per_class_ap": metrics.per_class_ap,
+           "per_class_ap50": metrics.per_class_ap50, "absent": metrics.absent_classes}  # fmt: skip
+    return row, results
+
+
+def run_add(budget_min: float, epochs: int) -> None:
+    """Both deer runs at once (same budget, same machine load), then every score."""
+    from detector.model import load_checkpoint, load_model
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = machine()
+    jobs = {
+        variant: subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "deer",
+                "--variant",
+                variant,
+                "--budget-min",
+                str(budget_min),
+                "--epochs",
+                str(epochs),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for variant in ("keep", "replace")
+    }
+    runs = {}
+    for variant, job in jobs.items():
+        out, _ = job.communicate()
+        if job.returncode != 0:
+            raise SystemExit(f"deer-{variant} failed (exit {job.returncode})")
+        runs[variant] = json.loads(out.strip().splitlines()[-1])
+    after_training = machine()
+    base_path = WORK / "runs/base/best.pt"
+    base, base_ckpt = load_model(base_path)
+    merged, merged_ckpt = load_model(Path(runs["keep"]["run"]) / "best.pt")
+    replace, _ = load_model(Path(runs["replace"]["run"]) / "best.pt")
+    base_val, deer_val = WORK / "data/base/val.json", WORK / "data/deer/val.json"
+    base_before, base_results = _score(base, base_val, base_ckpt["class_names"])
+    base_after, merged_results = _score(merged, base_val, merged_ckpt["class_names"])
+    earlier_ids = set(base_ckpt["category_ids"])
+    merged_earlier = [r for r in merged_results if r["category_id"] in earlier_ids]
+    deer_merged, _ = _score(merged, deer_val, merged_ckpt["class_names"])
+    deer_replace, _ = _score(replace, deer_val, ["Deer"])
+    base_state = load_checkpoint(WORK / "runs/base/last.pt")["state"]
+    results = load_results()
+    results["base"] = {
+        **results.get("base", {}),
+        "run": str(base_path.parent.relative_to(ROOT)),
+        "stopped_at": {"epoch": base_state["epoch"] + 1, "batch": base_state["iteration"]},
+    }
+    results["add"] = {
+        "budget_min_each": budget_min,
+        "planned_epochs": epochs,
+        "runs_in_parallel": True,
+        "keep": runs["keep"],
+        "replace": runs["replace"],
+        "base_classes_before": base_before,
+        "base_classes_after": base_after,
+        "base_detections_bit_identical": merged_earlier == base_results,
+        "base_detections_compared": len(base_results),
+        "deer_merged": deer_merged,
+        "deer_replace": deer_replace,
+        "machine_before": before,
+        "machine_after_training": after_training,
+        "machine_after": machine(),
+    }
+    save_results(results)
+    print(json.dumps(results["add"], indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["prepare", "base", "add", "latency"])
+    parser.add_argument("stage", choices=["prepare", "base", "add", "deer", "latency"])
     parser.add_argument("--budget-min", type=float, default=10.0)
     parser.add_argument("--epochs", type=int, default=6, help="planned epochs of a training run")
+    parser.add_argument("--variant", choices=["keep", "replace"], help="deer: which run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.stage == "prepare":
         prepare()
     elif args.stage == "base":
         run_base(args.budget_min, args.epochs)
+    elif args.stage == "deer":
+        run_deer(args.variant, args.budget_min, args.epochs)
+    elif args.stage == "add":
+        run_add(args.budget_min, args.epochs)
     return 0
 
 

@@ -169,6 +169,13 @@ class MultiBranchFasterRCNN(nn.Module):
             total += len(record.class_names)
         return offsets
 
+    def detection_branches(self) -> list[tuple[RegionProposalNetwork, RoIHeads, int]]:
+        """(rpn, roi_heads, label_offset) per branch (detector.model.detection_branches)."""
+        return [
+            (b.rpn, b.roi_heads, offset)
+            for b, offset in zip(self.branches, self.label_offsets(), strict=True)
+        ]
+
     def train(self, mode: bool = True) -> MultiBranchFasterRCNN:
         """Earlier branches stay in eval mode: they never train."""
         super().train(mode)

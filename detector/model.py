@@ -536,15 +536,16 @@ def load_model(path: str | Path) -> tuple[FasterRCNN | MultiBranchFasterRCNN, di
 
 
 def detection_branches(model: nn.Module) -> list[tuple[nn.Module, nn.Module, int]]:
-    """(rpn, roi_heads, label_offset) per branch: branch labels 1..C_b are the model's labels
-    label_offset + 1 .. label_offset + C_b. A plain FasterRCNN is one branch at offset 0."""
-    branches = getattr(model, "branches", None)
-    if branches is None:
-        return [(model.rpn, model.roi_heads, 0)]
-    return [
-        (b.rpn, b.roi_heads, offset)
-        for b, offset in zip(branches, model.label_offsets(), strict=True)
-    ]
+    """``[(rpn, roi_heads, label_offset), ...]``: the detection heads that share the backbone.
+
+    A plain Faster R-CNN has one, ``(model.rpn, model.roi_heads, 0)``. A model with several
+    (each branch's labels 1..C_b are model labels label_offset + 1..label_offset + C_b) says so
+    with a ``detection_branches()`` method returning that list (MultiBranchFasterRCNN).
+    """
+    branches = getattr(model, "detection_branches", None)
+    if callable(branches):
+        return list(branches())
+    return [(model.rpn, model.roi_heads, 0)]
 
 
 def coco_named_classes() -> tuple[list[str], list[int]]:

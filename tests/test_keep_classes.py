@@ -326,15 +326,19 @@ def test_named_labels_heads_keep_torchvision_boxes_and_scores_of_named_classes()
         score_threshold=0.0,
     )
     model, _ = build_model(cfg, [f"c{i}" for i in range(90)])
+    _, labels = coco_named_classes()
+    bias = model.roi_heads.box_predictor.cls_score.bias
+    with torch.no_grad():  # scores spread over named and N/A rows alike
+        bias.zero_()
+        bias[[1, 12, 44, 45]] = 1.0  # person, N/A, bottle, N/A
     model.eval()
     image = [torch.rand(3, 160, 200)]
     with torch.inference_mode():
         plain = model(image)[0]
-        _, labels = coco_named_classes()
         model.roi_heads = NamedLabelsRoIHeads.from_heads(model.roi_heads, labels)
         named = model(image)[0]
     kept = torch.isin(plain["labels"], torch.tensor(labels))
-    assert (~kept).any(), "random weights give N/A-row detections to drop"
+    assert (~kept).any() and kept.any(), "detections of N/A rows to drop and named ones to keep"
     assert torch.equal(named["boxes"], plain["boxes"][kept])
     assert torch.equal(named["scores"], plain["scores"][kept])
     remap = {label: k + 1 for k, label in enumerate(labels)}
