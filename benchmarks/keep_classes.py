@@ -14,7 +14,7 @@ Stages (each reads what the earlier ones wrote under runs/keep_classes/):
            then the base classes' AP of the base and of the merged model on the base val set,
            the deer AP of both runs on the deer val set, and a check that the merged model's
            raccoon/rabbit detections are bit-identical to the base's on every base val image;
-  latency  CPU ONNX Runtime per frame of a two-branch model vs its two one-branch models run
+  latency  CPU per frame (PyTorch eager) of a two-branch model vs its two one-branch models run
            one after the other (random weights): R50-FPN at 800 px, MobileNetV2-FPN at 320
            and 800 px.
 
@@ -276,12 +276,80 @@ def run_add(budget_min: float, epochs: int) -> None:
     print(json.dumps(results["add"], indent=2))
 
 
+LATENCY_CASES = [  # (arch, min_size, max_size, test-time proposals per image after NMS)
+    ("fasterrcnn_resnet50_fpn", 800, 1333, 1000),
+    ("fasterrcnn_mobilenet_v2_fpn", 320, 512, 300),
+    ("fasterrcnn_mobilenet_v2_fpn", 800, 1333, 300),
+]
+
+
+def _latency_models(arch: str, min_size: int, max_size: int, proposals: int):
+    """Two one-branch models on one random trunk (2 and 1 classes) and their merged model."""
+    import torch
+
+    from detector.branches import Branch, BranchRecord, MultiBranchFasterRCNN, from_plain
+    from detector.config import ModelConfig
+    from detector.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, weights="none", min_size=min_size, max_size=max_size,
+                      rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals)  # fmt: skip
+    first, _ = build_model(cfg, ["raccoon", "rabbit"])
+    second, _ = build_model(cfg, ["Deer"])
+    second.backbone = first.backbone  # one trunk, as keep_classes and merge require
+    merged = from_plain(first, BranchRecord(["raccoon", "rabbit"], None, "random"))
+    merged = MultiBranchFasterRCNN(
+        merged.transform, merged.backbone,
+        [*merged.branches, Branch(second.rpn, second.roi_heads)],
+        [*merged.records, BranchRecord(["Deer"], None, "random", trained=True)],
+    )  # fmt: skip
+    return first.eval(), second.eval(), merged.eval()
+
+
+def run_latency(repeats: int) -> None:
+    """PyTorch eager, CPU, one 600x800 frame, median of ``repeats`` interleaved runs."""
+    import statistics
+
+    import torch
+
+    before, rows = machine(), []
+    for arch, min_size, max_size, proposals in LATENCY_CASES:
+        first, second, merged = _latency_models(arch, min_size, max_size, proposals)
+        frame = [torch.rand(3, 600, 800)]
+        times: dict[str, list[float]] = {"first": [], "second": [], "merged": []}
+        with torch.inference_mode():
+            for model in (first, second, merged):
+                model(frame)  # warm-up
+            for _ in range(repeats):
+                for name, model in (("first", first), ("second", second), ("merged", merged)):
+                    tic = time.perf_counter()
+                    model(frame)
+                    times[name].append(time.perf_counter() - tic)
+        ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+        row = {"arch": arch, "min_size": min_size, "max_size": max_size,
+               "proposals": proposals, "ms": ms, "repeats": repeats,
+               "merged_over_sum": round(ms["merged"] / (ms["first"] + ms["second"]), 3)}  # fmt: skip
+        log.info("latency %s", row)
+        rows.append(row)
+    results = load_results()
+    results["latency"] = {
+        "runtime": "PyTorch eager (CPU)",
+        "torch_threads": torch.get_num_threads(),
+        "frame": "600x800 RGB, random weights",
+        "rows": rows,
+        "machine_before": before,
+        "machine_after": machine(),
+    }
+    save_results(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stage", choices=["prepare", "base", "add", "deer", "latency"])
     parser.add_argument("--budget-min", type=float, default=10.0)
     parser.add_argument("--epochs", type=int, default=6, help="planned epochs of a training run")
     parser.add_argument("--variant", choices=["keep", "replace"], help="deer: which run")
+    parser.add_argument("--repeats", type=int, default=5, help="latency: timed runs per model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.stage == "prepare":
@@ -292,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         run_deer(args.variant, args.budget_min, args.epochs)
     elif args.stage == "add":
         run_add(args.budget_min, args.epochs)
+    elif args.stage == "latency":
+        run_latency(args.repeats)
     return 0
 
 

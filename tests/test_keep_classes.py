@@ -6,12 +6,16 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import cv2
 import pytest
 import torch
+import yaml
 from coco_fixtures import stop_at_call, tiny_config, write_coco128_subset
 
 from detector import cli
@@ -426,3 +430,42 @@ def test_evaluate_on_a_deer_only_set_scores_deer_and_lists_the_absent_classes(
     assert metrics.absent_classes == checkpoint["class_names"][:-1]
     text = format_metrics(metrics)
     assert "Deer" in text and "not in this set" in text and "raccoon" in text.split("not in")[1]
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_keep_classes_run_keeps_the_earlier_branch(sets, base_ckpt, tmp_path):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    values = tiny_config(
+        sets["raccoon"], None, tmp_path / "runs",
+        model={"weights": str(base_ckpt), "keep_classes": True},
+        train={"epochs": 1, "device": "cpu"},
+    ).to_dict()  # fmt: skip
+    values["train"]["name"] = "ddp"
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", "-m", "detector", "train", str(config),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: 2 processes (gloo)" in proc.stderr
+    assert "branch 2: raccoon" in proc.stdout  # the summary, printed once by rank 0
+    last = load_checkpoint(tmp_path / "runs" / "ddp" / "last.pt")
+    start = load_checkpoint(base_ckpt)["model"]
+    assert last["class_names"][-1] == "raccoon" and len(last["branches"]) == 2
+    for key, value in start.items():
+        where = key if key.startswith("backbone.") else f"branches.0.{key}"
+        assert torch.equal(last["model"][where], value), key
+    assert not torch.equal(
+        last["model"]["branches.1.roi_heads.box_head.fc6.weight"],
+        start["roi_heads.box_head.fc6.weight"],
+    )
