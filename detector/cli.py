@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
 log = logging.getLogger("detector")
+
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")  # train.max_hours=2; a path has a / or no =
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +29,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="RUN",
         help="continue a stopped run: its folder or last.pt (default: the newest run "
-        "of this config)",
+        "of this config); a KEY=VALUE after it is an override, never the run",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
 
@@ -73,11 +76,26 @@ def newest_run(out_dir: str, name: str) -> Path:
     return max(candidates, key=lambda p: (p / "last.pt").stat().st_mtime)
 
 
+def looks_like_override(text: str) -> bool:
+    """``key.sub=value``: what follows ``--resume`` is then an override, not the run."""
+    return OVERRIDE.match(text) is not None
+
+
+def resume_takes_no_override(argv: list[str]) -> list[str]:
+    """argparse gives ``--resume`` (nargs="?") the next word even when it is ``key=value``;
+    spell that ``--resume`` as ``--resume=auto`` so the word stays an override."""
+    return [
+        "--resume=auto" if arg == "--resume" and looks_like_override(following) else arg
+        for arg, following in zip(argv, [*argv[1:], ""], strict=True)
+    ]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import summary, train
+    from .train import check_run_name, summary, train
 
     cfg = load_config(args.config, args.overrides)
+    check_run_name(cfg.train.name)
     resume = args.resume
     if resume == "auto":
         resume = newest_run(cfg.train.out_dir, cfg.train.name or "run")
@@ -148,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = resume_takes_no_override(list(sys.argv[1:] if argv is None else argv))
     # KEY=VALUE overrides may come anywhere after `train CONFIG`, options included.
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -167,7 +167,8 @@ class TrainConfig:
     until: str | None = None
     # A batch with a non-finite loss is skipped; this many in a row stop the run.
     max_nonfinite_batches: int = 5
-    # Print a log line every N iterations (progress bar aside).
+    # Every N optimizer steps, and at the end of each epoch: a log line (losses, lr, images/s)
+    # and TensorBoard scalars (train/loss, train/loss_classifier, ..., train/lr).
     log_every: int = 20
     # Where runs are written: <out_dir>/<name>/ ; name defaults to the config file's stem.
     out_dir: str = "runs"

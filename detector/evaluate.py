@@ -248,9 +248,10 @@ def evaluate(
     grid_images: int = 8,
     draw_score_threshold: float = 0.5,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> Metrics:
     """Predict, score with COCOeval and (with ``out_dir``) write results JSON, PR curve and grid."""
-    results = predict(model, cset, device, batch_size, num_workers)
+    results = predict(model, cset, device, batch_size, num_workers, progress)
     metrics, evaluator = coco_metrics(cset, results)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -390,6 +390,7 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         obj = _torch_load(path)
         previous_classes = None
         if is_pipeline_checkpoint(obj):
+            _check_complete(obj, path)
             if obj["arch"] != cfg.arch:
                 raise WeightsError(
                     f"{path}: checkpoint is a {obj['arch']} but model.arch is {cfg.arch}; set "
@@ -497,7 +498,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise WeightsError(
             f"{path}: checkpoint version {obj['version']} is newer than this detector"
         )
+    _check_complete(obj, path)
     return obj
+
+
+def _check_complete(checkpoint: dict[str, Any], path: str | Path) -> None:
+    missing = [key for key in ("model", "arch", "class_names") if key not in checkpoint]
+    if missing:
+        raise WeightsError(
+            f"{path}: incomplete checkpoint, no {', '.join(missing)} (it has the detector format "
+            "tag but was not written by detector train); use a best.pt or last.pt of a run"
+        )
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN | MultiBranchFasterRCNN:

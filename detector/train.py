@@ -1,8 +1,11 @@
 """Train stage: the frozen-backbone fine-tuning loop, checkpoints, resume and the time budget.
 
-Flat on purpose, in the style of torchvision's references/detection: one function sets the run
-up, one trains an epoch, one ties them together. Everything a resumed run needs to continue
-bit-for-bit (model, optimizer, scheduler, scaler, RNG, position in the epoch) is in ``last.pt``.
+Flat on purpose, in the style of torchvision's references/detection and DETR's engine: one
+``Run`` holds what a run trains with, and short functions act on it in the order a run goes:
+``prepare`` -> ``restore`` (resume) -> ``one_epoch`` (``train_one_epoch``, then ``finish_epoch``:
+last.pt, evaluation, best.pt, metrics.csv) -> ``final_evaluation`` -> ``finish``. Everything a
+resumed run needs to continue bit-for-bit (model, optimizer, scheduler, scaler, RNG, position in
+the epoch) is in ``last.pt``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
+import fcntl
 import io
 import logging
 import math
+import os
 import random
 import resource
+import shutil
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,24 @@ from .model import BuildInfo, build_model, load_checkpoint, save_checkpoint, unf
 log = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")
+LOCK_FILE = ".lock"  # in the run folder, held (fcntl.flock) while a process trains there
+
+# Keys a resumed run takes from the command line and config file: they change when the run stops,
+# what it logs and how it evaluates, never what it computes. A prefix ending in "." covers a
+# section. Other keys must match the run's saved config (see ``resumed_config``).
+RESUME_SAFE_KEYS = (
+    "train.max_hours",
+    "train.until",
+    "train.patience",
+    "train.log_every",
+    "train.max_nonfinite_batches",
+    "train.cache_dir",
+    "data.num_workers",
+    "data.preflight",
+    "eval.",
+)
+# Where a run lives: the folder being resumed decides, whatever these say.
+RESUME_LOCATION_KEYS = ("train.name", "train.out_dir")
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +90,9 @@ class TrainState:
     best_epoch: int = -1
     evals_since_best: int = 0
     unfrozen: bool = False
+    # last.pt is written before the epoch's evaluation: True there until the evaluation is done,
+    # so a resume after a crash in evaluation evaluates that epoch first.
+    pending_eval: bool = False
 
 
 @dataclass
@@ -90,6 +118,42 @@ class StopFlags:
     signal_name: str | None = None
     deadline: float | None = None  # time.time() value
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """What one training run holds while it trains (every rank has its own)."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    progress: bool
+    start_time: float
+    train_set: CocoSet
+    val_set: CocoSet | None
+    model: torch.nn.Module
+    info: BuildInfo
+    later_params: list[torch.nn.Parameter]  # what the unfreeze phase adds
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    dataset: DetectionDataset
+    total_epochs: int
+    state: TrainState = field(default_factory=TrainState)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv
+    cache: feature_cache.FeatureCache | None = None
+    writer: Any = None  # TensorBoard SummaryWriter, rank 0 only
+    flags: StopFlags = field(default_factory=StopFlags)
+    rank_rng: list[dict[str, Any]] | None = None  # torchrun: every rank's RNG after its epoch
+    stop_reason: str | None = None
+    images_seen: int = 0
+    last_eval_seconds: float = 0.0
+    final_metrics: Metrics | None = None
+
+    @property
+    def main(self) -> bool:
+        return distributed.is_main()
 
 
 def select_device(name: str) -> torch.device:
@@ -202,72 +266,79 @@ def unfreeze_candidates(model: torch.nn.Module, cfg: Config) -> list[torch.nn.Pa
     return params
 
 
-def _checkpoint(
-    model,
-    cfg: Config,
-    cset: CocoSet,
-    state: TrainState,
-    optimizer=None,
-    scheduler=None,
-    scaler=None,
-    metrics: Metrics | None = None,
-    info: BuildInfo | None = None,
-    rank_rng: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    checkpoint: dict[str, Any] = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "arch": cfg.model.arch,
-        "class_names": list(cset.class_names),
-        "category_ids": list(cset.category_ids),
-        "config": cfg.to_dict(),
-        "config_hash": cfg.hash(),
-        "state": state.__dict__.copy(),
-        "saved_at": time.time(),
-    }
-    checkpoint.update(branches.checkpoint_fields(model, cset.category_ids))  # keep_classes
-    if metrics is not None:
-        checkpoint["metrics"] = {**metrics.as_row(), "per_class_ap": metrics.per_class_ap}
-    if info is not None:
-        checkpoint["weights_source"] = info.weights_source
-    if optimizer is not None:
-        checkpoint["optimizer"] = optimizer.state_dict()
-        checkpoint["scheduler"] = scheduler.state_dict()
-        checkpoint["scaler"] = scaler.state_dict() if scaler is not None else None
-        checkpoint["rng"] = rng_state()
-        if rank_rng is not None:
-            # torchrun: every rank samples anchors/RoIs on its own images, so its random stream
-            # is its own; rank 0's is taken now (evaluation draws from it after the gather).
-            checkpoint["rank_rng"] = [checkpoint["rng"], *rank_rng[1:]]
-    return checkpoint
+# --------------------------------------------------------------------------------------------
+# The run folder
+# --------------------------------------------------------------------------------------------
 
 
-def restore_rng(checkpoint: dict[str, Any]) -> None:
-    """This rank's random state from a checkpoint (see ``_checkpoint``)."""
-    saved = checkpoint.get("rank_rng")
-    world, rank = distributed.world_size(), distributed.rank()
-    if saved is not None and len(saved) == world:
-        set_rng_state(saved[rank])
+def check_run_name(name: str | None) -> None:
+    """``train.name`` is a folder inside ``train.out_dir``: no absolute path, no ``..``."""
+    if name is None:
         return
-    set_rng_state(checkpoint["rng"])
-    if saved is not None or world > 1:
-        log.warning(
-            "resuming with %d process(es) a run saved with %d: the random streams and the "
-            "split of the current epoch's batches differ, so the result will differ from "
-            "an uninterrupted run",
-            world,
-            len(saved) if saved is not None else 1,
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise TrainingError(
+            f"train.name={name!r}: a run name is a folder name inside train.out_dir (no "
+            "absolute path, no '..'); set train.out_dir to choose where runs go"
         )
 
 
 def new_run_dir(cfg: Config) -> Path:
     """``<out_dir>/<name>``, or ``<name>-2``, ``-3``... if taken: a run never overwrites another."""
+    check_run_name(cfg.train.name)
     base = Path(cfg.train.out_dir) / (cfg.train.name or "run")
     run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    run_dir.mkdir(parents=True)
-    return run_dir
+    while True:
+        try:
+            run_dir.mkdir(parents=True)  # atomic: two runs starting at once get two folders
+            return run_dir
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock file while training: a second process there stops at once.
+
+    ``flock`` is released by the kernel when the process ends, however it ends (SIGKILL too),
+    so a crashed run never leaves a stale lock behind.
+    """
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise TrainingError(
+            f"{run_dir} is in use by another training run (pid {holder}); wait for it to "
+            f"finish or stop it (kill -TERM {holder} saves a checkpoint), then resume"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """The run's ``train.log`` gets every ``detector`` log line while it trains."""
+    file_log = logging.FileHandler(run_dir / "train.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("detector").addHandler(file_log)
+    try:
+        yield
+    finally:
+        logging.getLogger("detector").removeHandler(file_log)
+        file_log.close()
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    for stale in run_dir.glob(".*.tmp"):  # fileio.atomic_open's half-written file of a killed save
+        log.info("removing %s, left by a run killed while saving", stale)
+        stale.unlink(missing_ok=True)
 
 
 def write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -288,6 +359,11 @@ def read_metrics_csv(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
 def resolve_resume(resume: str | Path) -> Path:
     """``--resume`` accepts a checkpoint file or a run folder (its last.pt)."""
     path = Path(resume)
@@ -296,6 +372,71 @@ def resolve_resume(resume: str | Path) -> Path:
     if not path.is_file():
         raise TrainingError(f"cannot resume: {path} not found (give the run folder or its last.pt)")
     return path
+
+
+def load_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """last.pt, or a clear error for a checkpoint that holds only a model (best.pt)."""
+    checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint or "scheduler" not in checkpoint:
+        raise TrainingError(
+            f"cannot resume from {path}: it holds the model only, no optimizer state "
+            f"({path.name} is the model to deploy or evaluate); resume from "
+            f"{path.parent / 'last.pt'} or the run folder {path.parent}"
+        )
+    return checkpoint
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _is_safe_on_resume(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_SAFE_KEYS)
+
+
+def resumed_config(cfg: Config, checkpoint: dict[str, Any], path: Path) -> Config:
+    """The run's saved config, with the safe keys (``RESUME_SAFE_KEYS``) taken from ``cfg``.
+
+    Any other key whose value differs is refused by name: a resumed run continues the training
+    it started, and an override that silently did nothing would be worse than an error.
+    """
+    saved = config_from_dict(checkpoint["config"])
+    now, before = _flatten(cfg.to_dict()), _flatten(saved.to_dict())
+    refused, taken = [], []
+    for key, value in now.items():
+        if key in RESUME_LOCATION_KEYS or value == before.get(key):
+            continue
+        (taken if _is_safe_on_resume(key) else refused).append((key, before.get(key), value))
+    if refused:
+        listed = "; ".join(f"{k}={new!r} (the run has {old!r})" for k, old, new in refused)
+        raise TrainingError(
+            f"cannot resume {path.parent} with a different configuration: {listed}. A resumed "
+            "run keeps its configuration; only train.max_hours, train.until, train.patience, "
+            "train.log_every, train.max_nonfinite_batches, train.cache_dir, data.num_workers, "
+            "data.preflight and eval.* may change. Drop those overrides (or undo the edit of "
+            f"the config file; the run's own is {path.parent / 'config.yaml'}), or start a "
+            "new run without --resume"
+        )
+    values = saved.to_dict()
+    for key, old, new in taken:
+        log.info("resume: %s %r -> %r", key, old, new)
+        *sections, name = key.split(".")
+        node = values
+        for section in sections:
+            node = node[section]
+        node[name] = new
+    return config_from_dict(values)
+
+
+# --------------------------------------------------------------------------------------------
+# A run, top to bottom
+# --------------------------------------------------------------------------------------------
 
 
 def train(
@@ -317,58 +458,108 @@ def train(
 def _train_entry(
     cfg: Config, resume: str | Path | None, run_dir: Path | None, progress: bool, start_time: float
 ) -> TrainResult:
-    resume_checkpoint = None
-    if resume is not None:
-        resume_path = resolve_resume(resume)
-        resume_checkpoint = load_checkpoint(resume_path)
-        # The run continues with the configuration it started with; only the budget may change.
-        saved = config_from_dict(resume_checkpoint["config"])
-        saved.train.max_hours, saved.train.until = cfg.train.max_hours, cfg.train.until
-        cfg = saved
-        run_dir = resume_path.parent
-        log.info(
-            "resuming %s at epoch %d, batch %d",
-            resume_path,
-            resume_checkpoint["state"]["epoch"] + 1,
-            resume_checkpoint["state"]["iteration"],
-        )
-    elif run_dir is None:
-        run_dir = distributed.broadcast_object(new_run_dir(cfg) if distributed.is_main() else None)
-    run_dir = Path(run_dir)
-    if not distributed.is_main():  # rank 0 writes the run folder, its log included
-        return _train(
-            cfg, run_dir, resume_checkpoint, start_time, progress and distributed.is_main()
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in run_dir.glob(".*.tmp"):  # fileio.atomic_open's half-written file of a killed save
-        log.info("removing %s, left by a run killed while saving", stale)
-        stale.unlink(missing_ok=True)
-    file_log = logging.FileHandler(run_dir / "train.log")
-    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("detector").addHandler(file_log)
-    try:
-        return _train(cfg, run_dir, resume_checkpoint, start_time, progress)
-    finally:
-        logging.getLogger("detector").removeHandler(file_log)
-        file_log.close()
+    """Lock and log to the run folder (rank 0), then prepare, restore and train.
 
-
-def _train(
-    cfg: Config,
-    run_dir: Path,
-    resume_checkpoint: dict[str, Any] | None,
-    start_time: float,
-    progress: bool,
-) -> TrainResult:
+    A start that fails before the first batch (data, pre-flight, weights, cache) removes the
+    folder it created, so the next attempt gets the same name, not ``NAME-2``.
+    """
     main = distributed.is_main()
-    if main:
+    resume_path = resolve_resume(resume) if resume is not None else None
+    created = resume_path is None and run_dir is None
+    if resume_path is not None:
+        run_dir = resume_path.parent
+    elif created:
+        _check_epochs(cfg)
+        run_dir = distributed.broadcast_object(new_run_dir(cfg) if main else None)
+    run_dir = Path(run_dir)
+    started = False
+    try:
+        with contextlib.ExitStack() as folder:
+            if main:  # rank 0 writes the run folder, its log included
+                run_dir.mkdir(parents=True, exist_ok=True)
+                folder.enter_context(locked_run_dir(run_dir))
+                remove_stale_temp_files(run_dir)
+                folder.enter_context(run_log(run_dir))
+            checkpoint = None
+            if resume_path is not None:
+                checkpoint = load_resume_checkpoint(resume_path)
+                cfg = resumed_config(cfg, checkpoint, resume_path)
+                log.info(
+                    "resuming %s at epoch %d, batch %d",
+                    resume_path,
+                    checkpoint["state"]["epoch"] + 1,
+                    checkpoint["state"]["iteration"],
+                )
+            run = prepare(cfg, run_dir, start_time, progress and main)
+            if checkpoint is not None:
+                restore(run, checkpoint)
+            run.cache = build_cache(run)
+            started = True
+            return run_training(run)
+    except BaseException:
+        if created and main and not started:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _check_epochs(cfg: Config) -> None:
+    if cfg.train.epochs + cfg.train.unfreeze.epochs < 1:
+        raise TrainingError(
+            f"train.epochs={cfg.train.epochs} (and train.unfreeze.epochs="
+            f"{cfg.train.unfreeze.epochs}): nothing to train; set train.epochs to 1 or more"
+        )
+
+
+def prepare(cfg: Config, run_dir: Path, start_time: float, progress: bool) -> Run:
+    """Data, model, optimizer, schedule and mixed precision of a run at its first batch."""
+    if distributed.is_main():
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.train.seed)
     device = distributed.device_for(select_device(cfg.train.device))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
         torch.cuda.reset_peak_memory_stats(device)
+    train_set, val_set = load_data(cfg, progress)
+    model, info = build_model(cfg.model, train_set.class_names)
+    if cfg.model.keep_classes and val_set is not None:  # scored on every class of the model
+        val_set = load_coco(cfg.data.val_annotations, cfg.data.val_images, model.class_names)
+    later_params = unfreeze_candidates(model, cfg)
+    model.to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model, later_params)
+    dataset = build_dataset(cfg, train_set)
+    total_epochs = cfg.train.epochs + cfg.train.unfreeze.epochs
+    scheduler = build_scheduler(cfg, optimizer, len(dataset), total_epochs)
+    amp_dtype = autocast_dtype(cfg, device)
+    log.info(
+        "device %s, %s",
+        device,
+        f"autocast {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "float32",
+    )
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        progress=progress,
+        start_time=start_time,
+        train_set=train_set,
+        val_set=val_set,
+        model=model,
+        info=info,
+        later_params=later_params,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None,
+        amp_dtype=amp_dtype,
+        dataset=dataset,
+        total_epochs=total_epochs,
+        rows=read_metrics_csv(run_dir / "metrics.csv"),
+    )
 
+
+def load_data(cfg: Config, progress: bool) -> tuple[CocoSet, CocoSet | None]:
+    """Train and val sets, checked by the pre-flight (every image read once) when it is on."""
     try:
         train_set, val_set = data_sets(cfg.data)
     except DatasetError:
@@ -384,257 +575,355 @@ def _train(
         from .preflight import preflight  # reads every image once; stops with the full list
 
         preflight(train_set, val_set, progress=progress)
+    return train_set, val_set
 
-    model, info = build_model(cfg.model, train_set.class_names)
-    if cfg.model.keep_classes and val_set is not None:  # scored on every class of the model
-        val_set = load_coco(cfg.data.val_annotations, cfg.data.val_images, model.class_names)
-    later_params = unfreeze_candidates(model, cfg)
-    model.to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model.backbone.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model, later_params)
+
+def build_dataset(cfg: Config, train_set: CocoSet) -> DetectionDataset:
     dataset = DetectionDataset(train_set, build_augmentation(cfg.augment), seed=cfg.train.seed)
     if cfg.data.aspect_ratio_groups:
         dataset.groups = aspect_ratio_groups(train_set, cfg.data.aspect_ratio_groups)
     if cfg.data.cache_images:
         dataset.preload(cfg.data.cache_images_max_gb)
+    return dataset
+
+
+def build_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer, num_images: int, total_epochs: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine/step over the run's optimizer steps (this rank's share of the batches)."""
     batches_per_epoch = math.ceil(
-        math.ceil(len(dataset) / cfg.train.batch_size) / distributed.world_size()
+        math.ceil(num_images / cfg.train.batch_size) / distributed.world_size()
     )
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.accumulate)
-    total_epochs = cfg.train.epochs + cfg.train.unfreeze.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, make_lr_lambda(cfg, steps_per_epoch, total_epochs * steps_per_epoch)
     )
-    amp_dtype = autocast_dtype(cfg, device)
-    log.info(
-        "device %s, %s",
-        device,
-        f"autocast {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "float32",
+
+
+def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+    """Continue from last.pt: weights, counters, optimizer, schedule, scaler and RNG."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.state = TrainState(**checkpoint["state"])
+    if run.state.unfrozen:
+        for p in run.later_params:
+            p.requires_grad_(True)
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.scaler is not None and checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint)
+    run.rank_rng = distributed.gather_object(rng_state())
+    run.rows = [r for r in run.rows if int(r["epoch"]) <= run.state.epoch]
+
+
+def build_cache(run: Run) -> feature_cache.FeatureCache | None:
+    """train.cache_features: the frozen FPN's features of every view, for the frozen epochs."""
+    cfg = run.cfg
+    if not cfg.train.cache_features:
+        return None
+    plan, why_not = feature_cache.plan_cache(cfg)
+    if plan is None:
+        log.warning("train.cache_features: not used, training on images: %s", why_not)
+        return None
+    if run.state.epoch >= cfg.train.epochs:
+        return None
+    cache = feature_cache.build_feature_cache(
+        run.model, run.dataset, cfg, plan, run.device, run.progress, amp_dtype=run.amp_dtype
     )
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    cache.groups = run.dataset.groups
+    return cache
 
-    state = TrainState()
-    rows = read_metrics_csv(run_dir / "metrics.csv")
-    if resume_checkpoint is not None:
-        model.load_state_dict(resume_checkpoint["model"])
-        state = TrainState(**resume_checkpoint["state"])
-        if state.unfrozen:
-            for p in later_params:
-                p.requires_grad_(True)
-        optimizer.load_state_dict(resume_checkpoint["optimizer"])
-        scheduler.load_state_dict(resume_checkpoint["scheduler"])
-        if scaler is not None and resume_checkpoint.get("scaler"):
-            scaler.load_state_dict(resume_checkpoint["scaler"])
-        restore_rng(resume_checkpoint)
-        rows = [r for r in rows if int(r["epoch"]) <= state.epoch]
 
-    cache = None
-    if cfg.train.cache_features:
-        plan, why_not = feature_cache.plan_cache(cfg)
-        if plan is None:
-            log.warning("train.cache_features: not used, training on images: %s", why_not)
-        elif state.epoch < cfg.train.epochs:
-            cache = feature_cache.build_feature_cache(
-                model, dataset, cfg, plan, device, progress, amp_dtype=amp_dtype
-            )
-            cache.groups = dataset.groups
-
+def run_training(run: Run) -> TrainResult:
+    """The epoch loop between the signal handlers and the TensorBoard writer, then the end."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if main else None
-    flags = StopFlags(deadline=compute_deadline(cfg, start_time))
-    if flags.deadline is not None:
+    run.writer = SummaryWriter(str(run.run_dir / "tensorboard")) if run.main else None
+    run.flags = StopFlags(deadline=compute_deadline(run.cfg, run.start_time))
+    if run.flags.deadline is not None:
         log.info(
             "time budget: stopping by %s",
-            dt.datetime.fromtimestamp(flags.deadline).strftime("%Y-%m-%d %H:%M"),
+            dt.datetime.fromtimestamp(run.flags.deadline).strftime("%Y-%m-%d %H:%M"),
         )
-    previous_handlers = _install_signal_handlers(flags)
-    stop_reason = "completed"
-    images_seen = 0
-    last_eval_seconds = 0.0
+    previous_handlers = _install_signal_handlers(run.flags)
     try:
-        while state.epoch < total_epochs:
-            if state.epoch >= cfg.train.epochs and later_params and not state.unfrozen:
-                for p in later_params:
-                    p.requires_grad_(True)
-                state.unfrozen = True
-                log.info(
-                    "unfreeze phase: %d backbone tensors + FPN now train at lr x %g",
-                    len(later_params),
-                    cfg.train.unfreeze.lr_scale,
-                )
-            epoch_start = time.time()
-            if cache is not None and state.unfrozen:
-                log.info(
-                    "unfreeze phase: the backbone trains, so the feature cache is left for images"
-                )
-                cache = None
-            data = cache if cache is not None else dataset  # cached views, or images
-            data.epoch = state.epoch
-            losses, seen, stopped = train_one_epoch(
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                data,
-                cfg,
-                state,
-                device,
-                flags,
-                last_eval_seconds,
-                progress,
-                writer,
-                amp_dtype=amp_dtype,
-            )
-            losses, seen = distributed.reduce_epoch(losses, seen, device)
-            rank_rng = distributed.gather_object(rng_state())
-            images_seen += seen
-            epoch_seconds = time.time() - epoch_start
-            if stopped:
-                stop_reason = stopped
-                # Save where we are: a resume continues from this very batch.
-                if main:
-                    save_checkpoint(
-                        run_dir / "last.pt",
-                        _checkpoint(
-                            model,
-                            cfg,
-                            train_set,
-                            state,
-                            optimizer,
-                            scheduler,
-                            scaler,
-                            info=info,
-                            rank_rng=rank_rng,
-                        ),
-                    )
-                    if not (run_dir / "best.pt").is_file():
-                        # Stopped inside the first epoch: the current model is the best there is.
-                        save_checkpoint(
-                            run_dir / "best.pt",
-                            _checkpoint(model, cfg, train_set, state, info=info),
-                        )
-                distributed.barrier()
-                log.info(
-                    "%s: checkpoint saved at epoch %d batch %d",
-                    stopped,
-                    state.epoch + 1,
-                    state.iteration,
-                )
-                break
-            state.epoch += 1
-            state.iteration = 0
-            metrics = None
-            final_epoch = state.epoch == total_epochs
-            if not main:  # rank 0 evaluates and writes; the others wait, then take its state
-                distributed.barrier()
-                state.__dict__.update(distributed.broadcast_object(None))
-            elif val_set is not None and (state.epoch % cfg.eval.every == 0 or final_epoch):
-                eval_start = time.time()
-                metrics = evaluate(
-                    model,
-                    val_set,
-                    device,
-                    batch_size=cfg.train.batch_size,
-                    grid_images=0,
-                    num_workers=0,
-                )
-                last_eval_seconds = time.time() - eval_start
-                log.info("epoch %d val: %s", state.epoch, format_metrics(metrics).splitlines()[0])
-                for key, value in metrics.as_row().items():
-                    writer.add_scalar(f"val/{key}", value, state.epoch)
-                if metrics.map > state.best_map:
-                    state.best_map, state.best_epoch, state.evals_since_best = (
-                        metrics.map,
-                        state.epoch,
-                        0,
-                    )
-                    save_checkpoint(
-                        run_dir / "best.pt",
-                        _checkpoint(model, cfg, train_set, state, metrics=metrics, info=info),
-                    )
-                else:
-                    state.evals_since_best += 1
-            elif val_set is None:
-                state.best_epoch = state.epoch  # no val set: the latest model is the best we know
-                save_checkpoint(
-                    run_dir / "best.pt", _checkpoint(model, cfg, train_set, state, info=info)
-                )
-            row = {
-                "epoch": state.epoch,
-                "phase": "unfreeze" if state.unfrozen else "frozen",
-                "lr": optimizer.param_groups[0]["lr"],
-                **{k: round(v, 5) for k, v in losses.items()},
-                "epoch_seconds": round(epoch_seconds, 2),
-                "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3),
-                **_peak_memory(device),
-            }
-            if metrics is not None:
-                row.update({k: round(v, 5) for k, v in metrics.as_row().items()})
-            rows.append(row)
-            if main:  # before last.pt: a resume drops rows past its last.pt, never misses one
-                write_metrics_csv(run_dir / "metrics.csv", rows)
-            if main:
-                save_checkpoint(
-                    run_dir / "last.pt",
-                    _checkpoint(
-                        model,
-                        cfg,
-                        train_set,
-                        state,
-                        optimizer,
-                        scheduler,
-                        scaler,
-                        metrics,
-                        info,
-                        rank_rng,
-                    ),
-                )
-                distributed.barrier()
-                distributed.broadcast_object(state.__dict__)
-            if cfg.train.patience and state.evals_since_best >= cfg.train.patience:
-                stop_reason = f"early stop: no val mAP gain in {cfg.train.patience} evaluations"
-                log.info(stop_reason)
-                break
+        if run.state.pending_eval:  # resumed from a last.pt whose evaluation did not finish
+            log.info("evaluating epoch %d, which the stopped run had not", run.state.epoch)
+            settle_epoch(run)
+            check_patience(run)
+        while run.stop_reason is None and run.state.epoch < run.total_epochs:
+            one_epoch(run)
     finally:
         _restore_signal_handlers(previous_handlers)
-        if writer is not None:
-            writer.close()
+        if run.writer is not None:
+            run.writer.close()
+    run.stop_reason = run.stop_reason or "completed"
+    final_evaluation(run)
+    return finish(run)
 
-    final_metrics = None
-    best_path = run_dir / "best.pt"
-    if main and val_set is not None and best_path.is_file():
-        # Plots and prediction grid of the model the user will deploy.
-        best = load_checkpoint(best_path)
-        model.load_state_dict(best["model"])
-        final_metrics = evaluate(
-            model,
-            val_set,
-            device,
-            out_dir=run_dir,
-            batch_size=cfg.train.batch_size,
-            grid_images=cfg.eval.grid_images,
-            draw_score_threshold=cfg.eval.draw_score_threshold,
+
+def one_epoch(run: Run) -> None:
+    """Train the current epoch (or its rest), then save and evaluate; a stop sets stop_reason."""
+    maybe_unfreeze(run)
+    epoch_start = time.time()
+    data = run.cache if run.cache is not None else run.dataset  # cached views, or images
+    data.epoch = run.state.epoch
+    losses, seen, stopped = train_one_epoch(run, data, reserve_seconds=run.last_eval_seconds)
+    losses, seen = distributed.reduce_epoch(losses, seen, run.device)
+    run.rank_rng = distributed.gather_object(rng_state())
+    run.images_seen += seen
+    if stopped:
+        save_at_stop(run, stopped)
+        return
+    finish_epoch(run, losses, seen, time.time() - epoch_start)
+    check_patience(run)
+
+
+def maybe_unfreeze(run: Run) -> None:
+    """At the first unfreeze epoch: the last backbone blocks + FPN train, images replace the cache."""
+    state, cfg = run.state, run.cfg
+    if state.epoch >= cfg.train.epochs and run.later_params and not state.unfrozen:
+        for p in run.later_params:
+            p.requires_grad_(True)
+        state.unfrozen = True
+        log.info(
+            "unfreeze phase: %d backbone tensors + FPN now train at lr x %g",
+            len(run.later_params),
+            cfg.train.unfreeze.lr_scale,
         )
-        atomic_write_text(run_dir / "best_metrics.txt", format_metrics(final_metrics) + "\n")
+    if run.cache is not None and state.unfrozen:
+        log.info("unfreeze phase: the backbone trains, so the feature cache is left for images")
+        run.cache = None
+
+
+def save_at_stop(run: Run, reason: str) -> None:
+    """Stopped between batches: last.pt at this very batch (and a first best.pt if none yet)."""
+    run.stop_reason = reason
+    if run.main:
+        save_last(run)
+        if not (run.run_dir / "best.pt").is_file():
+            # Stopped inside the first epoch: the current model is the best there is.
+            save_best(run)
     distributed.barrier()
+    log.info(
+        "%s: checkpoint saved at epoch %d batch %d",
+        reason,
+        run.state.epoch + 1,
+        run.state.iteration,
+    )
+
+
+def finish_epoch(run: Run, losses: dict[str, float], seen: int, epoch_seconds: float) -> None:
+    """A full epoch: its metrics.csv row, last.pt before an evaluation, then ``settle_epoch``."""
+    state = run.state
+    state.epoch += 1
+    state.iteration = 0
+    run.rows.append(
+        {
+            "epoch": state.epoch,
+            "phase": "unfreeze" if state.unfrozen else "frozen",
+            "lr": run.optimizer.param_groups[0]["lr"],
+            **{k: round(v, 5) for k, v in losses.items()},
+            "epoch_seconds": round(epoch_seconds, 2),
+            "images_per_s": round(seen / max(epoch_seconds, 1e-9), 3),
+            **_peak_memory(run.device),
+        }
+    )
+    if run.writer is not None:  # once per epoch, however few steps it had (train.log_every)
+        for key, value in losses.items():
+            run.writer.add_scalar(f"epoch/{key}", value, state.epoch)
+    every = run.cfg.eval.every
+    state.pending_eval = run.val_set is not None and (
+        state.epoch % every == 0 or state.epoch == run.total_epochs
+    )
+    if run.main and state.pending_eval:
+        # Before evaluating: a crash in evaluation keeps the epoch (resume evaluates it).
+        write_metrics_csv(run.run_dir / "metrics.csv", run.rows)
+        save_last(run)
+    settle_epoch(run)
+
+
+def settle_epoch(run: Run) -> None:
+    """Rank 0 evaluates (when due), keeps the best model, writes metrics.csv and last.pt; the
+    other ranks wait, then take its state."""
+    if not run.main:
+        distributed.barrier()
+        run.state.__dict__.update(distributed.broadcast_object(None))
+        return
+    metrics = evaluate_epoch(run) if run.state.pending_eval else None
+    run.state.pending_eval = False
+    keep_best(run, metrics)
+    if metrics is not None:
+        row = next((r for r in reversed(run.rows) if int(r["epoch"]) == run.state.epoch), None)
+        if row is None:  # metrics.csv lost its row: keep the metrics at least
+            row = {"epoch": run.state.epoch}
+            run.rows.append(row)
+        row.update({k: round(v, 5) for k, v in metrics.as_row().items()})
+    # metrics.csv before last.pt: a resume drops rows past its last.pt, never misses one.
+    write_metrics_csv(run.run_dir / "metrics.csv", run.rows)
+    save_last(run, metrics)
+    distributed.barrier()
+    distributed.broadcast_object(run.state.__dict__)
+
+
+def evaluate_epoch(run: Run) -> Metrics:
+    """Val metrics of the model as it is now; a failure names the epoch that last.pt keeps."""
+    eval_start = time.time()
+    try:
+        metrics = evaluate(
+            run.model,
+            run.val_set,
+            run.device,
+            batch_size=run.cfg.train.batch_size,
+            grid_images=0,
+            num_workers=0,
+            progress=run.progress,
+        )
+    except Exception as e:
+        log.exception("evaluation after epoch %d failed", run.state.epoch)
+        raise TrainingError(
+            f"evaluation after epoch {run.state.epoch} failed ({type(e).__name__}: {e}); "
+            f"{run.run_dir / 'last.pt'} holds that epoch: fix the val set "
+            f"({run.val_set.annotations_path}) and resume with --resume {run.run_dir}"
+        ) from e
+    run.last_eval_seconds = time.time() - eval_start
+    log.info("epoch %d val: %s", run.state.epoch, format_metrics(metrics).splitlines()[0])
+    for key, value in metrics.as_row().items():
+        run.writer.add_scalar(f"val/{key}", value, run.state.epoch)
+    return metrics
+
+
+def keep_best(run: Run, metrics: Metrics | None) -> None:
+    """best.pt: the best val mAP so far; the latest model when there is no val mAP to compare."""
+    state = run.state
+    if metrics is not None and metrics.map < 0:
+        # COCOeval's -1: nothing to score (e.g. only iscrowd boxes); no mAP can ever beat it.
+        log.warning(
+            "epoch %d: val mAP is undefined (%s has no boxes COCOeval can score); best.pt is "
+            "the latest model",
+            state.epoch,
+            run.val_set.annotations_path,
+        )
+    if metrics is not None and metrics.map >= 0:
+        if metrics.map <= state.best_map:
+            state.evals_since_best += 1
+            return
+        state.best_map, state.best_epoch, state.evals_since_best = metrics.map, state.epoch, 0
+    elif metrics is None and run.val_set is not None:
+        return  # not evaluated this epoch (eval.every)
+    else:
+        state.best_epoch = state.epoch  # no val mAP: the latest model is the best we know
+    save_best(run, metrics)
+
+
+def check_patience(run: Run) -> None:
+    patience = run.cfg.train.patience
+    if patience and run.state.evals_since_best >= patience:
+        run.stop_reason = f"early stop: no val mAP gain in {patience} evaluations"
+        log.info(run.stop_reason)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and the end of a run
+# --------------------------------------------------------------------------------------------
+
+
+def _checkpoint(run: Run, resumable: bool, metrics: Metrics | None = None) -> dict[str, Any]:
+    """The model and what it is (best.pt); with ``resumable``, all a resume needs (last.pt)."""
+    cfg, cset = run.cfg, run.train_set
+    checkpoint: dict[str, Any] = {
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "arch": cfg.model.arch,
+        "class_names": list(cset.class_names),
+        "category_ids": list(cset.category_ids),
+        "config": cfg.to_dict(),
+        "config_hash": cfg.hash(),
+        "state": run.state.__dict__.copy(),
+        "saved_at": time.time(),
+        "weights_source": run.info.weights_source,
+    }
+    checkpoint.update(branches.checkpoint_fields(run.model, cset.category_ids))  # keep_classes
+    if metrics is not None:
+        checkpoint["metrics"] = {**metrics.as_row(), "per_class_ap": metrics.per_class_ap}
+    if resumable:
+        checkpoint["optimizer"] = run.optimizer.state_dict()
+        checkpoint["scheduler"] = run.scheduler.state_dict()
+        checkpoint["scaler"] = run.scaler.state_dict() if run.scaler is not None else None
+        checkpoint["rng"] = rng_state()
+        if run.rank_rng is not None:
+            # torchrun: every rank samples anchors/RoIs on its own images, so its random stream
+            # is its own; rank 0's is taken now (evaluation draws from it after the gather).
+            checkpoint["rank_rng"] = [checkpoint["rng"], *run.rank_rng[1:]]
+    return checkpoint
+
+
+def save_last(run: Run, metrics: Metrics | None = None) -> None:
+    save_checkpoint(run.run_dir / "last.pt", _checkpoint(run, resumable=True, metrics=metrics))
+
+
+def save_best(run: Run, metrics: Metrics | None = None) -> None:
+    save_checkpoint(run.run_dir / "best.pt", _checkpoint(run, resumable=False, metrics=metrics))
+
+
+def restore_rng(checkpoint: dict[str, Any]) -> None:
+    """This rank's random state from a checkpoint (see ``_checkpoint``)."""
+    saved = checkpoint.get("rank_rng")
+    world, rank = distributed.world_size(), distributed.rank()
+    if saved is not None and len(saved) == world:
+        set_rng_state(saved[rank])
+        return
+    set_rng_state(checkpoint["rng"])
+    if saved is not None or world > 1:
+        log.warning(
+            "resuming with %d process(es) a run saved with %d: the random streams and the "
+            "split of the current epoch's batches differ, so the result will differ from "
+            "an uninterrupted run",
+            world,
+            len(saved) if saved is not None else 1,
+        )
+
+
+def final_evaluation(run: Run) -> Metrics | None:
+    """Rank 0: best.pt's metrics, PR curve and prediction grid: the model the user deploys."""
+    best_path = run.run_dir / "best.pt"
+    metrics = None
+    if run.main and run.val_set is not None and best_path.is_file():
+        run.model.load_state_dict(load_checkpoint(best_path)["model"])
+        metrics = evaluate(
+            run.model,
+            run.val_set,
+            run.device,
+            out_dir=run.run_dir,
+            batch_size=run.cfg.train.batch_size,
+            grid_images=run.cfg.eval.grid_images,
+            draw_score_threshold=run.cfg.eval.draw_score_threshold,
+            progress=run.progress,
+        )
+        atomic_write_text(run.run_dir / "best_metrics.txt", format_metrics(metrics) + "\n")
+    distributed.barrier()
+    run.final_metrics = metrics
+    return metrics
+
+
+def finish(run: Run) -> TrainResult:
+    """The result, logged and written to summary.txt."""
+    state = run.state
     result = TrainResult(
-        run_dir,
+        run.run_dir,
         state.best_map,
         state.best_epoch,
         state.epoch,
-        stop_reason,
-        final_metrics,
-        time.time() - start_time,
-        images_seen,
-        **_peak_memory(device),
+        run.stop_reason or "completed",
+        run.final_metrics,
+        time.time() - run.start_time,
+        run.images_seen,
+        **_peak_memory(run.device),
         rank=distributed.rank(),
-        classes=branches.describe(model),
+        classes=branches.describe(run.model),
     )
     log.info("run finished: %s", result.stop_reason)
-    if distributed.is_main():
-        atomic_write_text(run_dir / "summary.txt", summary(result) + "\n")
+    if run.main:
+        atomic_write_text(run.run_dir / "summary.txt", summary(result) + "\n")
     return result
 
 
@@ -657,7 +946,12 @@ def summary(result: TrainResult) -> str:
             else ")"
         ),
     ]
-    if result.final_metrics is not None:
+    if result.final_metrics is not None and result.final_metrics.map < 0:
+        lines.append(
+            f"best.pt: epoch {result.best_epoch}, the latest model: the val set has no boxes "
+            "COCOeval can score (mAP undefined); check data.val_annotations"
+        )
+    elif result.final_metrics is not None:
         lines.append(
             f"best.pt (epoch {result.best_epoch}): " + format_metrics(result.final_metrics)
         )
@@ -698,149 +992,229 @@ def cpu_has_native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+# --------------------------------------------------------------------------------------------
+# One epoch
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EpochMeter:
+    """Loss sums and speed of the epoch being trained, and of the stretch since the last log."""
+
+    sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    counted: int = 0
+    seen: int = 0
+    iteration_seconds: float | None = None  # smoothed, for the time budget
+    tic: float = field(default_factory=time.time)
+    window_sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    window_counted: int = 0
+    window_seen: int = 0
+    window_tic: float = field(default_factory=time.time)
+
+    def add(self, loss_dict: dict[str, torch.Tensor], loss: torch.Tensor, images: int) -> float:
+        """Count one batch; returns its seconds."""
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        values["loss"] = float(loss.detach())
+        for key, value in values.items():
+            self.sums[key] += value
+            self.window_sums[key] += value
+        self.counted += 1
+        self.window_counted += 1
+        self.seen += images
+        self.window_seen += images
+        now = time.time()
+        elapsed, self.tic = now - self.tic, now
+        self.iteration_seconds = (
+            elapsed
+            if self.iteration_seconds is None
+            else 0.9 * self.iteration_seconds + 0.1 * elapsed
+        )
+        return elapsed
+
+    def means(self) -> dict[str, float]:
+        return _means(self.sums, self.counted)
+
+    def take_window(self) -> tuple[dict[str, float], float]:
+        """Mean losses and images/s since the last call."""
+        now = time.time()
+        means = _means(self.window_sums, self.window_counted)
+        speed = self.window_seen / max(now - self.window_tic, 1e-9)
+        self.window_sums, self.window_counted = defaultdict(float), 0
+        self.window_seen, self.window_tic = 0, now
+        return means, speed
+
+
 def train_one_epoch(
-    model,
-    optimizer,
-    scheduler,
-    scaler,
+    run: Run,
     dataset: DetectionDataset | feature_cache.FeatureCache,
-    cfg: Config,
-    state: TrainState,
-    device: torch.device,
-    flags: StopFlags,
-    reserve_seconds: float,
-    progress: bool,
-    writer,
-    amp_dtype: torch.dtype | None = None,
+    reserve_seconds: float = 0.0,
 ) -> tuple[dict[str, float], int, str | None]:
     """One pass over the shuffled batches from ``state.iteration`` on (this rank's share).
 
     ``dataset`` gives images, or cached views of them (train.cache_features): then the batch's
     losses come from the RPN + RoI heads on the cached features, the rest is the same.
+    ``reserve_seconds``: time the time budget keeps for the end (the last evaluation's).
     Returns (mean losses, images seen, stop reason or None). Stops only at the start of an
     accumulation window, so a checkpoint never holds half-accumulated gradients.
     """
-    set_train_mode(model, cfg, state.unfrozen)
-    cached = isinstance(dataset, feature_cache.FeatureCache)
+    cfg, state = run.cfg, run.state
+    set_train_mode(run.model, cfg, state.unfrozen)
     batches = distributed.shard(
         epoch_batches(
             len(dataset), cfg.train.batch_size, cfg.train.seed, state.epoch, dataset.groups
         )
     )
-    # A private generator keeps the DataLoader from drawing on the global RNG, which the
-    # model's samplers use: a resumed run then draws exactly what an uninterrupted one would.
-    workers = 0 if cached and dataset.where == "RAM" else cfg.data.num_workers
-    loader = make_loader(dataset, batches[state.iteration :], cfg.train.batch_size, workers)
-    loader.generator = torch.Generator()
-    net = distributed.wrap(
-        feature_cache.CachedHeads(model, dataset.padding) if cached else model, device
-    )
+    loader, net, cached = _epoch_loader(run, dataset, batches)
     accumulate = cfg.train.accumulate
-    sums: dict[str, float] = defaultdict(float)
-    counted = seen = 0
-    iteration_seconds = None
+    meter = EpochMeter()
     bar = tqdm(
         total=len(batches),
         initial=state.iteration,
-        disable=not progress,
+        disable=not run.progress,
         dynamic_ncols=True,
-        desc=f"epoch {state.epoch + 1}/{cfg.train.epochs + cfg.train.unfreeze.epochs}",
+        desc=f"epoch {state.epoch + 1}/{run.total_epochs}",
     )
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer.zero_grad(set_to_none=True)
-    tic = time.time()
-    for images, targets in loader:
-        index = state.iteration
-        window_start = index % accumulate == 0
-        window_end = (index + 1) % accumulate == 0 or index + 1 == len(batches)
-        if window_start:
-            reason = distributed.first_reason(
-                _should_stop(flags, iteration_seconds, accumulate, reserve_seconds)
-            )
-            if reason:
-                bar.close()
-                return _means(sums, counted), seen, reason
-        if not cached:  # cached views move their features to the device themselves
-            images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with distributed.no_sync(net, not window_end):
-            with torch.autocast(
-                device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
-            ):
-                loss_dict = net(images, targets)
-            loss = sum(loss_dict.values())
-            nonfinite = distributed.any_true(not torch.isfinite(loss), device)
-            if not nonfinite:
-                if scaler is not None:
-                    scaler.scale(loss / accumulate).backward()
-                else:
-                    (loss / accumulate).backward()
-        if nonfinite:
-            ids = [int(t["image_id"]) for t in targets]
-            log.warning(
-                "non-finite loss %s at epoch %d batch %d (image ids %s): batch skipped",
-                {k: float(v.detach()) for k, v in loss_dict.items()},
-                state.epoch + 1,
-                index,
-                ids,
-            )
-            _count_nonfinite(flags, cfg, ids)
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    run.optimizer.zero_grad(set_to_none=True)
+    with contextlib.closing(bar):
+        for images, targets in loader:
+            index = state.iteration
+            window_end = (index + 1) % accumulate == 0 or index + 1 == len(batches)
+            if index % accumulate == 0:
+                reason = distributed.first_reason(
+                    _should_stop(run.flags, meter.iteration_seconds, accumulate, reserve_seconds)
+                )
+                if reason:
+                    return meter.means(), meter.seen, reason
+            if not cached:  # cached views move their features to the device themselves
+                images = [img.to(run.device, non_blocking=True) for img in images]
+            targets = [
+                {k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets
+            ]
+            loss_dict, loss = _forward_backward(run, net, images, targets, window_end)
+            stepped = loss is not None and window_end and _optimizer_step(run, params, targets)
             state.iteration += 1
             bar.update(1)
-            continue
-        if window_end:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.train.clip_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad_norm)
-            else:
-                grad_norm = _grad_norm(params)
-            if scaler is None and not torch.isfinite(grad_norm):
-                # A finite loss with a NaN/inf gradient would turn every weight into NaN, and
-                # the epoch's checkpoints with them: skip the step (GradScaler does the same).
-                ids = [int(t["image_id"]) for t in targets]
-                log.warning(
-                    "non-finite gradient (norm %s) at epoch %d batch %d (image ids %s): "
-                    "optimizer step skipped",
-                    float(grad_norm),
-                    state.epoch + 1,
-                    index,
-                    ids,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                _count_nonfinite(flags, cfg, ids)
-            else:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state.step += 1
-                flags.extra["nonfinite_streak"] = 0
-        state.iteration += 1
-        seen += len(images)
-        for key, value in loss_dict.items():
-            sums[key] += float(value.detach())
-        sums["loss"] += float(loss.detach())
-        counted += 1
-        now = time.time()
-        elapsed, tic = now - tic, now
-        iteration_seconds = (
-            elapsed if iteration_seconds is None else 0.9 * iteration_seconds + 0.1 * elapsed
+            if loss is None:  # non-finite: the batch is skipped
+                continue
+            elapsed = meter.add(loss_dict, loss, len(images))
+            bar.set_postfix(
+                loss=f"{meter.sums['loss'] / meter.counted:.3f}",
+                lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                img_s=f"{len(images) / max(elapsed, 1e-9):.1f}",
+            )
+            if stepped and (
+                state.step % max(cfg.train.log_every, 1) == 0 or state.iteration == len(batches)
+            ):
+                _log_step(run, meter, len(batches))
+    return meter.means(), meter.seen, None
+
+
+def _epoch_loader(run: Run, dataset, batches: list[list[int]]):
+    """(DataLoader over the batches from ``state.iteration`` on, the module to train, cached?)."""
+    cfg = run.cfg
+    cached = isinstance(dataset, feature_cache.FeatureCache)
+    # A private generator keeps the DataLoader from drawing on the global RNG, which the
+    # model's samplers use: a resumed run then draws exactly what an uninterrupted one would.
+    workers = 0 if cached and dataset.where == "RAM" else cfg.data.num_workers
+    loader = make_loader(dataset, batches[run.state.iteration :], cfg.train.batch_size, workers)
+    loader.generator = torch.Generator()
+    net = distributed.wrap(
+        feature_cache.CachedHeads(run.model, dataset.padding) if cached else run.model,
+        run.device,
+    )
+    return loader, net, cached
+
+
+def _forward_backward(
+    run: Run, net: torch.nn.Module, images, targets, window_end: bool
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """One batch's losses and backward pass; (losses, None) when the loss is non-finite on any
+    rank: the batch is skipped, logged with its image ids and counted."""
+    device, amp_dtype = run.device, run.amp_dtype
+    with distributed.no_sync(net, not window_end):
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+        ):
+            loss_dict = net(images, targets)
+        loss = sum(loss_dict.values())
+        nonfinite = distributed.any_true(not torch.isfinite(loss), device)
+        if not nonfinite:
+            scaled = loss / run.cfg.train.accumulate
+            (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    if not nonfinite:
+        return loss_dict, loss
+    ids = [int(t["image_id"]) for t in targets]
+    log.warning(
+        "non-finite loss %s at epoch %d batch %d (image ids %s): batch skipped",
+        {k: float(v.detach()) for k, v in loss_dict.items()},
+        run.state.epoch + 1,
+        run.state.iteration,
+        ids,
+    )
+    _count_nonfinite(run.flags, run.cfg, ids)
+    return loss_dict, None
+
+
+def _optimizer_step(run: Run, params: list[torch.nn.Parameter], targets) -> bool:
+    """Clip and step at the end of an accumulation window; False when the step was skipped
+    because the gradient is non-finite (without a GradScaler, which skips such steps itself)."""
+    optimizer, scaler, state = run.optimizer, run.scaler, run.state
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if run.cfg.train.clip_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.train.clip_grad_norm)
+    else:
+        grad_norm = _grad_norm(params)
+    if scaler is None and not torch.isfinite(grad_norm):
+        # A finite loss with a NaN/inf gradient would turn every weight into NaN, and the
+        # epoch's checkpoints with them: skip the step (GradScaler does the same).
+        ids = [int(t["image_id"]) for t in targets]
+        log.warning(
+            "non-finite gradient (norm %s) at epoch %d batch %d (image ids %s): "
+            "optimizer step skipped",
+            float(grad_norm),
+            state.epoch + 1,
+            state.iteration,
+            ids,
         )
-        bar.set_postfix(
-            loss=f"{sums['loss'] / counted:.3f}",
-            lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-            img_s=f"{len(images) / max(elapsed, 1e-9):.1f}",
-        )
-        bar.update(1)
-        if writer is not None and state.step % max(cfg.train.log_every, 1) == 0 and window_end:
-            writer.add_scalar("train/loss", float(loss.detach()), state.step)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state.step)
-    bar.close()
-    return _means(sums, counted), seen, None
+        optimizer.zero_grad(set_to_none=True)
+        _count_nonfinite(run.flags, run.cfg, ids)
+        return False
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state.step += 1
+    run.flags.extra["nonfinite_streak"] = 0
+    return True
+
+
+def _log_step(run: Run, meter: EpochMeter, num_batches: int) -> None:
+    """Every train.log_every optimizer steps and at the epoch's end: a log line and TensorBoard
+    scalars (total and per-component losses since the last line, lr)."""
+    means, speed = meter.take_window()
+    state, lr = run.state, run.optimizer.param_groups[0]["lr"]
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "loss")
+    log.info(
+        "epoch %d/%d batch %d/%d step %d: loss %.4f (%s), lr %.2e, %.1f img/s",
+        state.epoch + 1,
+        run.total_epochs,
+        state.iteration,
+        num_batches,
+        state.step,
+        means.get("loss", float("nan")),
+        parts,
+        lr,
+        speed,
+    )
+    if run.writer is not None:
+        for key, value in means.items():
+            run.writer.add_scalar(f"train/{key}", value, state.step)
+        run.writer.add_scalar("train/lr", lr, state.step)
 
 
 def _count_nonfinite(flags: StopFlags, cfg: Config, ids: list[int]) -> None:

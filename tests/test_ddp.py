@@ -16,6 +16,7 @@ from detector.model import load_checkpoint
 from detector.train import read_metrics_csv
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache", [False, True], ids=["images", "cached-features"])
 def test_torchrun_two_cpu_processes_train_and_write_one_run(shared_datasets, tmp_path, cache):
     torchrun = shutil.which("torchrun")
@@ -111,6 +112,7 @@ def _torchrun_driver(driver, args, cwd, stop_at: int | None = None, timeout: flo
     return proc.returncode, output
 
 
+@pytest.mark.slow
 def test_torchrun_stopped_by_sigterm_resumes_to_the_uninterrupted_weights(
     shared_datasets, tmp_path
 ):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from coco_fixtures import tiny_config
 
 from detector import cli
@@ -21,6 +22,7 @@ def run_tool(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path):
     out = tmp_path / "deer"
     report = run_tool("tools/convert.py", str(shared_datasets / "deer-automl"), "--out", str(out))
@@ -40,6 +42,7 @@ def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path
     assert checkpoint["state"]["iteration"] > 0  # stopped mid-epoch, resumable
 
 
+@pytest.mark.slow
 def test_readme_sample_job_runs(tmp_path, capsys):
     code = cli.main(
         [

@@ -259,6 +259,7 @@ def digest(path: Path) -> str:
 # crashes and signals
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_sigkill_at_seeded_moments_then_resume_is_bit_identical(
     driver, tiny_set, reference, tmp_path
@@ -319,6 +320,7 @@ def test_sigkill_at_seeded_moments_then_resume_is_bit_identical(
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")], "stale temp files left"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_sigterm_and_ctrl_c_to_the_process_group_save_exit_0_and_resume_bit_identical(
     driver, tiny_set, reference, tmp_path
@@ -362,6 +364,41 @@ def test_sigterm_and_ctrl_c_to_the_process_group_save_exit_0_and_resume_bit_iden
     seg = run_segment(driver, [str(config), "--resume", str(run), "--no-progress"])
     assert seg.returncode == 0, seg.output[-3000:]
     assert_same_training(load_checkpoint(run / "last.pt"), reference)
+
+
+@pytest.mark.slow
+def test_two_runs_in_one_folder_the_second_refuses_naming_the_pid(
+    driver, tiny_set, tmp_path, cli_main, capsys
+):
+    config = night_yaml(tmp_path / "night.yaml", tiny_set, tmp_path / "runs")
+    run = tmp_path / "runs/night"
+    seg = run_segment(driver, [str(config), "--no-progress"], at=("FORWARD 5", 1))
+    assert seg.returncode == -signal.SIGKILL  # killed in epoch 2: epoch 1's last.pt is there
+    before = digest(run / "last.pt")
+    first = subprocess.Popen(
+        [sys.executable, str(driver), str(config), "--resume", str(run), "--no-progress"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "FAULT_FORWARD_SLEEP": "120"},
+    )
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:  # the first resumed run is training ...
+            if line.startswith("@@ FORWARD 1"):
+                break
+        # ... so a second one on the same folder stops before touching anything
+        assert cli_main(["train", str(config), "--resume", str(run), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{run} is in use by another training run (pid {first.pid})" in err, err
+        assert digest(run / "last.pt") == before
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+    # the kernel released the killed run's lock: resuming works
+    assert cli_main(["train", str(config), "--resume", str(run), "--no-progress"]) == 0
+    assert load_checkpoint(run / "last.pt")["state"]["epoch"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,6 +573,26 @@ def test_pickle_payload_is_refused_by_evaluate_and_resume(tiny_set, tmp_path, cl
     (run / "last.pt").write_bytes(hostile.read_bytes()[:100])
     assert cli_main(["train", str(config), "--resume", str(run), "--no-progress"]) == 2
     assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_checkpoint_with_the_format_tag_but_no_class_names_is_a_clear_error(
+    tiny_set, tmp_path, cli_main, capsys
+):
+    partial = tmp_path / "partial.pt"
+    torch.save(
+        {"format": "detector-checkpoint", "model": {}, "arch": "fasterrcnn_mobilenet_v2_fpn"},
+        partial,
+    )
+    assert cli_main(["evaluate", str(partial), "--data", str(tiny_set)]) == 2
+    err = capsys.readouterr().err
+    assert "partial.pt: incomplete checkpoint, no class_names" in err and "best.pt" in err, err
+    values = tiny_config(tiny_set, None, tmp_path / "runs").to_dict()
+    values["model"]["weights"] = str(partial)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(values))
+    assert cli_main(["train", str(config), "data.preflight=false", "--no-progress"]) == 2
+    assert "partial.pt: incomplete checkpoint, no class_names" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_yaml_is_loaded_safely(tmp_path, cli_main, capsys):

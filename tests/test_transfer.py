@@ -10,6 +10,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from coco_fixtures import tiny_config, write_coco128_subset
 
@@ -43,6 +44,7 @@ def _tiny_sets(shared_datasets: Path, root: Path) -> tuple[Path, Path, Path]:
     return base, val, new
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_checkpoint_seeds_a_frozen_retrain_that_exports_and_runs(
     shared_datasets, shared_weights, tmp_path
 ):
