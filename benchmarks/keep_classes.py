@@ -306,29 +306,38 @@ def _latency_models(arch: str, min_size: int, max_size: int, proposals: int):
     return first.eval(), second.eval(), merged.eval()
 
 
-def run_latency(repeats: int) -> None:
-    """PyTorch eager, CPU, one 600x800 frame, median of ``repeats`` interleaved runs."""
+def run_latency(repeats: int, threads: int) -> None:
+    """PyTorch eager, CPU, one 600x800 frame, median of ``repeats`` interleaved runs: wall time
+    and this process's CPU time (on a loaded machine the CPU time is the steadier measure of
+    the work a frame needs; with one thread it is that work)."""
     import statistics
 
     import torch
 
+    torch.set_num_threads(threads)
     before, rows = machine(), []
     for arch, min_size, max_size, proposals in LATENCY_CASES:
         first, second, merged = _latency_models(arch, min_size, max_size, proposals)
         frame = [torch.rand(3, 600, 800)]
         times: dict[str, list[float]] = {"first": [], "second": [], "merged": []}
+        cpu: dict[str, list[float]] = {"first": [], "second": [], "merged": []}
         with torch.inference_mode():
             for model in (first, second, merged):
                 model(frame)  # warm-up
             for _ in range(repeats):
                 for name, model in (("first", first), ("second", second), ("merged", merged)):
-                    tic = time.perf_counter()
+                    tic, cpu_tic = time.perf_counter(), time.process_time()
                     model(frame)
                     times[name].append(time.perf_counter() - tic)
+                    cpu[name].append(time.process_time() - cpu_tic)
         ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+        cpu_ms = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
         row = {"arch": arch, "min_size": min_size, "max_size": max_size,
                "proposals": proposals, "ms": ms, "repeats": repeats,
-               "merged_over_sum": round(ms["merged"] / (ms["first"] + ms["second"]), 3)}  # fmt: skip
+               "merged_over_sum": round(ms["merged"] / (ms["first"] + ms["second"]), 3),
+               "cpu_ms": cpu_ms,
+               "cpu_merged_over_sum": round(
+                   cpu_ms["merged"] / (cpu_ms["first"] + cpu_ms["second"]), 3)}  # fmt: skip
         log.info("latency %s", row)
         rows.append(row)
     results = load_results()
@@ -350,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6, help="planned epochs of a training run")
     parser.add_argument("--variant", choices=["keep", "replace"], help="deer: which run")
     parser.add_argument("--repeats", type=int, default=5, help="latency: timed runs per model")
+    parser.add_argument("--threads", type=int, default=1, help="latency: torch threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.stage == "prepare":
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.stage == "add":
         run_add(args.budget_min, args.epochs)
     elif args.stage == "latency":
-        run_latency(args.repeats)
+        run_latency(args.repeats, args.threads)
     return 0
 
 

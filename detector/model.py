@@ -325,7 +325,9 @@ class BuildInfo:
     start_checkpoint_classes: list[str] | None = None
 
 
-def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, BuildInfo]:
+def build_model(
+    cfg: ModelConfig, class_names: list[str]
+) -> tuple[FasterRCNN | MultiBranchFasterRCNN, BuildInfo]:
     """Build ``cfg.arch`` for ``class_names`` (background is added), load weights, freeze.
 
     The backbone uses FrozenBatchNorm2d whenever it starts from trained weights or is frozen,
