@@ -248,17 +248,26 @@ def run_plain(arch: str, args, train_json: Path, start: Path, freeze_rpn: bool) 
         num_workers=args.workers,
         collate_fn=lambda b: tuple(zip(*b, strict=True)),
     )
+    device = torch.device(args.device)
+    model.to(device)
+    # --amp on CUDA: the tutorial's torch.autocast (bfloat16, no loss scaling), as ours does.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     epoch_seconds = []
     for _ in range(args.epochs):
         model.train()
         model.backbone.eval()  # frozen BN statistics (FrozenBatchNorm with COCO weights does the same)
         tic = time.perf_counter()
         for images, targets in loader:
-            loss_dict = model(list(images), [dict(t) for t in targets])
-            loss = sum(loss_dict.values())
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            with autocast:
+                loss_dict = model(images, targets)
+                loss = sum(loss_dict.values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         epoch_seconds.append(time.perf_counter() - tic)
     return {"model": model, "epoch_seconds": epoch_seconds, "build_seconds": 0.0}
 
@@ -322,7 +331,8 @@ def run_ours(
                 "warmup_iters": 0,
                 "clip_grad_norm": 0.0,
                 "seed": args.seed,
-                "device": "cpu",
+                "device": args.device,
+                "amp": args.amp or bf16,  # amp_cpu needs amp on
                 "cache_features": cache,
                 "amp_cpu": bf16,
                 "out_dir": str(out),
@@ -364,7 +374,8 @@ def one(args) -> None:
         )
     train_set = load_coco(train_json, args.data / "images")
     val = load_coco(val_json, args.data / "images", class_names=train_set.class_names)
-    metrics = evaluate(run["model"].eval(), val, torch.device("cpu"), grid_images=0)
+    device = torch.device(args.device)
+    metrics = evaluate(run["model"].to(device).eval(), val, device, grid_images=0)
     epochs = run["epoch_seconds"]
     steady = epochs[1:] or epochs
     n = len(train_set.image_ids)
@@ -462,6 +473,12 @@ def main() -> int:
     parser.add_argument(
         "--notes", default="", help="free text stored with the results (load, contention)"
     )
+    parser.add_argument("--device", default="cpu", help="torch device of every method (cpu, cuda)")
+    parser.add_argument(
+        "--amp",
+        action="store_true",
+        help="mixed precision (bfloat16 autocast) on CUDA, every method",
+    )
     parser.add_argument("--one", dest="method", help=argparse.SUPPRESS)
     parser.add_argument("--arch", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -505,8 +522,11 @@ def main() -> int:
                     "box_batch_size",
                     "seed",
                     "aspect_ratio_groups",
+                    "device",
                 )
             ]
+            if args.amp:
+                command.append("--amp")
             proc = subprocess.run(command, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:

@@ -28,8 +28,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .runtime import Detector, ModelError, ProviderError
-from .runtime.providers import DEFAULT_PROVIDERS, plan_providers, provider_name
+from .runtime import Detector, ModelError, ProviderError, read_image
+from .runtime.arguments import add_provider_arguments, detector_options
+from .runtime.progress import progress
+from .runtime.providers import DEFAULT_PROVIDERS, TensorRTOptions, plan_providers, provider_name
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,21 @@ class Timing:
     detections: int  # detections in the last call (sanity: the model ran on something)
 
 
-def measure(fn: Callable[[], Any], iters: int, warmup: int) -> tuple[np.ndarray, Any]:
+def measure(
+    fn: Callable[[], Any], iters: int, warmup: int, desc: str = ""
+) -> tuple[np.ndarray, Any]:
     """Latencies in milliseconds of ``iters`` calls after ``warmup`` uncounted ones."""
     result = None
-    for _ in range(warmup):
-        result = fn()
     times = np.empty(iters, dtype=np.float64)
-    for i in range(iters):
-        t = time.perf_counter()
-        result = fn()
-        times[i] = (time.perf_counter() - t) * 1000.0
+    with progress(warmup + iters, desc or "benchmark", "it") as bar:
+        for _ in range(warmup):
+            result = fn()
+            bar.update(1)
+        for i in range(iters):
+            t = time.perf_counter()
+            result = fn()
+            times[i] = (time.perf_counter() - t) * 1000.0
+            bar.update(1)
     return times, result
 
 
@@ -82,9 +89,7 @@ def make_frames(
 ) -> list[np.ndarray]:
     """``count`` size x size uint8 BGR frames: the given image resized, else smooth noise."""
     if image is not None:
-        frame = cv2.imread(str(image), cv2.IMREAD_COLOR)
-        if frame is None:
-            raise ValueError(f"{image}: not a readable image")
+        frame = read_image(image)  # ImageError (a ValueError) naming the file and why
         return [cv2.resize(frame, (size, size))] * count
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (max(size // 16, 2), max(size // 16, 2), 3), dtype=np.uint8)
@@ -105,23 +110,26 @@ def bench_onnx(
     *,
     iters: int,
     warmup: int,
-    trt_cache_dir: Path | None = None,
     threads: int | None = None,
+    options: dict[str, Any] | None = None,
+    required: bool = False,
 ) -> list[Timing]:
-    fallback = (
-        [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    )
-    det = Detector(model, providers=fallback, trt_cache_dir=trt_cache_dir, threads=threads)
-    if det.provider != provider:
-        log.warning(
-            "%s: %s did not start (running on %s); not timed", model, provider, det.provider
-        )
+    """Timings of ``model`` on ``provider`` alone (none if it does not start here, unless
+    ``required``: then ProviderError)."""
+    options = {**(options or {}), "providers": [provider]}
+    try:
+        det = Detector(model, threads=threads, **options)
+    except ProviderError as e:
+        if required:
+            raise
+        log.warning("%s: %s did not start, not timed: %s", model, provider, e)
         return []
     rows = []
     counts = [1] if det.batch_size == 1 else [1, det.batch_size]
     for count in counts:
         frames = _take(frames_all, count)
-        times, out = measure(lambda f=frames: det.predict(f), iters, warmup)
+        desc = f"{model.name} {provider.replace('ExecutionProvider', '')} x{count}"
+        times, out = measure(lambda f=frames: det.predict(f), iters, warmup, desc)
         rows.append(
             summarize(
                 times,
@@ -168,7 +176,7 @@ def bench_torch(
     rows = []
     for count in counts:
         images = [tensors[i % len(tensors)] for i in range(count)]
-        times, out = measure(lambda im=images: call(im), iters, warmup)
+        times, out = measure(lambda im=images: call(im), iters, warmup, f"torch x{count}")
         rows.append(
             summarize(
                 times,
@@ -224,17 +232,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=50, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=10, help="untimed warm-up iterations")
     parser.add_argument(
-        "--providers",
-        nargs="+",
-        default=None,
-        metavar="NAME",
-        help="providers to time (tensorrt cuda cpu; default: every one that runs here)",
-    )
-    parser.add_argument(
         "--image", type=Path, default=None, help="time on this image (resized) instead of noise"
     )
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    parser.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine cache folder")
+    add_provider_arguments(parser)  # --providers: each one named is timed (all that run here)
     parser.add_argument(
         "--device", default="cpu", help="PyTorch device for --checkpoint (cpu, cuda)"
     )
@@ -249,9 +250,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         requested = [provider_name(p) for p in (args.providers or DEFAULT_PROVIDERS)]
-        plan = plan_providers(requested, trt_cache_dir=args.trt_cache)
+        options = detector_options(args)
+        plan = plan_providers(
+            requested, device_id=args.device_id, tensorrt=TensorRTOptions(fp16=options["trt_fp16"])
+        )
         for name, why in plan.skipped.items():
             print(f"benchmark: {name} skipped: {why}")
+        if args.providers and plan.skipped:  # named providers are required
+            raise ProviderError(f"requested providers cannot run here: {', '.join(plan.skipped)}")
         rows: list[Timing] = []
         max_batch = 1
         frames = make_frames(args.size, 8, args.image)
@@ -263,8 +269,9 @@ def run(args: argparse.Namespace) -> int:
                     frames,
                     iters=args.iters,
                     warmup=args.warmup,
-                    trt_cache_dir=args.trt_cache,
                     threads=args.threads,
+                    options=options,
+                    required=bool(args.providers),
                 )
                 rows += timings
                 max_batch = max([max_batch] + [t.batch for t in timings])

@@ -1,7 +1,8 @@
 """Data stage: a COCO-format set as (image tensor, target) pairs for torchvision detectors.
 
-Boxes are converted from COCO xywh to xyxy, clamped to the image and dropped when empty (with a
-logged count); images without boxes are kept as negatives; iscrowd boxes are left out of
+The box and record rules are ``detector.coco_rules``'s. Boxes are converted from COCO xywh to
+xyxy, clamped to the image and dropped when empty (with a logged count); a missing ``area`` is
+filled from the box (logged); images without boxes are kept as negatives; iscrowd boxes are left out of
 training (COCOeval still uses them as "ignore" regions at evaluation).
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import signal
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +22,15 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 
+from .coco_rules import (
+    annotation_record_problem,
+    area_of,
+    image_size,
+    image_truncation,
+    is_int_id,
+    parse_bbox,
+    training_box,
+)
 from .cocotools.common import CocoError, default_image_dir, load_coco_json
 from .config import AugmentConfig, DataConfig
 from .fileio import ImageReadError, read_image_rgb, resolve_inside
@@ -73,7 +82,8 @@ def load_coco(
         raw = load_coco_json(path)
     except CocoError as e:
         raise DatasetError(str(e)) from None
-    _check_unique_ids(raw, path)
+    _check_records(raw, path)
+    _fill_missing_areas(raw, path)
     coco = COCO()
     coco.dataset = raw
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -115,7 +125,10 @@ def load_coco(
     return cset
 
 
-def _check_unique_ids(raw: dict[str, Any], path: Path) -> None:
+def _check_records(raw: dict[str, Any], path: Path) -> None:
+    """The first record pycocotools or the loader cannot index, as a DatasetError naming it.
+
+    The pre-flight check (tools/validate.py's rules) then lists every such record at once."""
     for key in ("images", "annotations", "categories"):
         seen: set[Any] = set()
         for record in raw[key]:
@@ -127,6 +140,39 @@ def _check_unique_ids(raw: dict[str, Any], path: Path) -> None:
                     "tools/validate.py --fix"
                 )
             seen.add(record["id"])
+    fix = f"; run python tools/validate.py {path} --fix FIXED.json"
+    for record in raw["images"]:  # (unsafe file names are refused when the image is read)
+        problem = None
+        if not is_int_id(record["id"]):
+            problem = "the id is not an integer (COCO image ids are integers)"
+        elif image_size(record) is None:
+            problem = "has no valid width/height (positive whole numbers)"
+        if problem:
+            raise DatasetError(f"{path}: image id {record['id']!r}: {problem}{fix}")
+    for ann in raw["annotations"]:
+        problem = annotation_record_problem(ann)
+        if problem is None and parse_bbox(ann.get("bbox")) is None:
+            problem = f"bbox {ann.get('bbox')!r} is not four numbers [x, y, width, height]"
+        if problem:
+            raise DatasetError(f"{path}: annotation id {ann['id']!r}: {problem}{fix}")
+
+
+def _fill_missing_areas(raw: dict[str, Any], path: Path) -> None:
+    """COCO evaluation reads ``area``; a set without it gets width * height of the box."""
+    filled = 0
+    for ann in raw["annotations"]:
+        if area_of(ann) is None:
+            box = parse_bbox(ann["bbox"])
+            assert box is not None  # _check_records
+            ann["area"] = max(box[2], 0.0) * max(box[3], 0.0)
+            filled += 1
+    if filled:
+        log.info(
+            "%s: %d annotations have no usable 'area'; filled with width * height of the box "
+            "(tools/validate.py --fix writes it into the file)",
+            path,
+            filled,
+        )
 
 
 def _collect_boxes(cset: CocoSet) -> None:
@@ -135,12 +181,7 @@ def _collect_boxes(cset: CocoSet) -> None:
     known = {int(c["id"]) for c in cset.coco.dataset["categories"]}
     for image_id in cset.image_ids:
         info = cset.coco.imgs[image_id]
-        width, height = float(info.get("width", 0)), float(info.get("height", 0))
-        if width <= 0 or height <= 0:
-            raise DatasetError(
-                f"{cset.annotations_path}: image id {image_id} ({info.get('file_name')}) has no "
-                "valid width/height; run tools/validate.py --fix to read them from the file"
-            )
+        width, height = image_size(info) or (0, 0)  # _check_records made sure
         boxes, labels = [], []
         for ann in cset.coco.imgToAnns.get(image_id, []):
             if ann.get("iscrowd", 0):
@@ -154,23 +195,12 @@ def _collect_boxes(cset: CocoSet) -> None:
                 )
             if category not in label_of:
                 continue  # a class not trained on (val set with extra classes)
-            bbox = ann.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4:
-                raise DatasetError(
-                    f"{cset.annotations_path}: annotation id {ann['id']} bbox must be [x, y, w, h]"
-                )
-            x, y, w, h = (float(v) for v in bbox)
-            x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-            x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-            if (
-                not all(math.isfinite(v) for v in (x1, y1, x2, y2))
-                or x2 - x1 < 1e-3
-                or y2 - y1 < 1e-3
-            ):
+            box = training_box(ann["bbox"], width, height)
+            if box is None:
                 cset.dropped_boxes += 1
                 log.debug("annotation %s: empty after clamping to the image, dropped", ann["id"])
                 continue
-            boxes.append((x1, y1, x2, y2))
+            boxes.append(box)
             labels.append(label_of[category])
         cset.boxes[image_id] = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         cset.labels[image_id] = np.asarray(labels, dtype=np.int64)
@@ -250,6 +280,9 @@ class DetectionDataset(torch.utils.data.Dataset):
             return self.images[image_id].copy()
         path = self.cset.image_path(image_id)
         image = read_image_rgb(path)
+        truncated = image_truncation(path)  # OpenCV fills a cut-off JPEG grey without a word
+        if truncated:
+            raise ImageReadError(f"{path} (image id {image_id}): {truncated}")
         info = self.cset.image_info(image_id)
         height, width = image.shape[:2]
         if (width, height) != (int(info["width"]), int(info["height"])):

@@ -3,7 +3,8 @@
 Writes annotated images (or an annotated video) and the detections as a COCO results JSON. Only
 the torch-free runtime is used (numpy, OpenCV, onnxruntime), as on the vehicle.
 
-Outputs in ``--out``:
+Outputs in ``--out`` (which may not be, or be inside, the input folder; existing files are
+replaced only with ``--overwrite``, and never written through a symlink):
 
 * ``results.json``: COCO detection results, ``[{"image_id", "category_id", "bbox": [x, y, w, h],
   "score"}, ...]``; ``category_id`` is the model's COCO category id (metadata ``category_ids``),
@@ -13,6 +14,9 @@ Outputs in ``--out``:
   "results.json")`` works; with ``--annotations GT.json`` the image ids are GT's (matched on file
   name) and results can be evaluated against it;
 * ``images/<name>`` annotated images, or ``<video stem>_annotated.mp4``.
+
+Images that cannot be used (unreadable, truncated, over the pixel limit, outside the model's
+size limits) are skipped and listed by name with the reason.
 """
 
 from __future__ import annotations
@@ -32,58 +36,137 @@ from typing import Any
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .runtime import (
     Detections,
     Detector,
+    ImageError,
     InputError,
     ModelError,
     ProviderError,
     check_frame,
     draw_detections,
+    read_image,
 )
+from .runtime.arguments import add_provider_arguments, detector_options
+from .runtime.progress import progress
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
+RESULT_FILES = ("results.json", "images.json")
+DEFAULT_SCORE = 0.5  # for a model without per-class thresholds
+
+
+class OutputError(OSError):
+    """The output folder or a file in it cannot be written safely."""
 
 
 @dataclass
 class PredictSummary:
     images: int = 0
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "path: reason"
     detections: int = 0
     per_class: Counter = field(default_factory=Counter)
     seconds: float = 0.0  # time spent in Detector.predict
     results_path: Path | None = None
     annotated: Path | None = None
     provider: str = ""
+    threshold: str = ""
 
-    def line(self, score: float) -> str:
+    def line(self) -> str:
         classes = ", ".join(f"{name} {n}" for name, n in self.per_class.most_common()) or "none"
         rate = f"{1000 * self.seconds / self.images:.1f} ms/image" if self.images else "no images"
         skipped = f" ({len(self.skipped)} unreadable, skipped)" if self.skipped else ""
         where = f"; annotated: {self.annotated}" if self.annotated else ""
+        listed = "".join(f"\n  skipped {s}" for s in self.skipped[:20])
+        more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
         return (
-            f"predict: {self.images} images{skipped}, {self.detections} detections with score >= "
-            f"{score:g} ({classes}), {rate} on {self.provider}; results: {self.results_path}{where}"
+            f"predict: {self.images} images{skipped}, {self.detections} detections with "
+            f"{self.threshold} ({classes}), {rate} on {self.provider}; results: "
+            f"{self.results_path}{where}{listed}{more}"
         )
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
+@dataclass
+class ImageResult:
+    path: Path
+    frame: np.ndarray
+    detections: Detections
+
+
+# ---- safe output -----------------------------------------------------------------------------
+
+
+def check_output_folder(source: Path, out: Path) -> None:
+    """Refuse an output folder that is, or is inside, the input folder (symlinks resolved)."""
+    if not source.is_dir():
+        return  # a single file: the per-file checks keep it from being overwritten
+    src = source.resolve()
+    for folder in (out, out / "images"):
+        target = folder.resolve()
+        if target == src or src in target.parents:
+            raise OutputError(
+                f"--out {out}: {folder} resolves to {target}, inside the input folder {src}; "
+                "predict never writes into its input: choose another --out"
+            )
+
+
+def check_target(path: Path, overwrite: bool, source_files: set[Path] | None = None) -> None:
+    """Refuse writing over an existing file (without --overwrite), an input file or a symlink."""
+    if path.is_symlink():
+        raise OutputError(f"{path}: is a symlink; predict does not write through links")
+    if source_files and path.resolve() in source_files:
+        raise OutputError(f"{path}: is one of the input images; choose another --out")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it, or another --out")
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    """``write(temp_path)`` then rename over ``path``; a failed write leaves nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False)
-            f.write("\n")
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"{path}: cannot write ({e.strerror or e}); disk full?") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: Path, data: Any, overwrite: bool = False) -> None:
+    check_target(path, overwrite)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    _replace_atomically(path, write)
+
+
+def write_image(path: Path, image: np.ndarray, overwrite: bool = False) -> None:
+    check_target(path, overwrite)
+
+    def write(tmp: str) -> None:
+        if not cv2.imwrite(tmp, image):
+            raise OutputError(f"{path}: cv2.imwrite failed (disk full or not writable?)")
+
+    _replace_atomically(path, write)
+
+
+# ---- detection -------------------------------------------------------------------------------
 
 
 def coco_results(det: Detections, image_id: int, detector: Detector) -> list[dict[str, Any]]:
@@ -126,15 +209,44 @@ def _gt_ids(annotations: Path) -> dict[str, int]:
     return ids
 
 
-def _read(path: Path) -> np.ndarray | None:
-    # IMREAD_COLOR applies the EXIF orientation and gives 8-bit BGR for gray/alpha/16-bit files.
-    frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if frame is None:
-        return None
+def _read(path: Path) -> tuple[np.ndarray | None, str]:
+    """(frame, "") or (None, why it cannot be used)."""
     try:
-        return check_frame(frame)
-    except InputError:
-        return None
+        return check_frame(read_image(path)), ""
+    except ImageError as e:
+        return None, str(e).removeprefix(f"{path}: ")
+    except InputError as e:
+        return None, str(e).removeprefix("frame 0: ")
+
+
+def detect_images(
+    detector: Detector,
+    paths: list[Path],
+    summary: PredictSummary,
+    *,
+    chunk: int | None = None,
+    show_progress: bool = True,
+) -> Iterator[ImageResult]:
+    """Detections per readable image, in order; unusable images are logged and listed in summary."""
+    chunk = chunk or max(1, detector.batch_size) * 4
+    with progress(len(paths), "predict", "img", show_progress) as bar:
+        for start in range(0, len(paths), chunk):
+            frames, kept = [], []
+            for path in paths[start : start + chunk]:
+                frame, why = _read(path)
+                if frame is None:
+                    log.warning("%s: %s; skipped", path, why)
+                    summary.skipped.append(f"{path}: {why}")
+                    continue
+                frames.append(frame)
+                kept.append(path)
+            if frames:
+                t = time.perf_counter()
+                dets = detector.predict(frames)
+                summary.seconds += time.perf_counter() - t
+                for path, frame, det in zip(kept, frames, dets, strict=True):
+                    yield ImageResult(path, frame, det)
+            bar.update(min(chunk, len(paths) - start))
 
 
 def predict_images(
@@ -145,65 +257,51 @@ def predict_images(
     annotations: Path | None = None,
     draw: bool = True,
     chunk: int | None = None,
+    overwrite: bool = False,
 ) -> PredictSummary:
-    summary = PredictSummary(provider=detector.provider)
+    summary = _new_summary(detector)
     gt_ids = _gt_ids(annotations) if annotations else None
+    if gt_ids is not None:
+        for path in [p for p in paths if p.name not in gt_ids]:
+            log.warning("%s: not in %s, skipped", path.name, annotations)
+            summary.skipped.append(f"{path}: not in {annotations}")
+        paths = [p for p in paths if p.name in gt_ids]
+    image_dir = out / "images"
+    _check_targets(out, paths if draw else [], overwrite)
     results: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
-    image_dir = out / "images"
     if draw:
-        image_dir.mkdir(parents=True, exist_ok=True)
         summary.annotated = image_dir
-    chunk = chunk or max(1, detector.batch_size) * 4
-    next_id = 1
-    with tqdm(total=len(paths), unit="img", desc="predict", disable=None) as bar:
-        for start in range(0, len(paths), chunk):
-            frames, kept = [], []
-            for path in paths[start : start + chunk]:
-                frame = _read(path)
-                if frame is None:
-                    log.warning(
-                        "%s: not a readable image (or outside the size limits), skipped", path
-                    )
-                    summary.skipped.append(str(path))
-                    continue
-                if gt_ids is not None and path.name not in gt_ids:
-                    log.warning("%s: not in %s, skipped", path.name, annotations)
-                    summary.skipped.append(str(path))
-                    continue
-                frames.append(frame)
-                kept.append(path)
-            if frames:
-                t = time.perf_counter()
-                dets = detector.predict(frames)
-                summary.seconds += time.perf_counter() - t
-                for path, frame, det in zip(kept, frames, dets, strict=True):
-                    if gt_ids is not None:
-                        image_id = gt_ids[path.name]
-                    else:
-                        image_id, next_id = next_id, next_id + 1
-                    images.append(
-                        {
-                            "id": image_id,
-                            "file_name": path.name,
-                            "height": int(frame.shape[0]),
-                            "width": int(frame.shape[1]),
-                        }
-                    )
-                    results.extend(coco_results(det, image_id, detector))
-                    summary.images += 1
-                    summary.detections += len(det)
-                    summary.per_class.update(det.names)
-                    if draw and not cv2.imwrite(
-                        str(image_dir / path.name), draw_detections(frame, det)
-                    ):
-                        cv2.imwrite(
-                            str((image_dir / path.name).with_suffix(".jpg")),
-                            draw_detections(frame, det),
-                        )
-            bar.update(min(chunk, len(paths) - start))
-    _finish(detector, out, results, images, summary)
+    for index, item in enumerate(detect_images(detector, paths, summary, chunk=chunk), start=1):
+        image_id = gt_ids[item.path.name] if gt_ids is not None else index
+        h, w = item.frame.shape[:2]
+        images.append({"id": image_id, "file_name": item.path.name, "height": h, "width": w})
+        results.extend(coco_results(item.detections, image_id, detector))
+        _count(summary, item.detections)
+        if draw:
+            drawn = draw_detections(item.frame, item.detections)
+            write_image(image_dir / item.path.name, drawn, overwrite)
+    _finish(detector, out, results, images, summary, overwrite)
     return summary
+
+
+def _check_targets(out: Path, paths: list[Path], overwrite: bool) -> None:
+    """Every file predict will write, checked before the first image is run."""
+    sources = {p.resolve() for p in paths}
+    for name in RESULT_FILES:
+        check_target(out / name, overwrite)
+    for path in paths:
+        check_target(out / "images" / path.name, overwrite, sources)
+
+
+def _new_summary(detector: Detector) -> PredictSummary:
+    return PredictSummary(provider=detector.provider, threshold=detector.describe_threshold())
+
+
+def _count(summary: PredictSummary, det: Detections) -> None:
+    summary.images += 1
+    summary.detections += len(det)
+    summary.per_class.update(det.names)
 
 
 def _video_frames(cap: cv2.VideoCapture, n: int) -> Iterator[list[np.ndarray]]:
@@ -220,12 +318,14 @@ def _video_frames(cap: cv2.VideoCapture, n: int) -> Iterator[list[np.ndarray]]:
 
 
 def predict_video(
-    detector: Detector, video: Path, out: Path, *, draw: bool = True
+    detector: Detector, video: Path, out: Path, *, draw: bool = True, overwrite: bool = False
 ) -> PredictSummary:
-    summary = PredictSummary(provider=detector.provider)
+    summary = _new_summary(detector)
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
         raise InputError(f"{video}: cannot open the video (unknown codec or not a video)")
+    for name in RESULT_FILES:
+        check_target(out / name, overwrite)
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
     fps = fps if 0 < fps < 1000 else 30.0
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
@@ -236,7 +336,7 @@ def predict_video(
     index = 0
     out.mkdir(parents=True, exist_ok=True)
     try:
-        with tqdm(total=total, unit="frame", desc="predict", disable=None) as bar:
+        with progress(total, "predict", "frame") as bar:
             for frames in _video_frames(cap, max(1, detector.batch_size)):
                 t = time.perf_counter()
                 dets = detector.predict(frames)
@@ -244,22 +344,16 @@ def predict_video(
                 for frame, det in zip(frames, dets, strict=True):
                     index += 1
                     h, w = frame.shape[:2]
-                    images.append(
-                        {
-                            "id": index,
-                            "file_name": f"{video.name}#frame{index:06d}",
-                            "height": h,
-                            "width": w,
-                        }
-                    )
+                    name = f"{video.name}#frame{index:06d}"
+                    images.append({"id": index, "file_name": name, "height": h, "width": w})
                     results.extend(coco_results(det, index, detector))
-                    summary.images += 1
-                    summary.detections += len(det)
-                    summary.per_class.update(det.names)
+                    _count(summary, det)
                     if draw:
                         if writer is None:
                             size = (w, h)
-                            writer, summary.annotated = _open_writer(out, video, fps, size)
+                            writer, summary.annotated = _open_writer(
+                                out, video, fps, size, overwrite
+                            )
                         drawn = draw_detections(frame, det)
                         writer.write(drawn if (w, h) == size else cv2.resize(drawn, size))
                 bar.update(len(frames))
@@ -267,55 +361,62 @@ def predict_video(
         cap.release()
         if writer is not None:
             writer.release()
-    _finish(detector, out, results, images, summary)
+    _check_video_written(summary.annotated)
+    _finish(detector, out, results, images, summary, overwrite)
     return summary
 
 
 def _open_writer(
-    out: Path, video: Path, fps: float, size: tuple[int, int]
+    out: Path, video: Path, fps: float, size: tuple[int, int], overwrite: bool
 ) -> tuple[cv2.VideoWriter, Path]:
     for suffix, codec in ((".mp4", "mp4v"), (".avi", "MJPG")):
         path = out / f"{video.stem}_annotated{suffix}"
+        check_target(path, overwrite)
         writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
         if writer.isOpened():
             return writer, path
-    raise OSError(f"OpenCV cannot write a video in {out} (no mp4v or MJPG encoder)")
+    raise OutputError(f"OpenCV cannot write a video in {out} (no mp4v or MJPG encoder)")
+
+
+def _check_video_written(path: Path | None) -> None:
+    # VideoWriter.write returns nothing: a full disk shows only as a missing or empty file.
+    if path is not None and (not path.is_file() or path.stat().st_size == 0):
+        raise OutputError(f"{path}: the annotated video was not written (disk full?)")
 
 
 def _finish(
-    detector: Detector, out: Path, results: list, images: list, summary: PredictSummary
+    detector: Detector,
+    out: Path,
+    results: list,
+    images: list,
+    summary: PredictSummary,
+    overwrite: bool,
 ) -> None:
     summary.results_path = out / "results.json"
-    _atomic_write_json(summary.results_path, results)
-    _atomic_write_json(
-        out / "images.json",
-        {
-            "info": {"description": f"images predicted by {detector.path.name}"},
-            "images": images,
-            "annotations": [],
-            "categories": _categories(detector),
-        },
-    )
+    write_json(summary.results_path, results, overwrite)
+    coco = {
+        "info": {"description": f"images predicted by {detector.path.name}"},
+        "images": images,
+        "annotations": [],
+        "categories": _categories(detector),
+    }
+    write_json(out / "images.json", coco, overwrite)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="ONNX model written by `detector export`")
     parser.add_argument("source", type=Path, help="an image, a folder of images, or a video file")
-    parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("predictions"), help="output folder (not the input's)"
+    )
     parser.add_argument(
         "--score",
         type=float,
-        default=0.5,
-        help="keep (draw and write) detections scoring at least this",
-    )
-    parser.add_argument(
-        "--providers",
-        nargs="+",
         default=None,
-        metavar="NAME",
-        help="execution providers in order (tensorrt cuda cpu; default: all three)",
+        help="keep (draw and write) detections scoring at least this, for every class "
+        f"(default: the model's per-class thresholds if it has them, else {DEFAULT_SCORE})",
     )
-    parser.add_argument("--trt-cache", type=Path, default=None, help="TensorRT engine cache folder")
+    add_provider_arguments(parser)
     parser.add_argument(
         "--annotations",
         type=Path,
@@ -323,6 +424,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="COCO JSON of these images: use its image ids (matched on file name)",
     )
     parser.add_argument("--no-draw", action="store_true", help="write only the JSON files")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace files of an earlier run in --out"
+    )
+
+
+def open_detector(args: argparse.Namespace) -> Detector:
+    detector = Detector(args.model, **detector_options(args), score_threshold=args.score)
+    if args.score is None and detector.info.class_score_thresholds is None:
+        detector.set_score_threshold(DEFAULT_SCORE)
+    return detector
 
 
 def run(args: argparse.Namespace) -> int:
@@ -331,14 +442,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"predict: error: {source}: no such file or folder", file=sys.stderr)
         return 2
     try:
-        detector = Detector(
-            args.model,
-            providers=args.providers,
-            trt_cache_dir=args.trt_cache,
-            score_threshold=args.score,
-        )
+        check_output_folder(source, args.out)
+        detector = open_detector(args)
+        draw, overwrite = not args.no_draw, args.overwrite
         if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
-            summary = predict_video(detector, source, args.out, draw=not args.no_draw)
+            summary = predict_video(detector, source, args.out, draw=draw, overwrite=overwrite)
         else:
             paths = list_images(source)
             if not paths:
@@ -348,12 +456,17 @@ def run(args: argparse.Namespace) -> int:
                 )
                 return 2
             summary = predict_images(
-                detector, paths, args.out, annotations=args.annotations, draw=not args.no_draw
+                detector,
+                paths,
+                args.out,
+                annotations=args.annotations,
+                draw=draw,
+                overwrite=overwrite,
             )
     except (ModelError, InputError, ProviderError, FileNotFoundError, OSError, ValueError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2
-    print(summary.line(args.score))
+    print(summary.line())
     return 0 if summary.images else 1
 
 

@@ -11,18 +11,23 @@ does with each finding:
   the image), which are counted and logged;
 * boxes that look like ``[x1, y1, x2, y2]`` stored in COCO's ``[x, y, width, height]`` field stop
   the run too, with the ``tools/validate.py --fix OUT --xyxy`` command that converts them;
+* a training set without a usable box, and a val set without one (no boxes, or only iscrowd
+  boxes, which COCO evaluation ignores), stop the run: the night would learn or measure nothing;
 * other warnings (boxes past the edge, which are clipped; files in the image folder that no
-  record lists; classes without boxes) are logged, as are the counts of images without boxes
-  (trained as negatives) and of iscrowd boxes (left out of training).
+  record lists; classes without boxes) are logged, as are images that lost every box, the
+  counts of images without boxes (trained as negatives), of iscrowd boxes (left out of
+  training) and of images that are symlinks out of the image folder.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .coco_rules import ZERO_BASED_FIX, image_size, training_box, zero_based_category_ids
 from .cocotools.validate import Problem, ValidationReport, validate_coco
 from .config import DataConfig
 from .data import CocoSet, DatasetError
@@ -45,7 +50,7 @@ IMAGE_KINDS = {
     "size_mismatch",
     "bad_image_size",
     "unsafe_path",
-    "symlink_outside",
+    "bad_image_id",
     "duplicate_image_id",
     "wrong_image_dir",
 }
@@ -53,8 +58,15 @@ SHOWN_PER_SET = 200  # lines of the message; tools/validate.py --all lists every
 
 
 def preflight(*sets: CocoSet | None, progress: bool = True) -> None:
-    """Raise DatasetError listing every problem of the given (loaded) sets; log the rest."""
-    _run([(s.annotations_path, s.image_dir) for s in sets if s is not None], progress)
+    """Raise DatasetError listing every problem of the given (loaded) sets; log the rest.
+
+    The first set is the training set, the second (if any) the val set."""
+    items = [
+        (s.annotations_path, s.image_dir, role)
+        for s, role in zip(sets, ("train", "val"), strict=False)
+        if s is not None
+    ]
+    _run(items, progress)
 
 
 def preflight_data(cfg: DataConfig, progress: bool = True) -> None:
@@ -62,22 +74,24 @@ def preflight_data(cfg: DataConfig, progress: bool = True) -> None:
 
     Raises DatasetError with the full list when the files have errors; returns otherwise.
     """
-    items: list[tuple[Path, Path | None]] = []
+    items: list[tuple[Path, Path | None, str]] = []
     if cfg.train_annotations:
-        items.append(
-            (Path(cfg.train_annotations), Path(cfg.train_images) if cfg.train_images else None)
-        )
+        train_images = Path(cfg.train_images) if cfg.train_images else None
+        items.append((Path(cfg.train_annotations), train_images, "train"))
     if cfg.val_annotations:
-        items.append((Path(cfg.val_annotations), Path(cfg.val_images) if cfg.val_images else None))
+        val_images = Path(cfg.val_images) if cfg.val_images else None
+        items.append((Path(cfg.val_annotations), val_images, "val"))
     _run(items, progress, announce=False)  # the caller re-raises the loader's error
 
 
-def _run(items: list[tuple[Path, Path | None]], progress: bool, announce: bool = True) -> None:
+def _run(items: list[tuple[Path, Path | None, str]], progress: bool, announce: bool = True) -> None:
     sections: list[str] = []
     total_problems = bad_images = checked = 0
-    for json_path, image_dir in items:
+    for json_path, image_dir, role in items:
         report = validate_coco(json_path, image_dir, decode=True, progress=progress)
         problems = _stopping_problems(report)
+        if not problems:  # boxes are only counted on a set whose records can be read
+            problems = _box_problems(report, role)
         _log_findings(report)
         checked += report.num_images
         if not problems:
@@ -122,29 +136,78 @@ def _stopping_problems(report: ValidationReport) -> list[str]:
             )
         elif p.kind in STOPPING_WARNINGS:
             lines.append(f"[{p.kind}] {p.message}")
-    hint = _zero_based_hint(report.data)
-    if hint:
-        lines.append(hint)
+    data = report.data if isinstance(report.data, dict) else {}
+    categories = data.get("categories") if isinstance(data.get("categories"), list) else []
+    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
+    if zero_based_category_ids(categories, annotations):
+        lines.append(f"[zero_based_category_ids] {ZERO_BASED_FIX}")
     return lines
 
 
-def _zero_based_hint(data: Any) -> str | None:
-    """Annotations use category_id 0 while the categories are numbered from 1: an off-by-one."""
-    if not isinstance(data, dict):
-        return None
-    categories = data.get("categories") if isinstance(data.get("categories"), list) else []
-    annotations = data.get("annotations") if isinstance(data.get("annotations"), list) else []
-    cat_ids = {c.get("id") for c in categories if isinstance(c, dict)}
-    int_ids = [c for c in cat_ids if isinstance(c, int) and not isinstance(c, bool)]
-    used = {a.get("category_id") for a in annotations if isinstance(a, dict)}
-    if 0 in used and 0 not in cat_ids and int_ids and min(int_ids) == 1:
-        return (
-            "[zero_based_category_ids] boxes use category_id 0 but the categories are "
-            "numbered from 1: the ids look 0-based (YOLO class indices copied as COCO ids), "
-            "so every other box may carry the class next to its own too. Re-convert the "
-            "labels with tools/convert.py instead of renumbering by hand"
+@dataclass
+class BoxCounts:
+    """Boxes the trainer keeps (non-crowd, inside the image), crowd boxes, and the images
+    whose every box is dropped."""
+
+    usable: int = 0
+    crowd: int = 0
+    emptied: list[str] = field(default_factory=list)
+
+
+def count_boxes(data: dict[str, Any]) -> BoxCounts:
+    """Count a readable set's boxes by the loader's rules (``coco_rules.training_box``)."""
+    images = [r for r in data["images"] if isinstance(r, dict) and "id" in r]
+    sizes = {r["id"]: image_size(r) for r in images}
+    names = {r["id"]: r.get("file_name") for r in images}
+    per_image: dict[Any, list[bool]] = defaultdict(list)
+    counts = BoxCounts()
+    for ann in data.get("annotations") or []:
+        size = sizes.get(ann["image_id"])
+        if size is None:
+            continue
+        if ann.get("iscrowd"):
+            counts.crowd += 1
+            continue
+        kept = training_box(ann["bbox"], *size) is not None
+        counts.usable += kept
+        per_image[ann["image_id"]].append(kept)
+    counts.emptied = [str(names[i]) for i, kept in per_image.items() if not any(kept)]
+    return counts
+
+
+def _box_problems(report: ValidationReport, role: str) -> list[str]:
+    """A training set with nothing to learn from, a val set with nothing to measure."""
+    if not isinstance(report.data, dict):
+        return []
+    counts = count_boxes(report.data)
+    name = report.annotations_path
+    if counts.emptied:
+        log.warning(
+            "pre-flight %s: %d images lost every box (zero size, NaN or outside the image) and "
+            "are %s as negatives: %s",
+            name,
+            len(counts.emptied),
+            "trained" if role == "train" else "evaluated",
+            ", ".join(counts.emptied[:5]) + (" ..." if len(counts.emptied) > 5 else ""),
         )
-    return None
+    if role == "train" and counts.usable == 0:
+        return [
+            f"[no_usable_boxes] the training set has no usable box ({counts.crowd} iscrowd, "
+            "every other box dropped or none at all): there is nothing to learn from; label the "
+            f"images, or check the boxes with python tools/validate.py {name}"
+        ]
+    if role == "val" and counts.usable == 0:
+        what = (
+            f"only {counts.crowd} iscrowd boxes, which COCO evaluation ignores (mAP -1)"
+            if counts.crowd
+            else "no usable box"
+        )
+        return [
+            f"[val_without_boxes] the val set has {what}: no checkpoint could ever be "
+            "measured, so best.pt would mean nothing; point data.val_annotations at a "
+            "labelled set (or leave it empty to train without evaluation)"
+        ]
+    return []
 
 
 def _image_key(problem: Problem) -> Any:
@@ -190,7 +253,7 @@ def _log_findings(report: ValidationReport) -> None:
     for p in report.infos:
         if p.kind == "crowd_boxes":
             log.info("pre-flight %s: %s", name, p.message)
-    for kind in ("exif_orientation", "wrong_extension"):
+    for kind in ("exif_orientation", "wrong_extension", "symlink_outside"):
         if infos.get(kind):
             example = next(p.message for p in report.infos if p.kind == kind)
             log.info("pre-flight %s: [%s] x%d, e.g. %s", name, kind, infos[kind], example)

@@ -608,22 +608,11 @@ def test_merge_coco128_and_rabbit(coco128, rabbit, tmp_path):
     )
     report = validate_coco(out, progress=False)  # self-contained: images/ beside it
     assert report.ok and report.images_found == 325
-    # a second run finds the same files there; --out onto an input is refused
-    assert (
-        merge.main(
-            [
-                str(c_ann),
-                str(r_ann),
-                "--images",
-                str(c_images),
-                "-",
-                "--out",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    # a second run needs --overwrite, then finds the same files there; --out onto an input
+    # is refused
+    again = [str(c_ann), str(r_ann), "--images", str(c_images), "-", "--out", str(out)]
+    assert merge.main([*again, "--no-progress"]) == 2
+    assert merge.main([*again, "--no-progress", "--overwrite"]) == 0
     assert (
         merge.main(
             [
@@ -777,8 +766,96 @@ def test_symlinked_images_are_accepted(tmp_path):
     assert coco_stats(data, linked / "images").images_on_disk == 3
     assert split_file(ann, 0.34, out_dir=tmp_path / "split", progress=False).missing_images == 0
     assert len(show_coco(ann, tmp_path / "show", n=3, progress=False).written) == 3
+    with pytest.raises(CocoError, match="already exists; pass --overwrite"):  # a second run
+        show_coco(ann, tmp_path / "show", n=3, progress=False)
+    assert len(show_coco(ann, tmp_path / "show", n=3, progress=False, overwrite=True).written) == 3
     merged = merge_coco([MergeSource(ann)])
     stats = write_merged(
         merged, tmp_path / "m" / "merged.json", inputs=[MergeSource(ann)], progress=False
     )
     assert stats.linked == 3 and validate_coco(tmp_path / "m" / "merged.json", progress=False).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: never over the input, never over another file without --overwrite
+
+
+def test_split_stats_validate_and_merge_need_overwrite_for_an_existing_file(tmp_path):
+    ann, _ = make_set(tmp_path / "set", n=6)
+    split, stats, validate = load_tool("split"), load_tool("stats"), load_tool("validate")
+    out = tmp_path / "set"
+    train, val = out / "train.json", out / "val.json"
+    val.write_text("keep me")
+    assert split.main([str(ann), "--val", "0.5", "--no-progress"]) == 2
+    assert val.read_text() == "keep me" and not train.exists()
+    assert split.main([str(ann), "--val", "0.5", "--no-progress", "--overwrite"]) == 0
+    assert json.loads(val.read_text())["images"]
+
+    other = tmp_path / "other.json"
+    other.write_text("keep me too")
+    assert stats.main([str(ann), "--json", str(other)]) == 2
+    assert validate.main([str(ann), "--fix", str(other), "--no-progress"]) == 2
+    assert other.read_text() == "keep me too"
+    assert stats.main([str(ann), "--json", str(other), "--overwrite"]) == 0
+    assert "images" in json.loads(other.read_text())
+    assert validate.main([str(ann), "--fix", str(other), "--no-progress", "--overwrite"]) == 0
+    # the input is never written, --overwrite or not
+    before = ann.read_text()
+    for argv in (
+        [str(ann), "--json", str(ann), "--overwrite"],
+        [str(ann), "--fix", str(ann), "--overwrite", "--no-progress"],
+    ):
+        tool = stats if "--json" in argv else validate
+        assert tool.main(argv) == 2
+    assert split.main([str(train), "--out", str(out), "--overwrite", "--no-progress"]) == 2
+    assert ann.read_text() == before
+
+
+def test_string_and_null_ids_are_named_by_validate_and_fixed(tmp_path):
+    ann, data = make_set(tmp_path, n=4)
+    data["images"][0]["id"] = "img1"
+    data["annotations"][0]["image_id"] = "img1"
+    data["annotations"][1]["image_id"] = "img1"
+    del data["annotations"][2]["image_id"]
+    data["annotations"][3]["category_id"] = None
+    data["annotations"][4]["bbox"] = [1, None, 3, 4]
+    data["images"][3]["width"] = None
+    save(ann, data)
+    report = validate_coco(ann, progress=False)
+    messages = [p.message for p in report.errors]
+    assert any("image id 'img1'" in m and "not an integer" in m for m in messages), messages
+    assert any("annotation 3" in m and "no image_id" in m for m in messages), messages
+    assert any("annotation 4" in m and "no category_id" in m for m in messages), messages
+    assert any("annotation 5" in m and "not four numbers" in m for m in messages), messages
+    assert any("image id 4" in m and "width/height" in m for m in messages), messages
+    fixed = fix_coco(report)
+    assert all(isinstance(im["id"], int) for im in fixed.data["images"])
+    new_id = next(im["id"] for im in fixed.data["images"] if im["file_name"] == "img0.jpg")
+    # the boxes of the renumbered image (annotations 1 and 2; 2 also named it) follow it
+    assert {a["id"] for a in fixed.data["annotations"] if a["image_id"] == new_id} == {1, 2}
+    save(tmp_path / "fixed.json", fixed.data)
+    assert validate_coco(tmp_path / "fixed.json", tmp_path / "images", progress=False).ok
+
+
+def test_lone_xyxy_box_is_not_told_to_be_clipped(tmp_path):
+    ann, data = make_set(tmp_path, n=4)
+    data["annotations"][0]["bbox"] = [30, 20, 60, 45]  # corners inside the 64x48 image
+    save(ann, data)
+    report = validate_coco(ann, progress=False)
+    warning = only(report.warnings, "box_looks_xyxy")
+    assert "annotation 1" in warning.message and "[x1, y1, x2, y2]" in warning.message
+    assert "--fix would clip it to a wrong box" in warning.message
+    assert "box_past_edge" not in kinds(report.warnings)
+
+
+def test_symlink_out_of_the_image_folder_is_reported(tmp_path):
+    ann, data = make_set(tmp_path / "set", n=2)
+    outside = tmp_path / "elsewhere" / "img1.jpg"
+    outside.parent.mkdir()
+    link = tmp_path / "set" / "images" / "img1.jpg"
+    link.rename(outside)
+    link.symlink_to(outside)
+    report = validate_coco(ann, progress=False)
+    assert report.ok
+    info = only(report.infos, "symlink_outside")
+    assert info.image_id == 2 and str(outside) in info.message

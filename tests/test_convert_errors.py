@@ -239,7 +239,7 @@ def test_truncated_image(shared_datasets, tmp_path):
     shutil.copytree(shared_datasets / LF / "yolo", src)
     img = src / "birds.jpg"
     img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
-    msg = expect_error(src, tmp_path / "out")
+    msg = expect_error(src, tmp_path / "out", strict=True)
     assert str(img) in msg and "birds.txt" in msg and "truncated" in msg
 
 
@@ -252,7 +252,7 @@ def test_truncated_image_keeps_previous_output(shared_datasets, tmp_path):
     img = src / "crack.jpeg"
     img.write_bytes(img.read_bytes()[:5000])
     with pytest.raises(ConversionError, match="truncated"):
-        convert(src, out, overwrite=True)
+        convert(src, out, overwrite=True, strict=True)
     assert tree_digest(out) == before
 
 
@@ -260,7 +260,7 @@ def test_unreadable_image(shared_datasets, tmp_path):
     src = tmp_path / "cvat"
     shutil.copytree(shared_datasets / LF / "cvat1.1", src)
     (src / "images" / "shapes.jpg").write_bytes(b"not an image at all" * 10)
-    msg = expect_error(src, tmp_path / "out")
+    msg = expect_error(src, tmp_path / "out", strict=True)
     assert "shapes.jpg" in msg and "image id 2" in msg and "not a readable image" in msg
 
 
@@ -274,7 +274,7 @@ def test_yolo_clip_outside_zero_area_unknown_class(tmp_path):
     (src / "classes.txt").write_text("thing\n")
     (src / "a.txt").write_text(
         "0 0.95 0.5 0.2 0.2\n"  # x 85..105: clipped to 85..100
-        "0 1.5 0.5 0.1 0.1\n"  # entirely right of the image
+        "0 1.009 0.5 0.01 0.1\n"  # entirely right of the image (within rounding of [0, 1])
         "0 0.5 0.5 0 0.1\n"  # zero width
         "3 0.5 0.5 0.1 0.1\n"  # class 3 of 1
         "0 0.5 0.5 0.2 0.2\n"
@@ -576,3 +576,259 @@ def test_dry_run_writes_nothing(shared_datasets, tmp_path):
     report = convert(shared_datasets / LF / "CreateML", tmp_path / "out", dry_run=True)
     assert (report.images, report.boxes, report.written) == (4, 25, False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# One set of rules: what convert refuses (layout) and what it skips (one image).
+
+RACCOON = "raccoon-voc"
+
+
+def raccoon_voc(shared_datasets: Path, dst: Path, numbers=(1, 2, 3)) -> Path:
+    """A small VOC export copied from the real raccoon set: annotations/ + images/."""
+    for n in numbers:
+        for sub, ext in (("annotations", "xml"), ("images", "jpg")):
+            target = dst / sub / f"raccoon-{n}.{ext}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shared_datasets / RACCOON / sub / f"raccoon-{n}.{ext}", target)
+    return dst
+
+
+def voc_xml(filename: str, size: tuple[int, int], objects: list[tuple[str, list[int]]]) -> str:
+    objs = "".join(
+        f"<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
+        for name, b in objects
+    )
+    return (
+        f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
+        f"<height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>"
+    )
+
+
+def test_cvat_rotation_that_is_not_a_number_names_the_shape(shared_datasets, tmp_path):
+    src = tmp_path / "cvat"
+    shutil.copytree(shared_datasets / LF / "cvat1.1", src)
+    xml = src / "annotations.xml"
+    text = xml.read_text()
+    xml.write_text(
+        text.replace('<box label="rectangle"', '<box rotation="abc" label="rectangle"', 1)
+    )
+    msg = expect_error(src, tmp_path / "out", "cvat")
+    assert str(xml) in msg and "image id 2" in msg and "rotation" in msg and "'abc'" in msg
+
+
+def test_labelme_image_data_bomb_is_refused_naming_the_file(shared_datasets, tmp_path):
+    import base64
+
+    from test_faults_data import huge_png
+
+    src = tmp_path / "lm"
+    shutil.copytree(shared_datasets / LF / "labelme", src)
+    bomb = tmp_path / "bomb.png"
+    huge_png(bomb)  # 20000 x 20000, ~50 KB on disk
+    json_path = src / "crack.json"
+    data = json.loads(json_path.read_text())
+    (src / data["imagePath"]).unlink()  # the file is absent: the embedded data is used
+    data["imageData"] = base64.b64encode(bomb.read_bytes()).decode()
+    data.pop("imageWidth", None), data.pop("imageHeight", None)
+    json_path.write_text(json.dumps(data))
+    msg = expect_error(src, tmp_path / "out", "labelme")
+    assert str(json_path) in msg and "imageData" in msg and "too large" in msg
+
+
+def test_voc_size_of_the_raw_exif_frame_refuses_the_export(shared_datasets, tmp_path):
+    src = raccoon_voc(shared_datasets, tmp_path / "voc", (1, 2))
+    jpg = src / "images" / "raccoon-2.jpg"
+    with Image.open(jpg) as im:
+        raw_w, raw_h = im.size
+        exif = Image.Exif()
+        exif[0x0112] = 6  # displayed turned by 90 degrees: raw_h x raw_w
+        im.save(jpg, exif=exif, quality=95)
+    (src / "annotations" / "raccoon-2.xml").write_text(
+        voc_xml("raccoon-2.jpg", (raw_w, raw_h), [("raccoon", [10, 10, raw_w - 5, 100])])
+    )
+    msg = expect_error(src, tmp_path / "out", "voc")
+    assert "raccoon-2.xml" in msg and f"says {raw_w}x{raw_h}" in msg
+    assert "EXIF orientation" in msg and "exiftool -Orientation=1 -n" in msg
+
+
+def test_cvat_size_that_disagrees_with_the_file_refuses_the_export(shared_datasets, tmp_path):
+    src = tmp_path / "cvat"
+    shutil.copytree(shared_datasets / LF / "cvat1.1", src)
+    xml = src / "annotations.xml"
+    xml.write_text(xml.read_text().replace('width="588" height="643"', 'width="294" height="321"'))
+    msg = expect_error(src, tmp_path / "out", "cvat")
+    assert "shapes.jpg" in msg and "says 294x321" in msg and "588x643" in msg
+    assert "put back the file that was labelled" in msg
+
+
+def _coco_export(tmp_path: Path, shared_datasets: Path, anns: list, categories: list) -> Path:
+    src = tmp_path / "coco"
+    images = []
+    for i in (1, 2, 3):
+        path = src / "images" / f"raccoon-{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_datasets / RACCOON / "images" / path.name, path)
+        with Image.open(path) as im:
+            images.append({"id": i, "file_name": path.name, "width": im.width, "height": im.height})
+    (src / "annotations.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": categories})
+    )
+    return src / "annotations.json"
+
+
+def test_coco_with_xyxy_boxes_is_refused_not_clipped(shared_datasets, tmp_path):
+    # raccoon-1 is 650x417: [x1, y1, x2, y2] corners well inside, read as xywh they run past
+    corners = [[81, 88, 522, 408], [100, 120, 600, 400], [200, 150, 640, 410]]
+    anns = [
+        {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 1.0, "iscrowd": 0}
+        for i, b in enumerate(corners)
+    ]
+    src = _coco_export(tmp_path, shared_datasets, anns, [{"id": 1, "name": "raccoon"}])
+    msg = expect_error(src, tmp_path / "out", "coco")
+    assert "[x1, y1, x2, y2]" in msg and "--xyxy" in msg
+
+
+def test_coco_with_zero_based_category_ids_is_refused(shared_datasets, tmp_path):
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 0, "bbox": [10, 10, 50, 50], "area": 2500},
+        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [10, 10, 50, 50], "area": 2500},
+    ]
+    cats = [{"id": 1, "name": "raccoon"}, {"id": 2, "name": "dog"}]
+    src = _coco_export(tmp_path, shared_datasets, anns, cats)
+    msg = expect_error(src, tmp_path / "out", "coco")
+    assert str(src) in msg and "0-based" in msg
+
+
+@pytest.mark.parametrize(
+    ("line", "values"),
+    [("0 325 208 200 150", "325"), ("0 0.5 0.5 0.2 1.8", "1.8")],
+)
+def test_yolo_pixel_coordinates_are_refused_with_the_line(shared_datasets, tmp_path, line, values):
+    src = tmp_path / "yolo"
+    shutil.copytree(shared_datasets / LF / "yolo", src)
+    label = src / "birds.txt"
+    label.write_text(label.read_text().rstrip("\n") + "\n" + line + "\n")
+    lineno = len(label.read_text().splitlines())
+    msg = expect_error(src, tmp_path / "out", "yolo")
+    assert str(label) in msg and f"line {lineno}" in msg and values in msg
+    assert "outside [0, 1]" in msg and "pixels" in msg
+
+
+def test_automl_pixel_coordinates_are_refused_with_the_line(shared_datasets, tmp_path):
+    src = raccoon_voc(shared_datasets, tmp_path / "deer", (1,))
+    csv_path = src / "labels.csv"
+    csv_path.write_text(
+        "UNASSIGNED,gs://b/raccoon-1.jpg,Deer,0.1,0.2,,,0.5,0.6,,\n"
+        "UNASSIGNED,gs://b/raccoon-1.jpg,Deer,81,88,,,522,408,,\n"
+    )
+    msg = expect_error(csv_path, tmp_path / "out", "automl")
+    assert str(csv_path) in msg and "line 2" in msg and "outside [0, 1]" in msg
+
+
+def test_automl_unclosed_quote_names_the_line(tmp_path):
+    make_image(tmp_path / "deer" / "images" / "a.jpg")
+    csv_path = tmp_path / "deer" / "labels.csv"
+    ok = "UNASSIGNED,gs://b/a.jpg,Deer,0.1,0.2,,,0.5,0.6,,\n"
+    csv_path.write_text(ok + ok + 'UNASSIGNED,"gs://b/a.jpg,Deer,0.1,0.2,,,0.5,0.6,,\n' + ok)
+    msg = expect_error(csv_path, tmp_path / "out", "automl")
+    assert "malformed CSV" in msg and "line 3" in msg
+
+
+def test_voc_empty_class_name_is_refused(shared_datasets, tmp_path):
+    src = raccoon_voc(shared_datasets, tmp_path / "voc", (1, 2))
+    xml = src / "annotations" / "raccoon-2.xml"
+    xml.write_text(xml.read_text().replace("<name>raccoon</name>", "<name></name>", 1))
+    msg = expect_error(src, tmp_path / "out", "voc")
+    assert str(xml) in msg and "object #1" in msg and "empty class name" in msg
+
+
+def test_class_names_are_stripped_and_case_duplicates_refused_or_merged(shared_datasets, tmp_path):
+    src = raccoon_voc(shared_datasets, tmp_path / "voc", (1, 2, 3))
+    for n, name in ((2, " raccoon "), (3, "Raccoon")):
+        xml = src / "annotations" / f"raccoon-{n}.xml"
+        xml.write_text(xml.read_text().replace("<name>raccoon</name>", f"<name>{name}</name>"))
+    msg = expect_error(src, tmp_path / "out", "voc")
+    assert "'raccoon' and 'Raccoon'" in msg and "--merge-case" in msg
+
+    report = convert(src, tmp_path / "out", "voc", merge_case=True)
+    coco = load(tmp_path / "out")
+    assert [c["name"] for c in coco["categories"]] == ["raccoon"]
+    assert report.boxes_per_category == {"raccoon": report.boxes}
+    assert any("'Raccoon' -> 'raccoon'" in n for n in report.notes)
+
+
+def test_one_truncated_image_of_a_real_export_is_skipped_and_listed(shared_datasets, tmp_path):
+    src = raccoon_voc(shared_datasets, tmp_path / "voc", (1, 2, 3, 4))
+    bad = src / "images" / "raccoon-3.jpg"
+    bad.write_bytes(bad.read_bytes()[:-600])  # OpenCV still decodes it (grey bottom rows)
+    unreadable = src / "images" / "raccoon-4.jpg"
+    unreadable.write_bytes(b"not a JPEG" * 50)
+    tool = load_convert_tool()
+    out = tmp_path / "out"
+    assert tool.main([str(src), "--out", str(out)]) == 0
+    coco = load(out)
+    assert sorted(Path(im["source_file"]).name for im in coco["images"]) == [
+        "raccoon-1.jpg",
+        "raccoon-2.jpg",
+    ]
+    report = convert(src, None, dry_run=True)
+    skipped = {s.record.rsplit(": ", 1)[-1]: s.reason for s in report.skipped_images}
+    assert set(skipped) == {"raccoon-3.jpg", "raccoon-4.jpg"}
+    assert (
+        "truncated" in skipped["raccoon-3.jpg"]
+        and "not a readable image" in skipped["raccoon-4.jpg"]
+    )
+    assert "2 unusable images skipped" in report.summary()
+    assert "raccoon-3.jpg" in report.text() and "--strict" in report.text()
+    # --strict: all or nothing
+    assert tool.main([str(src), "--out", str(tmp_path / "strict"), "--strict"]) == 2
+    assert not (tmp_path / "strict").exists()
+
+
+def load_convert_tool():
+    spec = importlib.util.spec_from_file_location("tools_convert", REPO / "tools" / "convert.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_labelstudio_predictions_only_with_include_predictions(shared_datasets, tmp_path):
+    src = raccoon_voc(shared_datasets, tmp_path / "ls", (1, 2))
+    box = {
+        "type": "rectanglelabels",
+        "from_name": "label",
+        "to_name": "image",
+        "original_width": 650,
+        "original_height": 417,
+        "value": {"x": 10, "y": 20, "width": 50, "height": 40, "rectanglelabels": ["raccoon"]},
+    }
+    tasks = [
+        {
+            "id": 1,
+            "data": {"image": "/data/upload/1/raccoon-1.jpg"},
+            "annotations": [{"id": 11, "result": [{**box, "id": "a"}]}],
+        },
+        {
+            "id": 2,
+            "data": {"image": "/data/upload/1/raccoon-2.jpg"},
+            "annotations": [],
+            "predictions": [{"id": 21, "model_version": "m", "result": [{**box, "id": "p"}]}],
+        },
+    ]
+    export = src / "images" / "export.json"
+    export.write_text(json.dumps(tasks))
+    default = convert(export, None, "labelstudio", dry_run=True)
+    assert default.images == 1 and default.boxes == 1
+    assert any("--include-predictions" in s.reason for s in default.skipped)
+    report = convert(export, tmp_path / "out", "labelstudio", include_predictions=True)
+    assert report.images == 2 and report.boxes == 2
+    assert any("prediction" in n for n in report.notes)
+    cli_out = tmp_path / "cli"
+    argv = [str(export), "--from", "labelstudio", "--out", str(cli_out), "--include-predictions"]
+    assert load_convert_tool().main(argv) == 0
+    assert len(load(cli_out)["annotations"]) == 2
+    coco = load(tmp_path / "out")
+    assert coco["annotations"][1]["bbox"] == [80.0, 114.6, 400.0, 229.2]  # raccoon-2: 800x573

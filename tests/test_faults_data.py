@@ -491,3 +491,141 @@ def test_converters_refuse_image_names_that_escape_the_export(
     message = str(err.value)
     assert name in message and ("escapes" in message or "absolute" in message), message
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# records the loader cannot index, sets with nothing to learn from, truncated images
+# (hand-made from the real raccoon photos)
+
+RACCOON = "raccoon-voc/images"
+
+
+def raccoon_set(shared_datasets: Path, root: Path, n: int = 3) -> list[dict[str, Any]]:
+    """Copies of the first n raccoon photos in root/images, as COCO image records."""
+    records = []
+    for i in range(1, n + 1):
+        path = root / "images" / f"raccoon-{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_datasets / RACCOON / path.name, path)
+        with Image.open(path) as im:
+            records.append(
+                {"id": i, "file_name": path.name, "width": im.width, "height": im.height}
+            )
+    return records
+
+
+def test_missing_or_null_ids_bbox_and_size_are_listed_not_a_traceback(
+    shared_datasets, tmp_path, cli_main, capsys
+):
+    root = tmp_path / "set"
+    records = raccoon_set(shared_datasets, root)
+    records[2]["width"] = None
+    anns = [box(1, 1, [10, 10, 100, 100]), box(2, 1, [20, 20, 50, 50])]
+    anns += [box(3, 2, [10, 10, 100, 100]), box(4, 2, [10, None, 100, 100])]
+    del anns[0]["image_id"]
+    del anns[1]["category_id"]
+    anns[2]["category_id"] = None
+    train_json = write_coco(root / "train.json", records, anns)
+    with pytest.raises(DatasetError, match="image id 3: has no valid width/height"):
+        load_coco(train_json)
+    config = tiny_yaml(tmp_path / "bad.yaml", train_json, tmp_path / "runs")
+    assert cli_main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: pre-flight check failed"), err
+    for expected in (
+        "annotation 1 (image None): has no image_id",
+        "annotation 2 (image 1, raccoon-1.jpg): has no category_id",
+        "annotation 3 (image 2, raccoon-2.jpg): has no category_id",
+        "[bad_bbox] annotation 4",
+        "image id 3 (raccoon-3.jpg): width/height missing",
+    ):
+        assert expected in err, (expected, err)
+    assert "Traceback" not in err and not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_string_image_ids_are_refused_before_training(shared_datasets, tmp_path, cli_main, capsys):
+    root = tmp_path / "set"
+    records = raccoon_set(shared_datasets, root, 2)
+    records[0]["id"] = "img1"
+    anns = [box(1, "img1", [10, 10, 100, 100]), box(2, 2, [10, 10, 100, 100])]
+    train_json = write_coco(root / "train.json", records, anns)
+    with pytest.raises(DatasetError, match="image id 'img1': the id is not an integer"):
+        load_coco(train_json)
+    config = tiny_yaml(tmp_path / "bad.yaml", train_json, tmp_path / "runs")
+    assert cli_main(["train", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "[bad_image_id] image id 'img1' (raccoon-1.jpg)" in err, err
+    assert "--fix renumbers" in err
+
+
+def test_val_set_without_area_is_filled_from_the_box(shared_datasets, tmp_path, caplog):
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    root = tmp_path / "set"
+    records = raccoon_set(shared_datasets, root, 2)
+    anns = [box(1, 1, [10, 10, 100, 50]), box(2, 2, [20, 30, 40, 60])]
+    for a in anns:
+        del a["area"]
+    with caplog.at_level(logging.INFO, logger="detector"):
+        cset = load_coco(write_coco(root / "val.json", records, anns))
+    assert [a["area"] for a in cset.coco.dataset["annotations"]] == [5000.0, 2400.0]
+    assert any("no usable 'area'" in r.getMessage() for r in caplog.records)
+    detections = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9} for a in anns
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(cset.coco, cset.coco.loadRes(detections), "bbox")
+        evaluator.evaluate()  # KeyError 'area' without the fill
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("role", "anns", "expected"),
+    [
+        ("train", [], "[no_usable_boxes]"),
+        ("train", [box(1, 1, [700, 10, 20, 20]), box(2, 2, [0, 0, 0, 5])], "[no_usable_boxes]"),
+        ("val", [], "[val_without_boxes] the val set has no usable box"),
+        ("val", [box(1, 1, [10, 10, 50, 50], iscrowd=1)], "only 1 iscrowd boxes"),
+    ],
+)
+def test_sets_with_nothing_to_learn_or_measure_stop_at_preflight(
+    shared_datasets, tmp_path, role, anns, expected
+):
+    root = tmp_path / "set"
+    records = raccoon_set(shared_datasets, root, 2)
+    good = write_coco(root / "good.json", records, [box(1, 1, [10, 10, 100, 100])])
+    bad = write_coco(root / f"{role}.json", records, anns)
+    train, val = (bad, good) if role == "train" else (good, bad)
+    with pytest.raises(DatasetError) as err:
+        preflight(load_coco(train), load_coco(val), progress=False)
+    assert expected in str(err.value) and str(bad) in str(err.value)
+
+
+def test_images_that_lost_every_box_are_named(shared_datasets, tmp_path, caplog):
+    root = tmp_path / "set"
+    records = raccoon_set(shared_datasets, root, 2)
+    anns = [box(1, 1, [10, 10, 100, 100]), box(2, 2, [5000, 10, 30, 30])]  # outside raccoon-2
+    cset = load_coco(write_coco(root / "train.json", records, anns))
+    with caplog.at_level(logging.INFO, logger="detector"):
+        preflight(cset, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 images lost every box" in w and "raccoon-2.jpg" in w for w in warnings)
+
+
+def test_truncated_jpeg_that_opencv_decodes_is_named_everywhere(shared_datasets, tmp_path):
+    root = tmp_path / "set"
+    records = raccoon_set(shared_datasets, root, 2)
+    cut = root / "images" / "raccoon-2.jpg"
+    cut.write_bytes(cut.read_bytes()[:-600])
+    assert cv2.imread(str(cut)) is not None  # OpenCV fills the missing rows grey, no error
+    cset = load_coco(write_coco(root / "train.json", records, [box(1, 1, [10, 10, 100, 100])]))
+    with pytest.raises(ImageReadError, match=r"raccoon-2\.jpg.*truncated"):  # preflight=false
+        DetectionDataset(cset)[1]
+    with pytest.raises(DatasetError) as err:
+        preflight(cset, progress=False)
+    assert "raccoon-2.jpg" in str(err.value) and "truncated" in str(err.value)

@@ -88,8 +88,9 @@ def write_onnx(path: Path, metadata: dict[str, str] | None = None) -> Path:
 
 def test_import_runtime_does_not_import_torch():
     code = (
-        "import sys, detector.runtime; "
-        "bad = [m for m in ('torch', 'torchvision', 'PIL') if m in sys.modules]; "
+        "import sys, detector.runtime, detector.predict, detector.benchmark, detector.cli; "
+        "detector.cli.build_parser(); "
+        "bad = [m for m in ('torch', 'torchvision', 'PIL', 'tqdm', 'yaml') if m in sys.modules]; "
         "assert not bad, bad"
     )
     result = subprocess.run(
@@ -120,13 +121,15 @@ def test_provider_plan_with_a_gpu_sets_tensorrt_cache_options(monkeypatch, tmp_p
     from detector.runtime import providers
 
     monkeypatch.setattr(providers, "cuda_devices", lambda: (1, ""))
-    plan = providers.plan_providers(None, trt_cache_dir=tmp_path / "trt", trt_fp16=True)
+    trt = providers.TensorRTOptions(cache_dir=tmp_path / "trt", workspace_bytes=1 << 30)
+    plan = providers.plan_providers(None, tensorrt=trt)
     built = set(providers.ort.get_available_providers())
     expected = [p for p in providers.DEFAULT_PROVIDERS if p in built]
     assert plan.providers == expected
     if providers.TENSORRT in built:
         options = plan.options[0]
         assert options["trt_engine_cache_enable"] is True and options["trt_fp16_enable"] is True
+        assert options["trt_max_workspace_size"] == 1 << 30
         assert (
             options["trt_engine_cache_path"] == str(tmp_path / "trt")
             and (tmp_path / "trt").is_dir()
@@ -253,7 +256,7 @@ def test_model_without_metadata_is_refused(tmp_path):
             write_onnx(tmp_path / "outputs.onnx", {**newer, C.KEY_CONTRACT: "1"}), providers=["cpu"]
         )
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    with pytest.raises(ModelError, match="cannot load"):
+    with pytest.raises(ModelError, match="junk.onnx: not a readable ONNX model"):
         Detector(tmp_path / "junk.onnx", providers=["cpu"])
     with pytest.raises(FileNotFoundError):
         Detector(tmp_path / "missing.onnx")
@@ -405,3 +408,187 @@ def test_benchmark_cli_writes_table_and_json(b1, b2, checkpoint, tmp_path, capsy
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["iters"] == 3
         assert r["fps"] == pytest.approx(r["frames"] * 1000 / r["p50_ms"], rel=1e-2)
+
+
+# ---- per-class thresholds, IOBinding, bad model files ----------------------------------------
+
+
+def with_metadata(src: Path, dst: Path, extra: dict[str, str]) -> Path:
+    model = onnx.load(str(src))
+    for key, value in extra.items():
+        found = [p for p in model.metadata_props if p.key == key]
+        entry = found[0] if found else model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_per_class_thresholds_from_metadata_unless_the_caller_gives_one(
+    b1, tmp_path, shared_datasets
+):
+    frame = fx.raccoon_image(shared_datasets, "raccoon-110")
+    everything = Detector(b1, providers=["cpu"], threads=1).predict(frame)
+    cut = float(np.sort(everything.scores)[len(everything) // 2])
+    model = with_metadata(b1, tmp_path / "thr.onnx", {C.KEY_CLASS_SCORE_THRESHOLDS: f"[{cut}]"})
+    det = Detector(model, providers=["cpu"], threads=1)
+    kept = det.predict(frame)
+    assert 0 < len(kept) < len(everything) and np.all(kept.scores >= cut)
+    np.testing.assert_array_equal(kept.boxes, everything.boxes[everything.scores >= cut])
+    assert det.describe_threshold() == f"score >= {cut:g}"
+    caller = Detector(model, providers=["cpu"], threads=1, score_threshold=0.05).predict(frame)
+    assert len(caller) == len(everything)
+    bad = with_metadata(b1, tmp_path / "bad.onnx", {C.KEY_CLASS_SCORE_THRESHOLDS: "[0.5, 0.7]"})
+    with pytest.raises(ModelError, match="bad.onnx: metadata class_score_thresholds"):
+        Detector(bad, providers=["cpu"])
+
+
+def test_per_class_thresholds_apply_by_label(b1, tmp_path, monkeypatch):
+    """Two classes with different thresholds: rows are kept by their own class's value."""
+    two = with_metadata(
+        b1,
+        tmp_path / "two.onnx",
+        {C.KEY_CLASS_NAMES: '["raccoon", "dog"]', C.KEY_CLASS_SCORE_THRESHOLDS: "[0.3, 0.8]"},
+    )
+    det = Detector(two, providers=["cpu"], threads=1)
+    k = det.info.detections_per_image
+    boxes = np.zeros((1, k, 4), np.float32)
+    boxes[0, :4] = [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 9, 9], [2, 2, 8, 8]]
+    scores = np.zeros((1, k), np.float32)
+    scores[0, :4] = [0.9, 0.7, 0.5, 0.2]
+    labels = np.zeros((1, k), np.int64)
+    labels[0, :4] = [2, 2, 1, 1]
+    monkeypatch.setattr(det, "_infer", lambda feed: [boxes, scores, labels, np.array([4])])
+    result = det.predict(np.zeros((64, 64, 3), np.uint8))
+    assert result.names == ["dog", "raccoon"]  # dog 0.7 < 0.8 and raccoon 0.2 < 0.3 dropped
+    np.testing.assert_array_equal(result.scores, np.float32([0.9, 0.5]))
+    assert det.describe_threshold() == "per-class score thresholds (raccoon 0.30, dog 0.80)"
+
+
+def test_io_binding_gives_the_same_detections(b2, det2, shared_datasets):
+    frames = [
+        fx.raccoon_image(shared_datasets, n) for n in ("raccoon-1", "raccoon-110", "raccoon-10")
+    ]
+    bound = Detector(b2, providers=["cpu"], threads=1, io_binding=True)
+    assert bound._binding is not None and det2._binding is None  # CPU default: plain run
+    for a, b in zip(det2.predict(frames), bound.predict(frames), strict=True):
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert a.names == b.names
+
+
+def test_empty_and_truncated_model_files_are_model_errors(b1, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"empty\.onnx: empty file"):
+        Detector(tmp_path / "empty.onnx", providers=["cpu"])
+    data = b1.read_bytes()
+    (tmp_path / "half.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=r"half\.onnx: not a readable ONNX model"):
+        Detector(tmp_path / "half.onnx", providers=["cpu"])
+
+
+# ---- predict: safe reading and writing -------------------------------------------------------
+
+
+def run_predict(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    predict.add_arguments(parser)
+    return predict.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture
+def frames_dir(tmp_path, shared_datasets) -> Path:
+    src = tmp_path / "frames"
+    src.mkdir()
+    for name in ("raccoon-1", "raccoon-10"):
+        (src / f"{name}.jpg").write_bytes(
+            (shared_datasets / "raccoon-voc" / "images" / f"{name}.jpg").read_bytes()
+        )
+    return src
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_predict_refuses_output_inside_its_input(b1, frames_dir, tmp_path, capsys):
+    before = snapshot(frames_dir)
+    assert run_predict(b1, frames_dir, "--out", frames_dir) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert run_predict(b1, frames_dir, "--out", frames_dir / "sub") == 2
+    # an output whose images/ is a link to the input (as after `convert --link`)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "images").symlink_to(frames_dir)
+    assert run_predict(b1, linked / "images", "--out", linked) == 2
+    assert "inside the input folder" in capsys.readouterr().err
+    assert snapshot(frames_dir) == before and not (linked / "results.json").exists()
+
+
+def test_predict_never_overwrites_or_writes_through_links(b1, frames_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_predict(b1, frames_dir, "--out", out, "--score", "0.3") == 0
+    first = snapshot(out)
+    assert run_predict(b1, frames_dir, "--out", out) == 2
+    assert "results.json: exists; pass --overwrite" in capsys.readouterr().err
+    assert snapshot(out) == first
+    assert run_predict(b1, frames_dir, "--out", out, "--overwrite") == 0
+    # a link planted in the output folder is refused, even with --overwrite
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"keep me")
+    (out / "images" / "raccoon-1.jpg").unlink()
+    (out / "images" / "raccoon-1.jpg").symlink_to(victim)
+    assert run_predict(b1, frames_dir, "--out", out, "--overwrite") == 2
+    assert "is a symlink" in capsys.readouterr().err and victim.read_bytes() == b"keep me"
+
+
+def test_predict_stops_with_the_file_name_when_a_write_fails(
+    b1, frames_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(predict.cv2, "imwrite", lambda path, image: False)  # a full disk
+    out = tmp_path / "full"
+    assert run_predict(b1, frames_dir, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'images' / 'raccoon-1.jpg'}: cv2.imwrite failed" in err
+    assert not list((out / "images").iterdir())  # no partial or temporary file left
+    assert not (out / "results.json").exists()
+
+
+def test_predict_reports_truncated_and_oversized_images_by_name(
+    b1, frames_dir, tmp_path, capsys, monkeypatch
+):
+    data = (frames_dir / "raccoon-10.jpg").read_bytes()
+    (frames_dir / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    assert cv2.imread(str(frames_dir / "cut.jpg")) is not None  # OpenCV alone fills it gray
+    # a PNG whose header says 30000 x 30000: refused from the header, never decoded
+    ok, png = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))
+    png = bytearray(png.tobytes())
+    png[16:24] = (30000).to_bytes(4, "big") * 2
+    (frames_dir / "bomb.png").write_bytes(bytes(png))
+    real_imread = cv2.imread
+
+    def imread(path, *args):
+        assert not str(path).endswith(("bomb.png", "cut.jpg")), f"decoded {path}"
+        return real_imread(path, *args)
+
+    monkeypatch.setattr(cv2, "imread", imread)
+    out = tmp_path / "out"
+    assert run_predict(b1, frames_dir, "--out", out, "--no-draw") == 0
+    printed = capsys.readouterr().out
+    assert "predict: 2 images (2 unreadable, skipped)" in printed
+    assert "cut.jpg: the JPEG has no end marker" in printed
+    assert "bomb.png: 30000x30000 pixels (from its header) is over the limit" in printed
+
+
+def test_header_sizes_match_the_decoded_images(tmp_path):
+    from detector.coco_rules import image_truncation as truncation
+    from detector.runtime.images import header_size
+
+    image = np.zeros((37, 53, 3), np.uint8)
+    for suffix in (".jpg", ".png", ".bmp", ".webp", ".tif"):
+        path = tmp_path / f"a{suffix}"
+        assert cv2.imwrite(str(path), image)
+        assert header_size(path) == (53, 37), suffix
+        assert truncation(path) is None, suffix
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:-20])
+    assert "PNG has no IEND" in truncation(tmp_path / "cut.png")

@@ -4,6 +4,7 @@ to COCO: OUT/annotations.json + OUT/images/.
 
     python tools/convert.py [--from FORMAT] SRC --out DIR [--images DIR]
                             [--names a,b,c | --names-file F] [--link] [--overwrite] [--dry-run]
+                            [--strict] [--merge-case] [--include-predictions]
 
 All logic lives in detector.convert; this is only the command line.
 """
@@ -39,6 +40,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace an earlier conversion in --out"
     )
     p.add_argument("--dry-run", action="store_true", help="check and report, write nothing")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse the whole export for one unreadable or truncated image "
+        "(default: skip and list it)",
+    )
+    p.add_argument(
+        "--merge-case",
+        action="store_true",
+        help="merge class names that differ only in case (Deer/deer) into the first spelling",
+    )
+    p.add_argument(
+        "--include-predictions",
+        action="store_true",
+        help="Label Studio: read a task's prediction as its labels when it has no annotation",
+    )
     args = p.parse_args(argv)
     if args.out is None and not args.dry_run:
         p.error("--out is required (or --dry-run)")
@@ -73,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             dry_run=args.dry_run,
             progress=True,
+            strict=args.strict,
+            merge_case=args.merge_case,
+            include_predictions=args.include_predictions,
         )
         report.detected = args.fmt is None
     except (ConversionError, OSError) as e:

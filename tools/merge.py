@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--drop-empty", action="store_true", help="drop categories with no boxes in any source"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -69,7 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
         result = merge_coco(sources, drop_empty=args.drop_empty, progress=not args.no_progress)
         written = write_merged(
-            result, args.out, args.images_out, args.copy, sources, progress=not args.no_progress
+            result,
+            args.out,
+            args.images_out,
+            args.copy,
+            sources,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (CocoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 """Draw the boxes and class names of some images of a COCO set to PNG files.
 
     python tools/show.py ANNOTATIONS.json --out DIR [-n 16] [--ids ID ...] [--seed 0]
-                         [--images DIR] [--max-size 1280]
+                         [--images DIR] [--max-size 1280] [--overwrite]
 
 Images are read as the trainer reads them (EXIF rotation applied). Missing images are skipped.
 """
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1280,
         help="downscale larger images to this side (0: never; default 1280)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace PNGs drawn before")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             args.images,
             args.max_size,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (CocoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 """Split a COCO set into train.json / val.json (/ test.json), stratified and group-aware.
 
     python tools/split.py ANNOTATIONS.json [--out DIR] [--images DIR] --val 0.2 [--test 0.1]
-                          [--seed 0] [--no-hash]
+                          [--seed 0] [--no-hash] [--overwrite]
 
 Copies of one photo (Roboflow `<name>_jpg.rf.<hash>.jpg`, byte-identical files) stay on one side.
 The files are written beside the input by default, so their file names keep pointing at the same
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not group byte-identical files (skips reading every image)",
     )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing train/val/test.json files"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             args.images,
             hash_content=not args.no_hash,
             progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (CocoError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 """Statistics of a COCO set: boxes/images per class, box and image sizes, negatives.
 
     python tools/stats.py ANNOTATIONS.json [--images DIR] [--plot stats.png] [--json stats.json]
+                          [--overwrite]
 
 --images (default: images/ beside the JSON, else its folder) is only used to count the listed
 images present on disk.
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="image folder (to count the files present)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write a PNG with the plots")
     p.add_argument("--json", type=Path, metavar="JSON", help="write the numbers as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --plot/--json files")
     return p
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for out in (args.plot, args.json):
             if out is not None:
-                check_output(out, args.annotations)
+                check_output(out, args.annotations, overwrite=args.overwrite)
         data = load_coco_json(args.annotations)
         images_dir = image_dir_for(args.annotations, args.images)
         stats = coco_stats(data, images_dir if images_dir.is_dir() else None)

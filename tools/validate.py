@@ -2,7 +2,7 @@
 """Check a COCO set against its images; optionally write a repaired copy.
 
     python tools/validate.py ANNOTATIONS.json [--images DIR] [--decode] [--fix OUT.json] [--xyxy]
-                             [--json REPORT.json] [--all]
+                             [--json REPORT.json] [--all] [--overwrite]
 
 Exit code 1 when the input has errors, 0 otherwise, 2 when the tool itself cannot run.
 """
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fix: read every bbox as [x1, y1, x2, y2] and convert it",
     )
     p.add_argument("--json", type=Path, metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace existing --fix/--json files")
     p.add_argument("--all", action="store_true", help="print every problem (default: 10 per kind)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -55,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for out in (args.fix, args.json):
             if out is not None:
-                check_output(out, args.annotations)
+                check_output(out, args.annotations, overwrite=args.overwrite)
         if args.fix is not None and args.json is not None:
-            check_output(args.fix, args.json)
+            check_output(args.fix, args.json, overwrite=True)  # only: not the same file
         if args.xyxy and args.fix is None:
             raise CocoError("--xyxy only applies with --fix OUT.json")
         report = validate_coco(

@@ -1,4 +1,6 @@
-"""Helpers shared by the COCO tools: loading, the default image folder, names, groups, boxes.
+"""Helpers shared by the COCO tools: loading, the default image folder, names, groups, outputs.
+
+The rules of a valid box, category and record are in ``detector.coco_rules``.
 
 Nothing here imports torch: the trainer's pre-flight check and the label tools both use it.
 """
@@ -7,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..coco_rules import name_key as normalize_name  # noqa: F401  (the tools' name matching)
 from ..fileio import UnsafePathError, refuse_overwrite, resolve_inside
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -85,17 +87,20 @@ def require_unique_ids(data: dict[str, Any], path: str | Path) -> None:
             raise CocoError(f"{path}: {what}; repair it first with tools/validate.py --fix")
 
 
-def check_output(output: str | Path, *inputs: str | Path) -> None:
-    """Refuse to write over one of the inputs (raises CocoError)."""
+def check_output(output: str | Path, *inputs: str | Path, overwrite: bool = False) -> None:
+    """Refuse to write over one of the inputs, ever, and over any other existing file unless
+    ``overwrite`` (raises CocoError naming the file and the flag)."""
     try:
         refuse_overwrite(output, *inputs)
     except ValueError as e:
         raise CocoError(str(e)) from None
-
-
-def normalize_name(name: Any) -> str:
-    """Category name key for matching: case-insensitive, whitespace collapsed."""
-    return " ".join(str(name).split()).casefold()
+    path = Path(output)
+    if path.is_symlink():
+        raise CocoError(
+            f"{output}: is a symlink; refusing to write through it, choose another path"
+        )
+    if path.exists() and not overwrite:
+        raise CocoError(f"{output}: already exists; pass --overwrite to replace it")
 
 
 def roboflow_stem(file_name: str) -> str | None:
@@ -112,23 +117,6 @@ def source_key(file_name: str) -> str:
         return rel
     parent = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
     return f"{parent}{stem}"
-
-
-def placeholder_category_ids(data: dict[str, Any]) -> set[Any]:
-    """Roboflow's superclass placeholder: a category with no boxes whose name is the
-    ``supercategory`` of every other category (e.g. ``{"id": 0, "name": "z"}`` above "rabbit")."""
-    cats = [c for c in data.get("categories", []) if isinstance(c, dict) and "id" in c]
-    used = {a.get("category_id") for a in data.get("annotations", []) if isinstance(a, dict)}
-    found = set()
-    for cat in cats:
-        others = [c for c in cats if c is not cat]
-        if (
-            cat["id"] not in used
-            and others
-            and all(c.get("supercategory") == cat.get("name") for c in others)
-        ):
-            found.add(cat["id"])
-    return found
 
 
 def file_sha1(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -159,28 +147,6 @@ def safe_image_path(image_dir: Path, file_name: Any, image_id: Any = None) -> Pa
     if not isinstance(file_name, str):
         raise UnsafePathError(f"image id {image_id}: file_name {file_name!r} is not a string")
     return resolve_inside(image_dir, file_name, f"image id {image_id} file_name")
-
-
-def parse_bbox(bbox: Any) -> tuple[float, float, float, float] | None:
-    """``[x, y, w, h]`` as floats, or None when it is not four numbers."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return None
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in bbox):
-        return None
-    x, y, w, h = (float(v) for v in bbox)
-    return x, y, w, h
-
-
-def positive_size(record: dict[str, Any]) -> tuple[int, int] | None:
-    """The record's (width, height) when both are positive numbers, else None."""
-    w, h = record.get("width"), record.get("height")
-    if isinstance(w, bool) or isinstance(h, bool):
-        return None
-    if not isinstance(w, (int, float)) or not isinstance(h, (int, float)):
-        return None
-    if not (math.isfinite(w) and math.isfinite(h)) or w <= 0 or h <= 0:
-        return None
-    return int(round(w)), int(round(h))
 
 
 def display_path(path: str | Path) -> str:

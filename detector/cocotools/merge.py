@@ -22,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..coco_rules import placeholder_category_ids
 from ..fileio import UnsafePathError, atomic_write_json
 from .common import (
     CocoError,
@@ -31,7 +32,6 @@ from .common import (
     image_dir_for,
     load_coco_json,
     normalize_name,
-    placeholder_category_ids,
     require_unique_ids,
     safe_image_path,
 )
@@ -124,14 +124,57 @@ def merge_coco(
         data = load_coco_json(src.annotations)
         require_unique_ids(data, src.annotations)
         loaded.append((src, data, image_dir_for(src.annotations, src.images_dir)))
+    categories, category_maps, dropped_categories = _merge_categories(
+        names, [data for _, data, _ in loaded], drop_empty
+    )
+    out: dict[str, Any] = {
+        "info": {
+            "description": "merged by tools/merge.py from "
+            + ", ".join(str(src.annotations) for src in sources),
+            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        "licenses": [],
+        "categories": categories,
+        "images": [],
+        "annotations": [],
+    }
+    result = MergeResult(out, [], names, category_maps)
+    for name, (src, data, image_dir) in zip(names, loaded, strict=True):
+        image_map = _add_images(result, name, src, data, image_dir, progress)
+        dropped = kept = 0
+        cmap = category_maps[name]
+        for ann in data["annotations"]:
+            image_id = image_map.get(ann.get("image_id"))
+            category_id = cmap.get(ann.get("category_id"))
+            if image_id is None or category_id is None:
+                dropped += 1
+                continue
+            out["annotations"].append(
+                {
+                    **ann,
+                    "id": len(out["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id,
+                }
+            )
+            kept += 1
+        result.boxes[name] = kept
+        result.dropped_boxes[name] = dropped
+    result.dropped_categories = dropped_categories
+    return result
 
-    # categories: key -> merged record, in order of first appearance
+
+def _merge_categories(
+    names: list[str], datas: list[dict[str, Any]], drop_empty: bool
+) -> tuple[list[dict[str, Any]], dict[str, dict[Any, int]], list[str]]:
+    """Categories matched by name (``coco_rules.name_key``), in order of first appearance:
+    (merged categories, per source old id -> new id, dropped categories)."""
     merged_cats: dict[str, dict[str, Any]] = {}
     key_of: dict[str, dict[Any, str]] = {}
     dropped_categories: list[str] = []
     box_count: Counter[str] = Counter()
-    for name, (_, data, _) in zip(names, loaded, strict=True):
-        placeholders = placeholder_category_ids(data)
+    for name, data in zip(names, datas, strict=True):
+        placeholders = placeholder_category_ids(data["categories"], data["annotations"])
         key_of[name] = {}
         for cat in data["categories"]:
             if cat["id"] in placeholders:
@@ -164,72 +207,51 @@ def merge_coco(
         name: {cid: id_of_key[k] for cid, k in keys.items() if k in id_of_key}
         for name, keys in key_of.items()
     }
+    return categories, category_maps, dropped_categories
 
-    out: dict[str, Any] = {
-        "info": {
-            "description": "merged by tools/merge.py from "
-            + ", ".join(str(src.annotations) for src in sources),
-            "date_created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        },
-        "licenses": [],
-        "categories": categories,
-        "images": [],
-        "annotations": [],
-    }
-    result = MergeResult(out, [], names, category_maps)
-    for name, (src, data, image_dir) in zip(names, loaded, strict=True):
-        license_map = {}
-        for lic in data.get("licenses") or []:
-            if isinstance(lic, dict) and "id" in lic:
-                license_map[lic["id"]] = len(out["licenses"]) + 1
-                out["licenses"].append({**lic, "id": license_map[lic["id"]]})
-        image_map: dict[Any, int] = {}
-        missing = 0
-        for rec in tqdm(
-            data["images"], desc=f"merge {name}", unit="img", disable=not progress, leave=False
-        ):
-            try:
-                path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
-            except UnsafePathError as e:
-                raise CocoError(
-                    f"{src.annotations}: {e} (tools/validate.py --fix drops such records)"
-                ) from None
-            if not path.is_file():
-                missing += 1
-                continue
-            rel = rec["file_name"].replace("\\", "/")
-            new = {**rec, "id": len(out["images"]) + 1, "file_name": f"{name}/{rel}"}
-            if "license" in rec:
-                if rec["license"] in license_map:
-                    new["license"] = license_map[rec["license"]]
-                else:
-                    del new["license"]
-            image_map[rec["id"]] = new["id"]
-            out["images"].append(new)
-            result.files.append((path, new["file_name"]))
-        dropped = kept = 0
-        cmap = category_maps[name]
-        for ann in data["annotations"]:
-            image_id = image_map.get(ann.get("image_id"))
-            category_id = cmap.get(ann.get("category_id"))
-            if image_id is None or category_id is None:
-                dropped += 1
-                continue
-            out["annotations"].append(
-                {
-                    **ann,
-                    "id": len(out["annotations"]) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                }
-            )
-            kept += 1
-        result.images[name] = len(image_map)
-        result.boxes[name] = kept
-        result.missing_images[name] = missing
-        result.dropped_boxes[name] = dropped
-    result.dropped_categories = dropped_categories
-    return result
+
+def _add_images(
+    result: MergeResult,
+    name: str,
+    src: MergeSource,
+    data: dict[str, Any],
+    image_dir: Path,
+    progress: bool,
+) -> dict[Any, int]:
+    """One source's licenses and present images into the merged set; old id -> new id."""
+    out = result.data
+    license_map = {}
+    for lic in data.get("licenses") or []:
+        if isinstance(lic, dict) and "id" in lic:
+            license_map[lic["id"]] = len(out["licenses"]) + 1
+            out["licenses"].append({**lic, "id": license_map[lic["id"]]})
+    image_map: dict[Any, int] = {}
+    missing = 0
+    for rec in tqdm(
+        data["images"], desc=f"merge {name}", unit="img", disable=not progress, leave=False
+    ):
+        try:
+            path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
+        except UnsafePathError as e:
+            raise CocoError(
+                f"{src.annotations}: {e} (tools/validate.py --fix drops such records)"
+            ) from None
+        if not path.is_file():
+            missing += 1
+            continue
+        rel = rec["file_name"].replace("\\", "/")
+        new = {**rec, "id": len(out["images"]) + 1, "file_name": f"{name}/{rel}"}
+        if "license" in rec:
+            if rec["license"] in license_map:
+                new["license"] = license_map[rec["license"]]
+            else:
+                del new["license"]
+        image_map[rec["id"]] = new["id"]
+        out["images"].append(new)
+        result.files.append((path, new["file_name"]))
+    result.images[name] = len(image_map)
+    result.missing_images[name] = missing
+    return image_map
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -256,17 +278,19 @@ def write_merged(
     copy: bool = False,
     inputs: Sequence[MergeSource] = (),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> WriteStats:
     """Fill the merged image folder with hard links (or copies) and write the JSON last, atomically.
 
     Hard links keep the merged set valid even if a source folder is later moved or deleted. Where
-    a hard link is impossible (another file system, no permission) the image is copied. Refuses to overwrite an input JSON, to write into a source
-    image folder, or to replace an existing file with other content.
+    a hard link is impossible (another file system, no permission) the image is copied. Refuses to
+    overwrite an input JSON, an existing ``out_json`` without ``overwrite``, to write into a
+    source image folder, or to replace an existing image with other content.
     """
     out_json = Path(out_json)
     images_dir = Path(images_out) if images_out else out_json.resolve().parent / "images"
     for src in inputs:
-        check_output(out_json, src.annotations)
+        check_output(out_json, src.annotations, overwrite=overwrite)
         source_dir = image_dir_for(src.annotations, src.images_dir)
         target = images_dir.resolve()
         if target == source_dir or source_dir in target.parents:

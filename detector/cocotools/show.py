@@ -7,7 +7,6 @@ that looks wrong here is wrong in training too. Crowd boxes are drawn thin with 
 from __future__ import annotations
 
 import colorsys
-import math
 import random
 import re
 from collections import defaultdict
@@ -20,8 +19,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..coco_rules import usable_xywh
 from ..fileio import ImageReadError, UnsafePathError, atomic_write_with, read_image_rgb
-from .common import CocoError, image_dir_for, load_coco_json, parse_bbox, safe_image_path
+from .common import CocoError, check_output, image_dir_for, load_coco_json, safe_image_path
 
 
 @dataclass
@@ -62,8 +62,8 @@ def draw_boxes(
     font_scale = max(0.4, max(ch, cw) / 1400)
     skipped = 0
     for ann in annotations:
-        box = parse_bbox(ann.get("bbox"))
-        if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+        box = usable_xywh(ann.get("bbox"))
+        if box is None:
             skipped += 1
             continue
         x, y, w, h = (v * scale for v in box)
@@ -120,11 +120,13 @@ def show_coco(
     images_dir: str | Path | None = None,
     max_size: int = 1280,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> ShowResult:
     """Draw ``n`` random images (or the given ``ids``) to ``out_dir/<id>_<name>.png``.
 
     Listed images that are missing or unreadable are skipped (and reported) and the next random
-    one is taken. Refuses to write into the image folder.
+    one is taken. Refuses to write into the image folder, and over an existing PNG unless
+    ``overwrite``.
     """
     annotations = Path(annotations)
     data = load_coco_json(annotations)
@@ -159,6 +161,8 @@ def show_coco(
             break
         rec = records[image_id]
         label = f"image id {image_id} ({rec.get('file_name')})"
+        target = out / _out_name(image_id, str(rec.get("file_name")))
+        check_output(target, annotations, overwrite=overwrite)
         try:
             path = safe_image_path(image_dir, rec.get("file_name"), image_id)
             rgb = read_image_rgb(path)
@@ -174,7 +178,6 @@ def show_coco(
         ok, png = cv2.imencode(".png", canvas)
         if not ok:
             raise CocoError(f"{label}: OpenCV could not encode the PNG")
-        target = out / _out_name(image_id, str(rec.get("file_name")))
         atomic_write_with(target, lambda f, buf=png: f.write(buf.tobytes()))
         result.written.append(target)
         bar.update(1)

@@ -197,9 +197,11 @@ def split_file(
     images_dir: str | Path | None = None,
     hash_content: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SplitResult:
     """Split a COCO file into ``train.json``, ``val.json`` (``test.json``) in ``out_dir``
-    (default: beside the input, so file names stay relative to the same image folder)."""
+    (default: beside the input, so file names stay relative to the same image folder).
+    Existing split files are replaced only with ``overwrite``; the input never."""
     annotations = Path(annotations)
     data = load_coco_json(annotations)
     require_unique_ids(data, annotations)
@@ -207,7 +209,7 @@ def split_file(
     fractions = _fractions(val, test)
     paths = {side: out / f"{side}.json" for side in fractions}
     for path in paths.values():
-        check_output(path, annotations)
+        check_output(path, annotations, overwrite=overwrite)
     image_dir = image_dir_for(annotations, images_dir)
     result = split_coco(
         data, val, test, seed, image_dir if image_dir.is_dir() else None, hash_content, progress

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..coco_rules import image_size, usable_xywh
 from ..fileio import UnsafePathError, atomic_write_with
-from .common import parse_bbox, safe_image_path
+from .common import safe_image_path
 
 SMALL_MAX_AREA = 32**2
 MEDIUM_MAX_AREA = 96**2
@@ -65,7 +66,7 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
     categories = [c for c in data.get("categories", []) if isinstance(c, dict) and "id" in c]
     classes = {c["id"]: ClassStats(c["id"], str(c.get("name", c["id"]))) for c in categories}
     images = [r for r in data.get("images", []) if isinstance(r, dict) and "id" in r]
-    size_of = {r["id"]: (r.get("width"), r.get("height")) for r in images}
+    size_of = {r["id"]: image_size(r) for r in images}
     annotations = [a for a in data.get("annotations") or [] if isinstance(a, dict)]
     per_image: Counter[Any] = Counter()
     classes_in_image: dict[Any, set[Any]] = defaultdict(set)
@@ -88,8 +89,8 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
             cls.boxes += 1
             cls.crowd += is_crowd
             classes_in_image[image_id].add(cls.id)
-        box = parse_bbox(ann.get("bbox"))
-        if box is None or not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
+        box = usable_xywh(ann.get("bbox"))
+        if box is None:
             invalid += 1
             continue
         area = box[2] * box[3]
@@ -100,13 +101,9 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
         if cls is not None:
             setattr(cls, bucket, getattr(cls, bucket) + 1)
         sides.append(math.sqrt(area))
-        width, height = size_of[image_id]
-        if (
-            isinstance(width, (int, float))
-            and isinstance(height, (int, float))
-            and width * height > 0
-        ):
-            rel_areas.append(area / (width * height))
+        size = size_of[image_id]
+        if size is not None:
+            rel_areas.append(area / (size[0] * size[1]))
     for ids in classes_in_image.values():
         for cid in ids:
             classes[cid].images += 1
@@ -114,16 +111,7 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
         (lo, hi, sum(1 for s in sides if lo <= s < hi))
         for lo, hi in zip(SIDE_BIN_EDGES[:-1], SIDE_BIN_EDGES[1:], strict=True)
     ]
-    image_sizes: Counter[tuple[int, int]] = Counter()
-    for width, height in size_of.values():
-        if isinstance(width, (int, float)) and isinstance(height, (int, float)):
-            image_sizes[(int(width), int(height))] += 1
-    on_disk = None
-    if images_dir is not None:
-        on_disk = 0
-        for rec in images:
-            with contextlib.suppress(UnsafePathError):
-                on_disk += safe_image_path(images_dir, rec.get("file_name"), rec["id"]).is_file()
+    image_sizes = Counter(size for size in size_of.values() if size is not None)
     return CocoStats(
         num_images=len(images),
         num_annotations=len(annotations),
@@ -140,8 +128,18 @@ def coco_stats(data: dict[str, Any], images_dir: Path | None = None) -> CocoStat
         box_rel_areas=rel_areas,
         image_sizes=image_sizes,
         max_boxes_per_image=max(per_image.values(), default=0),
-        images_on_disk=on_disk,
+        images_on_disk=_images_on_disk(images, images_dir),
     )
+
+
+def _images_on_disk(images: list[dict[str, Any]], images_dir: Path | None) -> int | None:
+    if images_dir is None:
+        return None
+    on_disk = 0
+    for rec in images:
+        with contextlib.suppress(UnsafePathError):
+            on_disk += safe_image_path(images_dir, rec.get("file_name"), rec["id"]).is_file()
+    return on_disk
 
 
 def format_stats(stats: CocoStats, top_sizes: int = 8) -> str:

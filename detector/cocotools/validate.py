@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -23,25 +22,29 @@ from typing import Any
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from ..coco_rules import (
+    annotation_record_problem,
+    area_of,
+    box_position,
+    clip_xywh,
+    image_size,
+    image_truncation,
+    is_int_id,
+    looks_xyxy,
+    parse_bbox,
+    placeholder_category_ids,
+    xywh_problem,
+    xyxy_pattern,
+)
+from ..coco_rules import name_key as normalize_name
 from ..fileio import MAX_IMAGE_PIXELS, UnsafePathError
 from .common import (
     CocoError,
     display_path,
     image_dir_for,
     list_image_files,
-    normalize_name,
-    parse_bbox,
-    placeholder_category_ids,
-    positive_size,
     safe_image_path,
 )
-
-# A box may run this many pixels past the image edge before it is reported (float rounding).
-EDGE_TOLERANCE = 0.5
-# The xyxy-stored-as-xywh pattern: at least this share of boxes run past the edge ...
-XYXY_MIN_PAST_SHARE = 0.1
-# ... while at least this share has w > x and h > y and would fit inside the image as x2, y2.
-XYXY_MIN_PATTERN_SHARE = 0.9
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}
@@ -191,14 +194,6 @@ def _strict_truncation() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
-def _jpeg_has_end_marker(path: Path, tail: int = 4096) -> bool:
-    """A complete JPEG ends with FFD9 (some writers append a few bytes after it)."""
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - tail))
-        return b"\xff\xd9" in f.read()
-
-
 def probe_image(path: Path, decode: bool = False) -> ImageProbe:
     """Read an image's header (and with ``decode`` its pixels) without raising."""
     if not path.is_file():
@@ -213,6 +208,9 @@ def probe_image(path: Path, decode: bool = False) -> ImageProbe:
                 orientation = 1
             if decode:
                 im.load()
+        cut = image_truncation(path) if decode else None
+        if cut:
+            return ImageProbe("unreadable", path, detail=cut)
     except Image.DecompressionBombError as e:
         return ImageProbe("too_large", path, detail=str(e))
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on corrupt data
@@ -222,36 +220,9 @@ def probe_image(path: Path, decode: bool = False) -> ImageProbe:
     if size[0] * size[1] > MAX_IMAGE_PIXELS:
         probe.status = "too_large"
         probe.detail = f"{size[0]}x{size[1]} is over the {MAX_IMAGE_PIXELS:,} pixel limit"
-    elif not decode and fmt == "JPEG":
-        probe.maybe_truncated = not _jpeg_has_end_marker(path)
+    elif not decode:
+        probe.maybe_truncated = image_truncation(path) is not None
     return probe
-
-
-# --------------------------------------------------------------------------------------------
-# boxes
-
-
-def box_position(
-    box: tuple[float, float, float, float],
-    width: float,
-    height: float,
-    tolerance: float = EDGE_TOLERANCE,
-) -> tuple[str, float]:
-    """('inside' | 'past' | 'outside', overshoot in px) of a finite xywh box with w, h > 0."""
-    x, y, w, h = box
-    if x >= width or y >= height or x + w <= 0 or y + h <= 0:
-        return "outside", math.inf
-    over = max(-x, -y, x + w - width, y + h - height, 0.0)
-    return ("past" if over > tolerance else "inside"), over
-
-
-def clip_box(
-    box: tuple[float, float, float, float], width: float, height: float
-) -> tuple[float, float, float, float]:
-    x, y, w, h = box
-    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    return x1, y1, x2 - x1, y2 - y1
 
 
 def _fmt_box(box: Any) -> str:
@@ -377,6 +348,11 @@ def _check_categories(report: ValidationReport, categories: list[Any]) -> dict[A
             )
             continue
         cid, name = cat["id"], cat.get("name")
+        if not is_int_id(cid):
+            report.error(
+                "bad_record",
+                f"category id {cid!r} is not an integer; COCO category ids are integers",
+            )
         if not isinstance(name, str) or not name.strip():
             report.error(
                 "bad_record",
@@ -426,69 +402,11 @@ def _check_images(
     for i, rec in enumerate(
         tqdm(images, desc="images", unit="img", disable=not progress, leave=False)
     ):
-        if not isinstance(rec, dict) or "id" not in rec:
-            report.error(
-                "bad_record",
-                f"images[{i}] has no id: {str(rec)[:80]}; give it a unique "
-                "integer id (--fix drops it)",
-            )
-            report.probes.append(ImageProbe("bad_record"))
-            continue
-        image_id, name = rec["id"], rec.get("file_name")
-        rid: dict[str, Any] = {
-            "image_id": image_id,
-            "file_name": name if isinstance(name, str) else None,
-        }
-        label = f"image id {image_id} ({name})"
-        if image_id in by_id:
-            first = images[_first_index(images, image_id)]
-            same = first.get("file_name") == name
-            report.error(
-                "duplicate_image_id",
-                f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
-                "boxes with this image_id are ambiguous; give each image a unique id "
-                + (
-                    "(--fix drops the repeated record)"
-                    if same
-                    else "(--fix renumbers the later one; it keeps no boxes: re-label it)"
-                ),
-                **rid,
-            )
-        if not isinstance(name, str) or not name.strip():
-            report.error(
-                "bad_record", f"image id {image_id} has no file_name (--fix drops it)", **rid
-            )
-            report.probes.append(ImageProbe("bad_record"))
-            by_id.setdefault(image_id, report.probes[-1])
-            continue
-        try:
-            path = safe_image_path(image_dir, name, image_id)
-        except UnsafePathError as e:
-            report.error(
-                "unsafe_path",
-                f"{e}. Name images relative to the image folder and "
-                "keep them inside it (--fix drops the record)",
-                **rid,
-            )
-            report.probes.append(ImageProbe("unsafe", detail=str(e)))
-            by_id.setdefault(image_id, report.probes[-1])
-            continue
-        key = str(path)
-        if key in seen_names:
-            report.warn(
-                "duplicate_file_name",
-                f"{label}: the same file is also listed as image id {seen_names[key]}; "
-                "one photo twice can land in both train and val; remove one record",
-                **rid,
-            )
-        else:
-            seen_names[key] = image_id
-        probe = probe_image(path, report.decoded)
+        probe = _check_image(report, i, rec, images, by_id, seen_names)
         report.probes.append(probe)
-        by_id.setdefault(image_id, probe)
-        _report_probe(report, rec, probe, label, rid)
-        if probe.status in ("ok", "too_large", "unreadable"):
-            found += 1
+        if isinstance(rec, dict) and "id" in rec:
+            by_id.setdefault(rec["id"], probe)
+        found += probe.status in ("ok", "too_large", "unreadable")
     report.images_found = found
     if images and found == 0 and image_dir.is_dir():
         report.errors.insert(
@@ -500,6 +418,106 @@ def _check_images(
             ),
         )
     return by_id
+
+
+def _check_image(
+    report: ValidationReport,
+    i: int,
+    rec: Any,
+    images: list[Any],
+    by_id: dict[Any, ImageProbe],
+    seen_names: dict[str, Any],
+) -> ImageProbe:
+    """One image record: its id and file name, then the file behind it."""
+    assert report.images_dir is not None
+    if not isinstance(rec, dict) or "id" not in rec:
+        report.error(
+            "bad_record",
+            f"images[{i}] has no id: {str(rec)[:80]}; give it a unique integer id (--fix drops it)",
+        )
+        return ImageProbe("bad_record")
+    image_id, name = rec["id"], rec.get("file_name")
+    rid: dict[str, Any] = {
+        "image_id": image_id,
+        "file_name": name if isinstance(name, str) else None,
+    }
+    label = f"image id {image_id!r} ({name})"
+    _check_image_id(report, rec, images, by_id, label, rid)
+    if not isinstance(name, str) or not name.strip():
+        report.error("bad_record", f"image id {image_id} has no file_name (--fix drops it)", **rid)
+        return ImageProbe("bad_record")
+    try:
+        path = safe_image_path(report.images_dir, name, image_id)
+    except UnsafePathError as e:
+        report.error(
+            "unsafe_path",
+            f"{e}. Name images relative to the image folder and "
+            "keep them inside it (--fix drops the record)",
+            **rid,
+        )
+        return ImageProbe("unsafe", detail=str(e))
+    _report_symlink(report, path, label, rid)
+    if str(path) in seen_names:
+        report.warn(
+            "duplicate_file_name",
+            f"{label}: the same file is also listed as image id {seen_names[str(path)]}; "
+            "one photo twice can land in both train and val; remove one record",
+            **rid,
+        )
+    else:
+        seen_names[str(path)] = image_id
+    probe = probe_image(path, report.decoded)
+    _report_probe(report, rec, probe, label, rid)
+    return probe
+
+
+def _check_image_id(
+    report: ValidationReport,
+    rec: dict[str, Any],
+    images: list[Any],
+    by_id: dict[Any, ImageProbe],
+    label: str,
+    rid: dict[str, Any],
+) -> None:
+    image_id = rec["id"]
+    if not is_int_id(image_id):
+        report.error(
+            "bad_image_id",
+            f"{label}: the id is not an integer; COCO image ids are integers and the "
+            "trainer needs them (--fix renumbers the image and its boxes)",
+            **rid,
+        )
+    if image_id in by_id:
+        first = images[_first_index(images, image_id)]
+        same = first.get("file_name") == rec.get("file_name")
+        report.error(
+            "duplicate_image_id",
+            f"{label}: id {image_id} is also used by {first.get('file_name')!r}; "
+            "boxes with this image_id are ambiguous; give each image a unique id "
+            + (
+                "(--fix drops the repeated record)"
+                if same
+                else "(--fix renumbers the later one; it keeps no boxes: re-label it)"
+            ),
+            **rid,
+        )
+
+
+def _report_symlink(report: ValidationReport, path: Path, label: str, rid: dict[str, Any]) -> None:
+    """An image that is a symlink out of the image folder (tools/convert.py --link makes them):
+    read through, never written through; a moved source breaks it."""
+    assert report.images_dir is not None
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    root = report.images_dir.resolve()
+    if target != root and root not in target.parents:
+        report.info(
+            "symlink_outside",
+            f"{label}: a symlink to {target}, outside the image folder; it breaks if that "
+            "file moves (convert without --link to copy the images)",
+            **rid,
+        )
 
 
 def _first_index(images: list[Any], image_id: Any) -> int:
@@ -537,14 +555,49 @@ def _report_probe(
             **rid,
         )
         return
+    stored = _report_size(report, rec, probe, label, rid)
+    if probe.orientation not in (1, 0) and (stored is None or stored == probe.size):
+        report.info(
+            "exif_orientation",
+            f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
+            "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF",
+            **rid,
+        )
+    if probe.maybe_truncated:
+        report.warn(
+            "maybe_truncated",
+            f"{label}: the file has no end marker, it may be truncated; "
+            "run with --decode to check it",
+            **rid,
+        )
+    suffix = Path(str(rec.get("file_name"))).suffix.lower()
+    allowed = _EXTENSIONS_OF_FORMAT.get(probe.format or "")
+    if allowed is not None and suffix not in allowed:
+        report.info(
+            "wrong_extension",
+            f"{label}: the file is {probe.format} despite its "
+            f"'{suffix}' name (readable, but confusing)",
+            **rid,
+        )
+
+
+def _report_size(
+    report: ValidationReport,
+    rec: dict[str, Any],
+    probe: ImageProbe,
+    label: str,
+    rid: dict[str, Any],
+) -> tuple[int, int] | None:
+    """The record's width/height against the file's displayed size; returns the stored size."""
     assert probe.size is not None and probe.raw_size is not None
     width, height = probe.size
-    stored = positive_size(rec)
+    stored = image_size(rec)
     if stored is None:
         report.error(
             "bad_image_size",
-            f"{label}: width/height missing or not positive ({rec.get('width')!r} x "
-            f"{rec.get('height')!r}); the file is {width}x{height} (--fix sets it)",
+            f"{label}: width/height missing or not positive whole numbers "
+            f"({rec.get('width')!r} x {rec.get('height')!r}); the file is {width}x{height} "
+            "(--fix sets it)",
             **rid,
         )
     elif stored != probe.size:
@@ -567,29 +620,7 @@ def _report_probe(
                 "check the boxes with tools/show.py)",
                 **rid,
             )
-    if probe.orientation not in (1, 0) and (stored is None or stored == probe.size):
-        report.info(
-            "exif_orientation",
-            f"{label}: displayed with EXIF orientation {probe.orientation}; if boxes look "
-            "rotated or mirrored in tools/show.py, the labelling tool ignored EXIF",
-            **rid,
-        )
-    if probe.maybe_truncated:
-        report.warn(
-            "maybe_truncated",
-            f"{label}: the JPEG has no end marker, it may be truncated; "
-            "run with --decode to check it",
-            **rid,
-        )
-    suffix = Path(str(rec.get("file_name"))).suffix.lower()
-    allowed = _EXTENSIONS_OF_FORMAT.get(probe.format or "")
-    if allowed is not None and suffix not in allowed:
-        report.info(
-            "wrong_extension",
-            f"{label}: the file is {probe.format} despite its "
-            f"'{suffix}' name (readable, but confusing)",
-            **rid,
-        )
+    return stored
 
 
 def _sibling_listed(report: ValidationReport) -> tuple[set[str], list[str]]:
@@ -645,6 +676,22 @@ def _check_unlisted(report: ValidationReport, images: list[Any]) -> None:
         )
 
 
+@dataclass
+class _AnnotationTally:
+    """What the annotation checks count on the way, for the set-level findings."""
+
+    records: dict[Any, dict[str, Any]]  # image id -> first image record
+    cat_names: dict[Any, str]
+    images_by_id: dict[Any, ImageProbe]
+    boxes_per_image: Counter[Any] = field(default_factory=Counter)
+    boxes_per_cat: Counter[Any] = field(default_factory=Counter)
+    seen_ids: set[Any] = field(default_factory=set)
+    crowd: int = 0
+    frame_boxes: list[tuple[tuple[float, float, float, float], int, int]] = field(
+        default_factory=list
+    )
+
+
 def _check_annotations(
     report: ValidationReport,
     annotations: list[Any],
@@ -652,126 +699,155 @@ def _check_annotations(
     cat_names: dict[Any, str],
 ) -> None:
     images = report.data.get("images", []) if report.data else []
-    records = {}
+    records: dict[Any, dict[str, Any]] = {}
     for rec in images if isinstance(images, list) else []:
         if isinstance(rec, dict) and "id" in rec:
             records.setdefault(rec["id"], rec)
-    boxes_per_image: Counter[Any] = Counter()
-    boxes_per_cat: Counter[Any] = Counter()
-    seen_ids: set[Any] = set()
-    crowd = 0
-    frame_boxes: list[tuple[tuple[float, float, float, float], int, int]] = []
-    known = ", ".join(str(c) for c in list(cat_names)[:20])
+    tally = _AnnotationTally(records, cat_names, images_by_id)
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict):
             report.error(
                 "bad_record", f"annotations[{i}] is not an object: {str(ann)[:80]} (--fix drops it)"
             )
             continue
-        ann_id, image_id = ann.get("id"), ann.get("image_id")
-        rec = records.get(image_id)
-        name = rec.get("file_name") if rec else None
-        rid = {
-            "image_id": image_id,
-            "ann_id": ann_id,
-            "file_name": name if isinstance(name, str) else None,
-        }
-        label = f"annotation {ann_id} (image {image_id}{', ' + str(name) if name else ''})"
-        if "id" not in ann:
-            report.error(
-                "bad_record",
-                f"annotations[{i}] (image {image_id}) has no id (--fix gives it one)",
-                **rid,
-            )
-        elif ann_id in seen_ids:
-            report.error(
-                "duplicate_ann_id",
-                f"{label}: annotation id {ann_id} is used more than "
-                "once; give each box a unique id (--fix renumbers)",
-                **rid,
-            )
-        seen_ids.add(ann_id)
-        if rec is None:
-            report.error(
-                "unknown_image_id",
-                f"{label}: image_id {image_id!r} is not in 'images' (--fix drops the box)",
-                **rid,
-            )
-            continue
-        boxes_per_image[image_id] += 1
-        cid = ann.get("category_id")
-        if cid not in cat_names:
-            report.error(
-                "unknown_category",
-                f"{label}: category_id {cid!r} is not in "
-                f"'categories' (known: {known}); correct the id or "
-                "add the category (--fix drops the box)",
-                **rid,
-            )
-        else:
-            boxes_per_cat[cid] += 1
-        if ann.get("iscrowd"):
-            crowd += 1
-        box = parse_bbox(ann.get("bbox"))
-        if box is None:
-            report.error(
-                "bad_bbox",
-                f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
-                "[x, y, width, height] (--fix drops it)",
-                **rid,
-            )
-            continue
-        if not all(math.isfinite(v) for v in box):
-            report.error(
-                "box_nan",
-                f"{label}: bbox {_fmt_box(box)} has NaN/infinite values (--fix drops it)",
-                **rid,
-            )
-            continue
-        if box[2] <= 0 or box[3] <= 0:
-            report.error(
-                "box_empty",
-                f"{label}: bbox {_fmt_box(box)} has zero or negative width/height (--fix drops it)",
-                **rid,
-            )
-            continue
-        area = ann.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
-            report.warn(
-                "missing_area",
-                f"{label}: no usable 'area' (COCO evaluation needs it; --fix sets width*height)",
-                **rid,
-            )
-        frame = _frame_of(images_by_id.get(image_id), rec)
-        if frame is None:
-            continue
-        width, height = frame
-        frame_boxes.append((box, width, height))
-        where, over = box_position(box, width, height)
-        if where == "outside":
-            report.error(
-                "box_outside",
-                f"{label}: bbox {_fmt_box(box)} lies entirely outside "
-                f"the {width}x{height} image (--fix drops it)",
-                **rid,
-            )
-        elif where == "past":
-            report.warn(
-                "box_past_edge",
-                f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
-                f"the edge of the {width}x{height} image (--fix clips it)",
-                **rid,
-            )
-    _check_xyxy(report, frame_boxes)
-    if crowd:
+        _check_annotation(report, i, ann, tally)
+    _check_xyxy(report, tally.frame_boxes)
+    if tally.crowd:
         report.info(
             "crowd_boxes",
-            f"{crowd} iscrowd boxes: left out of training, used as "
+            f"{tally.crowd} iscrowd boxes: left out of training, used as "
             "'ignore' regions by COCO evaluation",
         )
-    placeholders = placeholder_category_ids(report.data or {})
-    for cid, cname in cat_names.items():
-        if boxes_per_cat[cid]:
+    _report_empty_categories(report, annotations, tally)
+    _report_negatives(report, tally)
+
+
+def _check_annotation(
+    report: ValidationReport, i: int, ann: dict[str, Any], tally: _AnnotationTally
+) -> None:
+    """One annotation: its ids, its image and category, then its box."""
+    ann_id, image_id = ann.get("id"), ann.get("image_id")
+    rec = tally.records.get(image_id)
+    name = rec.get("file_name") if rec else None
+    rid = {
+        "image_id": image_id,
+        "ann_id": ann_id,
+        "file_name": name if isinstance(name, str) else None,
+    }
+    label = f"annotation {ann_id} (image {image_id!r}{', ' + str(name) if name else ''})"
+    problem = annotation_record_problem(ann)
+    if problem:
+        report.error("bad_record", f"{label}: {problem} (--fix drops the box)", **rid)
+        return
+    if "id" not in ann:
+        report.error(
+            "bad_record",
+            f"annotations[{i}] (image {image_id}) has no id (--fix gives it one)",
+            **rid,
+        )
+    elif ann_id in tally.seen_ids:
+        report.error(
+            "duplicate_ann_id",
+            f"{label}: annotation id {ann_id} is used more than "
+            "once; give each box a unique id (--fix renumbers)",
+            **rid,
+        )
+    tally.seen_ids.add(ann_id)
+    if rec is None:
+        report.error(
+            "unknown_image_id",
+            f"{label}: image_id {image_id!r} is not in 'images' (--fix drops the box)",
+            **rid,
+        )
+        return
+    tally.boxes_per_image[image_id] += 1
+    cid = ann.get("category_id")
+    if cid not in tally.cat_names:
+        known = ", ".join(str(c) for c in list(tally.cat_names)[:20])
+        report.error(
+            "unknown_category",
+            f"{label}: category_id {cid!r} is not in 'categories' (known: {known}); correct the "
+            "id or add the category (--fix drops the box)",
+            **rid,
+        )
+    else:
+        tally.boxes_per_cat[cid] += 1
+    tally.crowd += bool(ann.get("iscrowd"))
+    _check_box(report, ann, label, rid, _frame_of(tally.images_by_id.get(image_id), rec), tally)
+
+
+def _check_box(
+    report: ValidationReport,
+    ann: dict[str, Any],
+    label: str,
+    rid: dict[str, Any],
+    frame: tuple[int, int] | None,
+    tally: _AnnotationTally,
+) -> None:
+    """The bbox: four finite numbers, positive size, inside the image (``coco_rules``)."""
+    box = parse_bbox(ann.get("bbox"))
+    if box is None:
+        report.error(
+            "bad_bbox",
+            f"{label}: bbox {ann.get('bbox')!r} is not four numbers "
+            "[x, y, width, height] (--fix drops it)",
+            **rid,
+        )
+        return
+    box_problem = xywh_problem(box)
+    if box_problem is not None:
+        what = (
+            "has NaN/infinite values"
+            if box_problem == "box_nan"
+            else "has zero or negative width/height"
+        )
+        report.error(box_problem, f"{label}: bbox {_fmt_box(box)} {what} (--fix drops it)", **rid)
+        return
+    if area_of(ann) is None:
+        report.warn(
+            "missing_area",
+            f"{label}: no usable 'area' (COCO evaluation needs it: the trainer fills it "
+            "from the box, --fix writes width*height)",
+            **rid,
+        )
+    if frame is None:
+        return
+    width, height = frame
+    tally.frame_boxes.append((box, width, height))
+    where, over = box_position(box, width, height)
+    if where == "outside":
+        report.error(
+            "box_outside",
+            f"{label}: bbox {_fmt_box(box)} lies entirely outside "
+            f"the {width}x{height} image (--fix drops it)",
+            **rid,
+        )
+    elif where == "past" and looks_xyxy(box, width, height):
+        report.warn(
+            "box_looks_xyxy",
+            f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past the edge of the "
+            f"{width}x{height} image, but read as [x1, y1, x2, y2] it lies inside it: it "
+            "was probably stored as corners, not [x, y, width, height]. Correct this box "
+            "in the labels (--fix would clip it to a wrong box)",
+            **rid,
+        )
+    elif where == "past":
+        report.warn(
+            "box_past_edge",
+            f"{label}: bbox {_fmt_box(box)} runs {over:.1f} px past "
+            f"the edge of the {width}x{height} image (--fix clips it)",
+            **rid,
+        )
+
+
+def _report_empty_categories(
+    report: ValidationReport, annotations: list[Any], tally: _AnnotationTally
+) -> None:
+    placeholders = placeholder_category_ids(
+        (report.data or {}).get("categories") or [], annotations
+    )
+    for cid, cname in tally.cat_names.items():
+        if tally.boxes_per_cat[cid]:
             continue
         if cid in placeholders:
             report.warn(
@@ -787,26 +863,30 @@ def _check_annotations(
                 "a class it never sees; drop it unless another set adds "
                 "boxes",
             )
-    for image_id, rec in records.items():
-        if not boxes_per_image[image_id]:
-            probe = images_by_id.get(image_id)
-            if probe is not None and probe.status != "ok":
-                continue
-            report.info(
-                "negative",
-                f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
-                "trained as a negative (background only); label it if it "
-                "shows objects",
-                image_id=image_id,
-                file_name=rec.get("file_name"),
-            )
+
+
+def _report_negatives(report: ValidationReport, tally: _AnnotationTally) -> None:
+    for image_id, rec in tally.records.items():
+        if tally.boxes_per_image[image_id]:
+            continue
+        probe = tally.images_by_id.get(image_id)
+        if probe is not None and probe.status != "ok":
+            continue
+        report.info(
+            "negative",
+            f"image id {image_id} ({rec.get('file_name')}) has no boxes: "
+            "trained as a negative (background only); label it if it "
+            "shows objects",
+            image_id=image_id,
+            file_name=rec.get("file_name"),
+        )
 
 
 def _frame_of(probe: ImageProbe | None, rec: dict[str, Any]) -> tuple[int, int] | None:
     """The size boxes are checked against: the file's displayed size, else the JSON's."""
     if probe is not None and probe.size is not None:
         return probe.size
-    return positive_size(rec)
+    return image_size(rec)
 
 
 def _check_xyxy(
@@ -814,27 +894,18 @@ def _check_xyxy(
 ) -> None:
     """Boxes stored as [x1, y1, x2, y2]: x + w runs past the edge for many, while w > x, h > y
     and (w, h) read as a corner falls inside the image for nearly all of them."""
-    if not boxes:
+    found = xyxy_pattern(boxes)
+    if found is None:
         return
+    past, pattern = found
     n = len(boxes)
-    past = sum(
-        1
-        for (x, y, w, h), W, H in boxes
-        if x + w > W + EDGE_TOLERANCE or y + h > H + EDGE_TOLERANCE
+    report.warn(
+        "bbox_looks_xyxy",
+        f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
+        "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
+        "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
+        "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)",
     )
-    pattern = sum(
-        1
-        for (x, y, w, h), W, H in boxes
-        if w > x and h > y and w <= W + EDGE_TOLERANCE and h <= H + EDGE_TOLERANCE
-    )
-    if past >= 2 and past >= XYXY_MIN_PAST_SHARE * n and pattern >= XYXY_MIN_PATTERN_SHARE * n:
-        report.warn(
-            "bbox_looks_xyxy",
-            f"{past} of {n} boxes run past the image edge, and {pattern} of {n} have "
-            "w > x and h > y with (w, h) inside the image: 'bbox' probably holds "
-            "[x1, y1, x2, y2] instead of COCO's [x, y, width, height]. Re-convert the "
-            "labels, or --fix --xyxy converts them (plain --fix would clip them wrongly)",
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -870,7 +941,10 @@ def fix_coco(report: ValidationReport, *, xyxy: bool = False) -> FixResult:
     data = copy.deepcopy(src)
     changes: list[str] = []
     categories, cat_remap = _fix_categories(data, src, changes)
-    images, sizes, dropped_images = _fix_images(data, report, changes)
+    images, sizes, dropped_images, image_remap = _fix_images(data, report, changes)
+    for ann in data.get("annotations") or []:
+        if isinstance(ann, dict) and not is_int_id(ann.get("image_id")):
+            ann["image_id"] = image_remap.get(ann.get("image_id"), ann.get("image_id"))
     annotations, dropped_anns = _fix_annotations(
         data, sizes, {c["id"] for c in categories}, cat_remap, xyxy, changes
     )
@@ -895,7 +969,7 @@ def _next_id(records: list[Any]) -> Iterator[int]:
 def _fix_categories(
     data: dict[str, Any], src: dict[str, Any], changes: list[str]
 ) -> tuple[list[dict[str, Any]], dict[Any, Any]]:
-    placeholders = placeholder_category_ids(src)
+    placeholders = placeholder_category_ids(src["categories"], src.get("annotations") or [])
     new_ids = _next_id(data["categories"])
     kept: list[dict[str, Any]] = []
     by_id: dict[Any, dict[str, Any]] = {}
@@ -945,8 +1019,9 @@ def _fix_categories(
 
 def _fix_images(
     data: dict[str, Any], report: ValidationReport, changes: list[str]
-) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]], int]:
+) -> tuple[list[dict[str, Any]], dict[Any, tuple[int, int]], int, dict[Any, int]]:
     new_ids = _next_id(data["images"])
+    remap: dict[Any, int] = {}  # non-integer image id -> its new id
     kept: list[dict[str, Any]] = []
     sizes: dict[Any, tuple[int, int]] = {}
     names: dict[Any, Any] = {}
@@ -970,12 +1045,16 @@ def _fix_images(
             dropped += 1
             continue
         assert probe.size is not None
-        if positive_size(rec) != probe.size:
+        if image_size(rec) != probe.size:
             changes.append(
                 f"{label}: width x height {rec.get('width')} x {rec.get('height')} -> "
                 f"{probe.size[0]} x {probe.size[1]} (from the file)"
             )
             rec["width"], rec["height"] = probe.size
+        if not is_int_id(rec["id"]):
+            old, rec["id"] = rec["id"], next(new_ids)
+            remap.setdefault(old, rec["id"])
+            changes.append(f"{label}: id {old!r} is not an integer; renumbered to {rec['id']}")
         if rec["id"] in sizes:
             if names[rec["id"]] == rec.get("file_name"):
                 changes.append(f"dropped repeated record of {label}")
@@ -990,7 +1069,7 @@ def _fix_images(
         sizes[rec["id"]] = probe.size
         names[rec["id"]] = rec.get("file_name")
         kept.append(rec)
-    return kept, sizes, dropped
+    return kept, sizes, dropped, remap
 
 
 def _fix_annotations(
@@ -1013,52 +1092,22 @@ def _fix_annotations(
             dropped += 1
             continue
         label = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
-        reason = None
         size = sizes.get(ann.get("image_id"))
         cid = cat_remap.get(ann.get("category_id"), ann.get("category_id"))
-        box = parse_bbox(ann.get("bbox"))
         if size is None:
             reason = "its image is not in the fixed set"
         elif cid not in cat_ids:
             reason = f"unknown category_id {ann.get('category_id')!r}"
-        elif box is None:
-            reason = f"malformed bbox {ann.get('bbox')!r}"
-        elif not all(math.isfinite(v) for v in box):
-            reason = f"NaN/infinite bbox {_fmt_box(box)}"
-        if reason is None and box is not None and xyxy:
-            x1, y1, x2, y2 = box
-            converted = (min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1))
-            changes.append(
-                f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> {_fmt_box(converted)}"
-            )
-            box = converted
-            ann["bbox"] = list(box)
-            ann["area"] = box[2] * box[3]
-        if reason is None and box is not None and (box[2] <= 0 or box[3] <= 0):
-            reason = f"zero or negative width/height {_fmt_box(box)}"
-        if reason is None and box is not None and size is not None:
-            where, _ = box_position(box, *size)
-            if where == "outside":
-                reason = f"bbox {_fmt_box(box)} entirely outside the {size[0]}x{size[1]} image"
-            elif where == "past":
-                clipped = clip_box(box, *size)
-                changes.append(f"{label}: bbox {_fmt_box(box)} clipped to {_fmt_box(clipped)}")
-                box = clipped
-                ann["bbox"] = [round(v, 2) for v in box]
-                box = parse_bbox(ann["bbox"])
-                if box is None or box[2] <= 0 or box[3] <= 0:
-                    reason = "nothing left after clipping"
-                elif isinstance(ann.get("area"), (int, float)):
-                    ann["area"] = min(float(ann["area"]), box[2] * box[3])
+        else:
+            reason = _fix_box(ann, size, xyxy, label, changes)
         if reason is not None:
             changes.append(f"dropped {label}: {reason}")
             dropped += 1
             continue
-        assert box is not None
-        if cid != ann.get("category_id"):
-            ann["category_id"] = cid
-        area = ann.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+        ann["category_id"] = cid
+        if area_of(ann) is None:
+            box = parse_bbox(ann["bbox"])
+            assert box is not None  # _fix_box kept it
             ann["area"] = box[2] * box[3]
             changes.append(f"{label}: area set to {ann['area']:g} (width*height)")
         if "id" not in ann or ann["id"] in seen:
@@ -1070,3 +1119,38 @@ def _fix_annotations(
         seen.add(ann["id"])
         kept.append(ann)
     return kept, dropped
+
+
+def _fix_box(
+    ann: dict[str, Any], size: tuple[int, int], xyxy: bool, label: str, changes: list[str]
+) -> str | None:
+    """Repair ``ann["bbox"]`` in place (xyxy conversion, clipping); why it is dropped, or None."""
+    box = parse_bbox(ann.get("bbox"))
+    if box is None:
+        return f"malformed bbox {ann.get('bbox')!r}"
+    if xywh_problem(box) == "box_nan":
+        return f"NaN/infinite bbox {_fmt_box(box)}"
+    if xyxy:
+        x1, y1, x2, y2 = box
+        converted = (min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1))
+        changes.append(
+            f"{label}: bbox {_fmt_box(box)} read as x1,y1,x2,y2 -> {_fmt_box(converted)}"
+        )
+        box = converted
+        ann["bbox"] = list(box)
+        ann["area"] = box[2] * box[3]
+    if xywh_problem(box) == "box_empty":
+        return f"zero or negative width/height {_fmt_box(box)}"
+    where, _ = box_position(box, *size)
+    if where == "outside":
+        return f"bbox {_fmt_box(box)} entirely outside the {size[0]}x{size[1]} image"
+    if where == "past":
+        clipped = clip_xywh(box, *size)
+        changes.append(f"{label}: bbox {_fmt_box(box)} clipped to {_fmt_box(clipped)}")
+        ann["bbox"] = [round(v, 2) for v in clipped]
+        box = parse_bbox(ann["bbox"])
+        if box is None or xywh_problem(box) is not None:
+            return "nothing left after clipping"
+        if area_of(ann) is not None:
+            ann["area"] = min(float(ann["area"]), box[2] * box[3])
+    return None

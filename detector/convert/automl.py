@@ -17,12 +17,11 @@ from collections import Counter
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
-    Skipped,
     check_name_is_safe,
+    check_normalised,
     number,
     read_csv_rows,
 )
@@ -72,6 +71,7 @@ def read_automl(ctx: ReadContext) -> ReadResult:
                 f"{path}: {record}: coordinates must be 'xmin,ymin,,,xmax,ymax,,' "
                 f"or 4 full vertices, got {','.join(coords)!r}"
             )
+        check_normalised(xs + ys, path, record)
         boxes.append(Box(label, min(xs), min(ys), max(xs), max(ys), record))
 
     matched_remote = 0
@@ -85,21 +85,8 @@ def read_automl(ctx: ReadContext) -> ReadResult:
         if img is None:
             hits = finder.by_basename(name.replace("\\", "/").rsplit("/", 1)[-1])
             img = hits[0] if len(hits) == 1 else None
-        if img is None:
-            result.skipped.append(
-                Skipped(
-                    str(path),
-                    record,
-                    f"image {name!r} not found in "
-                    f"{finder.describe()}; its {len(boxes)} boxes skipped",
-                )
-            )
-            continue
-        matched_remote += remote
-        width, height = ctx.size(img, path, record)
-        for b in boxes:
-            b.x0, b.x1, b.y0, b.y1 = b.x0 * width, b.x1 * width, b.y0 * height, b.y1 * height
-        result.images.append(ImageEntry(img, path, record, boxes))
+        matched_remote += remote and img is not None
+        result.add_image(img, path, record, boxes, looked_in=finder.describe(), units="fraction")
     if matched_remote:
         result.notes.append(
             f"{matched_remote} gs:// or http paths matched by file name in {finder.describe()}"

@@ -3,10 +3,12 @@
 Re-validated and renumbered: categories get contiguous 1-based ids in the file's order (COCO's
 91-id numbering becomes 1..80), images and annotations get fresh 1-based ids. ``iscrowd``,
 ``area`` and ``segmentation`` are kept. Dropped, with a reason: Roboflow's placeholder category
-(a category with no annotation that is another category's ``supercategory``, e.g.
-``{"id": 0, "name": "z"}``), images listed but absent on disk, annotations naming an unknown
-image or category. Images are looked up beside the JSON, in ``images/`` beside it or its
-parent folder, and in ``images/<split>`` for ``instances_<split>.json`` (or ``--images``).
+(no annotation, the ``supercategory`` of every other category, e.g. ``{"id": 0, "name": "z"}``:
+``coco_rules.placeholder_category_ids``), images listed but absent on disk, annotations naming
+an unknown image or category. Refused: category ids used 0-based against categories numbered
+from 1, and boxes that hold [x1, y1, x2, y2] in the [x, y, w, h] field (checked by the
+builder). Images are looked up beside the JSON, in ``images/`` beside it or its parent folder,
+and in ``images/<split>`` for ``instances_<split>.json`` (or ``--images``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..coco_rules import (
+    ZERO_BASED_FIX,
+    area_of,
+    image_size,
+    placeholder_category_ids,
+    zero_based_category_ids,
+)
 from .common import (
     Box,
     ConversionError,
@@ -67,54 +76,8 @@ def _require(rec: Any, keys: tuple[str, ...], path: Path, what: str) -> None:
 
 def read_coco(ctx: ReadContext) -> ReadResult:
     (path,) = source_files(ctx.src, "coco", single=True, what="COCO JSON")
-    data = load_json(path)
-    if not isinstance(data, dict):
-        raise ConversionError(
-            f"{path}: top level must be an object with images/annotations/categories"
-        )
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ConversionError(f"{path}: missing the '{key}' list; is this a COCO file?")
-    anns = data.get("annotations", [])
-    if not isinstance(anns, list):
-        raise ConversionError(f"{path}: 'annotations' must be a list")
-
-    # Categories, in file order.
-    cat_name: dict[Any, str] = {}
-    order: list[str] = []
-    supercat: dict[str, str] = {}
-    for i, c in enumerate(data["categories"]):
-        _require(c, ("id", "name"), path, f"categories[{i}]")
-        if c["id"] in cat_name:
-            raise ConversionError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
-        name = str(c["name"])
-        cat_name[c["id"]] = name
-        if name not in order:
-            order.append(name)
-        supercat.setdefault(name, str(c.get("supercategory") or ""))
-    used_ids = {a.get("category_id") for a in anns if isinstance(a, dict)}
-    notes = []
-    dropped = set()
-    for cid, name in list(cat_name.items()):
-        is_parent = any(
-            str(c.get("supercategory")) == name and c["id"] != cid for c in data["categories"]
-        )
-        if cid not in used_ids and is_parent:
-            del cat_name[cid]
-            order.remove(name)
-            dropped.add(name)
-            notes.append(
-                f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
-                "annotations, only the supercategory of other categories (Roboflow)"
-            )
-    for name in order:
-        if supercat.get(name) in dropped:
-            supercat[name] = ""
-    dupes = len(data["categories"]) - len(dropped) - len(order)
-    if dupes:
-        notes.append(f"{dupes} categories share a name with an earlier one; merged by name")
-
-    # Images.
+    data, anns = _load(path)
+    cat_name, order, supercat, notes = _read_categories(data["categories"], anns, path)
     for i, im in enumerate(data["images"]):
         _require(im, ("id", "file_name"), path, f"images[{i}]")
         if not isinstance(im["file_name"], str):
@@ -128,26 +91,112 @@ def read_coco(ctx: ReadContext) -> ReadResult:
         image_roots=finder.roots,
         notes=notes,
         supercategories=supercat,
+        boxes_are_xywh=True,
     )
+    by_id = _read_images(data["images"], path, finder, result)
+    lost = _read_annotations(anns, path, by_id, cat_name, result)
+    missing = [(i, im) for i, im in enumerate(data["images"]) if by_id[im["id"]] is None]
+    for _, im in missing:
+        result.skipped.append(
+            Skipped(
+                str(path),
+                f"image id {im['id']} {im['file_name']!r}",
+                f"image file not found in {finder.describe()}; its "
+                f"{lost.get(im['id'], 0)} boxes skipped",
+            )
+        )
+    if missing:
+        result.notes.append(
+            f"{len(missing)} of {len(data['images'])} listed images are not on disk "
+            f"({sum(lost.values())} boxes on them skipped)"
+        )
+    crowd = sum(b.iscrowd for e in result.images for b in e.boxes)
+    if crowd:
+        result.notes.append(
+            f"{crowd} iscrowd annotations kept with iscrowd=1 (ignored in training, "
+            "'ignore' regions in evaluation)"
+        )
+    return result
+
+
+def _load(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ConversionError(
+            f"{path}: top level must be an object with images/annotations/categories"
+        )
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ConversionError(f"{path}: missing the '{key}' list; is this a COCO file?")
+    anns = data.get("annotations", [])
+    if not isinstance(anns, list):
+        raise ConversionError(f"{path}: 'annotations' must be a list")
+    return data, anns
+
+
+def _read_categories(
+    categories: list[Any], anns: list[Any], path: Path
+) -> tuple[dict[Any, str], list[str], dict[str, str], list[str]]:
+    """id -> name, the names in file order, name -> supercategory, notes. Refuses 0-based ids;
+    drops Roboflow's placeholder; merges categories of one name."""
+    cat_name: dict[Any, str] = {}
+    order: list[str] = []
+    supercat: dict[str, str] = {}
+    for i, c in enumerate(categories):
+        _require(c, ("id", "name"), path, f"categories[{i}]")
+        if c["id"] in cat_name:
+            raise ConversionError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
+        name = str(c["name"])
+        cat_name[c["id"]] = name
+        if name not in order:
+            order.append(name)
+        supercat.setdefault(name, str(c.get("supercategory") or ""))
+    if zero_based_category_ids(categories, anns):
+        raise ConversionError(f"{path}: {ZERO_BASED_FIX}; nothing written")
+    notes = []
+    dropped = set()
+    for cid in placeholder_category_ids(categories, anns):
+        name = cat_name.pop(cid)
+        order.remove(name)
+        dropped.add(name)
+        notes.append(
+            f"dropped placeholder category {{'id': {cid!r}, 'name': {name!r}}}: no "
+            "annotations, only the supercategory of the other categories (Roboflow)"
+        )
+    for name in order:
+        if supercat.get(name) in dropped:
+            supercat[name] = ""
+    dupes = len(categories) - len(dropped) - len(order)
+    if dupes:
+        notes.append(f"{dupes} categories share a name with an earlier one; merged by name")
+    return cat_name, order, supercat, notes
+
+
+def _read_images(
+    images: list[dict[str, Any]], path: Path, finder: ImageFinder, result: ReadResult
+) -> dict[Any, ImageEntry | None]:
+    """image id -> its entry (added to ``result``), or None when the file is not on disk."""
     by_id: dict[Any, ImageEntry | None] = {}
-    missing: list[tuple[str, str, Any]] = []
-    for i, im in enumerate(data["images"]):
+    for i, im in enumerate(images):
         record = f"image id {im['id']} {im['file_name']!r}"
         if im["id"] in by_id:
             raise ConversionError(f"{path}: images[{i}]: duplicate image id {im['id']}")
         img_path = finder.find(im["file_name"], path, record)
-        if img_path is None:
-            by_id[im["id"]] = None
-            missing.append((record, im["file_name"], im["id"]))
-            continue
-        declared = None
-        if isinstance(im.get("width"), int | float) and isinstance(im.get("height"), int | float):
-            declared = (int(im["width"]), int(im["height"]))
-        entry = ImageEntry(img_path, path, record, [], declared)
+        entry = ImageEntry(img_path, path, record, [], image_size(im)) if img_path else None
         by_id[im["id"]] = entry
-        result.images.append(entry)
+        if entry is not None:
+            result.images.append(entry)
+    return by_id
 
-    # Annotations.
+
+def _read_annotations(
+    anns: list[Any],
+    path: Path,
+    by_id: dict[Any, ImageEntry | None],
+    cat_name: dict[Any, str],
+    result: ReadResult,
+) -> dict[Any, int]:
+    """Boxes onto their entries; returns image id -> boxes lost with a missing image file."""
     lost: dict[Any, int] = {}
     for i, a in enumerate(anns):
         _require(a, ("image_id", "category_id", "bbox"), path, f"annotations[{i}]")
@@ -170,8 +219,6 @@ def read_coco(ctx: ReadContext) -> ReadResult:
         if entry is None:
             lost[a["image_id"]] = lost.get(a["image_id"], 0) + 1
             continue
-        area = a.get("area")
-        area = float(area) if isinstance(area, int | float) and not isinstance(area, bool) else None
         entry.boxes.append(
             Box(
                 cat_name[a["category_id"]],
@@ -181,28 +228,8 @@ def read_coco(ctx: ReadContext) -> ReadResult:
                 y + h,
                 record,
                 iscrowd=int(bool(a.get("iscrowd", 0))),
-                area=area,
+                area=area_of(a),
                 segmentation=a.get("segmentation"),
             )
         )
-    for record, _name, image_id in missing:
-        result.skipped.append(
-            Skipped(
-                str(path),
-                record,
-                f"image file not found in {finder.describe()}; its "
-                f"{lost.get(image_id, 0)} boxes skipped",
-            )
-        )
-    if missing:
-        result.notes.append(
-            f"{len(missing)} of {len(data['images'])} listed images are not on disk "
-            f"({sum(lost.values())} boxes on them skipped)"
-        )
-    crowd = sum(b.iscrowd for e in result.images for b in e.boxes)
-    if crowd:
-        result.notes.append(
-            f"{crowd} iscrowd annotations kept with iscrowd=1 (ignored in training, "
-            "'ignore' regions in evaluation)"
-        )
-    return result
+    return lost

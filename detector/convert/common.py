@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..coco_rules import normalised_problem
 from ..fileio import ImageReadError, UnsafePathError, exif_image_size, resolve_inside
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -64,6 +65,18 @@ class ImageEntry:
     boxes: list[Box] = field(default_factory=list)
     declared_size: tuple[int, int] | None = None  # (width, height) the label file states
     embedded: bytes | None = None
+    # Box coordinates: pixels, or a "fraction" / "percent" of the image size (YOLO, AutoML,
+    # Label Studio), scaled by the builder once it has read the image's size.
+    units: str = "px"
+
+    def scale_boxes(self, width: int, height: int) -> None:
+        per = {"px": None, "fraction": 1.0, "percent": 100.0}[self.units]
+        if per is None:
+            return
+        for b in self.boxes:
+            b.x0, b.x1 = b.x0 * width / per, b.x1 * width / per
+            b.y0, b.y1 = b.y0 * height / per, b.y1 * height / per
+        self.units = "px"
 
 
 @dataclass
@@ -85,6 +98,33 @@ class ReadResult:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     supercategories: dict[str, str] = field(default_factory=dict)
+    boxes_are_xywh: bool = False  # the export stores [x, y, w, h] (COCO): check for xyxy
+
+    def add_image(
+        self,
+        path: Path | None,
+        label_file: Path,
+        record: str,
+        boxes: list[Box],
+        declared_size: tuple[int, int] | None = None,
+        *,
+        looked_in: str = "",
+        embedded: bytes | None = None,
+        units: str = "px",
+    ) -> None:
+        """Keep the image with its boxes, or list it as skipped when its file was not found."""
+        if path is None:
+            self.skipped.append(
+                Skipped(
+                    str(label_file),
+                    record,
+                    f"image file not found in {looked_in}; its {len(boxes)} boxes skipped",
+                )
+            )
+            return
+        self.images.append(
+            ImageEntry(path, label_file, record, boxes, declared_size, embedded, units)
+        )
 
 
 @dataclass
@@ -96,6 +136,7 @@ class ReadContext:
     images: Path | None = None
     names: list[str] | None = None
     _sizes: dict[Path, tuple[int, int]] = field(default_factory=dict, repr=False)
+    include_predictions: bool = False  # Label Studio: read a task's prediction as its labels
 
     @property
     def root(self) -> Path:
@@ -141,11 +182,20 @@ def load_xml(path: Path) -> ET.Element:
 
 def read_csv_rows(path: Path) -> list[list[str]]:
     """All rows of a CSV file; a malformed file raises with its line number."""
+    rows: list[list[str]] = []
+    start = 1  # the line the row being read starts on (a quoted field may span lines)
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return list(csv.reader(f, strict=True))
+            reader = csv.reader(f, strict=True)
+            for row in reader:
+                rows.append(row)
+                start = reader.line_num + 1
+        return rows
     except csv.Error as e:
-        raise ConversionError(f"{path}: malformed CSV: {e}") from None
+        raise ConversionError(
+            f"{path}: malformed CSV in the row starting at line {start}: {e} (an unclosed "
+            "quote or a stray quote character?)"
+        ) from None
     except UnicodeDecodeError as e:
         raise ConversionError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
@@ -173,6 +223,13 @@ def number(value: Any, file: Path | str, record: str, what: str) -> float:
     if not math.isfinite(out):
         raise ConversionError(f"{file}: {record}: {what} is {value!r}, not a finite number")
     return out
+
+
+def check_normalised(values: list[float], file: Path | str, record: str) -> None:
+    """Refuse pixel values in a format that stores fractions of the image (layout problem)."""
+    problem = normalised_problem(values)
+    if problem:
+        raise ConversionError(f"{file}: {record}: {problem}; nothing written")
 
 
 def xml_number(elem: ET.Element, tag: str, file: Path, record: str) -> float:

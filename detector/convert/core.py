@@ -39,6 +39,8 @@ def read(
     fmt: str | None = None,
     images: str | os.PathLike | None = None,
     names: list[str] | None = None,
+    *,
+    include_predictions: bool = False,
 ) -> tuple[ReadResult, ReadContext, str, bool]:
     """Parse an export without writing anything: (result, context, format, auto-detected)."""
     src = Path(src)
@@ -55,6 +57,7 @@ def read(
         src=src,
         images=Path(images) if images is not None else None,
         names=list(names) if names else None,
+        include_predictions=include_predictions,
     )
     return FORMATS[fmt](ctx), ctx, fmt, detected
 
@@ -70,6 +73,9 @@ def convert(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    strict: bool = False,
+    merge_case: bool = False,
+    include_predictions: bool = False,
 ) -> ConversionReport:
     """Convert the label export at ``src`` to COCO in ``out``.
 
@@ -86,29 +92,37 @@ def convert(
         overwrite: replace an earlier conversion in ``out``.
         dry_run: read, check and report, write nothing.
         progress: tqdm progress bars on stderr for big sets.
+        strict: refuse the export for one unreadable or truncated image (default: skip the
+            image and list it in the report).
+        merge_case: merge class names that differ only in case into the first spelling
+            (default: refuse them).
+        include_predictions: Label Studio: a task with only predictions takes them as labels.
 
-    Raises ConversionError (the message names the file and the record) for malformed input,
-    escaping image paths, unreadable or truncated images; nothing is written then.
+    Raises ConversionError (the message names the file, the record and the fix) for malformed
+    input, escaping image paths, a layout problem (pixels in a normalised format, sizes that
+    are not the files', xyxy boxes in COCO's xywh field, 0-based category ids, empty or
+    case-duplicate class names), and with ``strict`` an unusable image; nothing is written then.
     """
-    result, ctx, fmt, detected = read(src, fmt, images, names)
+    result, ctx, fmt, detected = read(
+        src, fmt, images, names, include_predictions=include_predictions
+    )
     out_path = Path(out) if out is not None else None
     if out_path is not None:
         check_output(out_path, ctx, result, overwrite or dry_run)
     elif not dry_run:
         raise ConversionError("no output folder given")
-    coco, entries, report = build_coco(result, ctx, fmt, names, progress=progress)
+    coco, entries, report = build_coco(
+        result, ctx, fmt, names, progress=progress, strict=strict, merge_case=merge_case
+    )
     report.detected = detected
     report.out = out_path
     if not dry_run and out_path is not None:
         if not report.images:
-            shown = "; ".join(str(s) for s in report.skipped[:3])
+            skipped = report.skipped_images + report.skipped
+            shown = "; ".join(str(s) for s in skipped[:3])
             raise ConversionError(
                 f"{src}: no image could be converted, nothing written"
-                + (
-                    f" ({len(report.skipped)} records skipped: {shown} ...)"
-                    if report.skipped
-                    else ""
-                )
+                + (f" ({len(skipped)} records skipped: {shown} ...)" if skipped else "")
             )
         if not report.categories:
             raise ConversionError(f"{src}: no categories found; nothing written")

@@ -10,7 +10,6 @@ from __future__ import annotations
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -57,15 +56,5 @@ def read_createml(ctx: ReadContext) -> ReadResult:
                     continue
                 boxes.append(Box(label, cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, arec))
             img = local.find(item["image"], path, record)
-            if img is None:
-                result.skipped.append(
-                    Skipped(
-                        str(path),
-                        record,
-                        f"image file not found in "
-                        f"{local.describe()}; its {len(boxes)} boxes skipped",
-                    )
-                )
-                continue
-            result.images.append(ImageEntry(img, path, record, boxes))
+            result.add_image(img, path, record, boxes, looked_in=local.describe())
     return result

@@ -10,12 +10,12 @@ looked up by ``name`` in ``images/`` beside the XML, then beside the XML itself.
 from __future__ import annotations
 
 import math
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -69,7 +69,6 @@ def read_cvat(ctx: ReadContext) -> ReadResult:
                 "tracks are CVAT for video; export the task as 'CVAT for images 1.1'",
             )
         )
-
     rotated = 0
     for image in root.iter("image"):
         name = image.get("name")
@@ -82,62 +81,48 @@ def read_cvat(ctx: ReadContext) -> ReadResult:
         )
         boxes: list[Box] = []
         for i, shape in enumerate(image):
-            label = shape.get("label", "")
-            srec = f"{shape.tag} #{i + 1} ({label})"
-            if shape.tag in NOT_REGIONS:
-                result.skipped.append(
-                    Skipped(
-                        str(xml_path), f"{record}, {srec}", f"a {shape.tag} is not a region; no box"
-                    )
-                )
+            srec = f"{shape.tag} #{i + 1} ({shape.get('label', '')})"
+            found = _shape_box(shape, xml_path, f"{record}, {srec}")
+            if isinstance(found, str):
+                result.skipped.append(Skipped(str(xml_path), f"{record}, {srec}", found))
                 continue
-            rot = float(shape.get("rotation", 0) or 0)
-            if shape.tag == "box":
-                x0, y0, x1, y1 = (
-                    xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
-                    for k in ("xtl", "ytl", "xbr", "ybr")
-                )
-                if rot % 360:
-                    rotated += 1
-                    x0, y0, x1, y1 = rotated_rect_box(
-                        (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0, rot
-                    )
-            elif shape.tag == "polygon":
-                x0, y0, x1, y1 = points_box(
-                    *_parse_points(shape.get("points", ""), xml_path, f"{record}, {srec}")
-                )
-            elif shape.tag == "ellipse":
-                cx, cy, rx, ry = (
-                    xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
-                    for k in ("cx", "cy", "rx", "ry")
-                )
-                rotated += bool(rot % 360)
-                x0, y0, x1, y1 = rotated_ellipse_box(cx, cy, rx, ry, math.radians(rot))
-            elif shape.tag == "mask":
-                left, top, w, h = (
-                    xml_attr_number(shape, k, xml_path, f"{record}, {srec}")
-                    for k in ("left", "top", "width", "height")
-                )
-                x0, y0, x1, y1 = left, top, left + w, top + h
-            else:
-                result.skipped.append(
-                    Skipped(str(xml_path), f"{record}, {srec}", f"unknown shape <{shape.tag}>")
-                )
-                continue
-            boxes.append(Box(label, x0, y0, x1, y1, srec))
+            (x0, y0, x1, y1), turned = found
+            rotated += turned
+            boxes.append(Box(shape.get("label", ""), x0, y0, x1, y1, srec))
         path = finder.find(name, xml_path, record)
-        if path is None:
-            result.skipped.append(
-                Skipped(
-                    str(xml_path),
-                    record,
-                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
-                )
-            )
-            continue
-        result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
+        result.add_image(path, xml_path, record, boxes, declared, looked_in=finder.describe())
     if rotated:
         result.notes.append(
             f"{rotated} rotated boxes/ellipses replaced by their axis-aligned bounding box"
         )
     return result
+
+
+def _shape_box(
+    shape: ET.Element, xml_path: Path, where: str
+) -> tuple[tuple[float, float, float, float], bool] | str:
+    """(the shape's axis-aligned box, whether it was rotated), or why it has no box."""
+    if shape.tag in NOT_REGIONS:
+        return f"a {shape.tag} is not a region; no box"
+    rot = number(shape.get("rotation", 0) or 0, xml_path, where, "rotation")
+    turned = bool(rot % 360)
+    if shape.tag == "box":
+        x0, y0, x1, y1 = (
+            xml_attr_number(shape, k, xml_path, where) for k in ("xtl", "ytl", "xbr", "ybr")
+        )
+        if turned:
+            return rotated_rect_box((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0, rot), True
+        return (x0, y0, x1, y1), False
+    if shape.tag == "polygon":
+        return points_box(*_parse_points(shape.get("points", ""), xml_path, where)), False
+    if shape.tag == "ellipse":
+        cx, cy, rx, ry = (
+            xml_attr_number(shape, k, xml_path, where) for k in ("cx", "cy", "rx", "ry")
+        )
+        return rotated_ellipse_box(cx, cy, rx, ry, math.radians(rot)), turned
+    if shape.tag == "mask":
+        left, top, w, h = (
+            xml_attr_number(shape, k, xml_path, where) for k in ("left", "top", "width", "height")
+        )
+        return (left, top, left + w, top + h), False
+    return f"unknown shape <{shape.tag}>"

@@ -25,7 +25,6 @@ from ..fileio import UnsafePathError, resolve_inside
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -141,7 +140,7 @@ def read_labelme(ctx: ReadContext) -> ReadResult:
                 )
                 continue
             boxes.append(Box(label, *box, srec))
-        result.images.append(ImageEntry(path, json_path, record, boxes, declared, embedded))
+        result.add_image(path, json_path, record, boxes, declared, embedded=embedded)
     return result
 
 
@@ -197,14 +196,5 @@ def read_labelme3(ctx: ReadContext) -> ReadResult:
                 result.skipped.append(Skipped(str(xml_path), where, "object has no polygon or box"))
                 continue
             boxes.append(Box(label, *box, orec))
-        if path is None:
-            result.skipped.append(
-                Skipped(
-                    str(xml_path),
-                    record,
-                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
-                )
-            )
-            continue
-        result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
+        result.add_image(path, xml_path, record, boxes, declared, looked_in=finder.describe())
     return result

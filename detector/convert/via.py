@@ -19,7 +19,6 @@ from typing import Any
 from .common import (
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -172,14 +171,5 @@ def read_via(ctx: ReadContext) -> ReadResult:
                 continue
             boxes.append(Box(label, *box, rrec))
         img = finder.find(filename, path, record)
-        if img is None:
-            result.skipped.append(
-                Skipped(
-                    str(path),
-                    record,
-                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
-                )
-            )
-            continue
-        result.images.append(ImageEntry(img, path, record, boxes))
+        result.add_image(img, path, record, boxes, looked_in=finder.describe())
     return result

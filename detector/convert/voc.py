@@ -25,7 +25,6 @@ from .common import (
     IMAGE_EXTENSIONS,
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
@@ -126,16 +125,7 @@ def read_voc(ctx: ReadContext) -> ReadResult:
                 continue
             difficult += (obj.findtext("difficult") or "0").strip() == "1"
             boxes.append(Box(label, x0, y0, x1, y1, orec))
-        if path is None:
-            result.skipped.append(
-                Skipped(
-                    str(xml_path),
-                    record,
-                    f"image file not found in {finder.describe()}; its {len(boxes)} boxes skipped",
-                )
-            )
-            continue
-        result.images.append(ImageEntry(path, xml_path, record, boxes, declared))
+        result.add_image(path, xml_path, record, boxes, declared, looked_in=finder.describe())
     result.notes.append(
         "VOC coordinates read as 1-based inclusive pixels: x = xmin - 1, "
         "y = ymin - 1, w = xmax - xmin + 1, h = ymax - ymin + 1"

@@ -24,11 +24,11 @@ from .common import (
     IMAGE_EXTENSIONS,
     Box,
     ConversionError,
-    ImageEntry,
     ImageFinder,
     ReadContext,
     ReadResult,
     Skipped,
+    check_normalised,
     natural_key,
     number,
     read_text_lines,
@@ -148,10 +148,8 @@ def _is_image_list(path: Path) -> bool:
     return False
 
 
-def _parse_label_file(
-    path: Path, ctx: ReadContext, image: Path, names: dict[int, str], result: ReadResult
-) -> list[Box]:
-    width = height = None
+def _parse_label_file(path: Path, names: dict[int, str], result: ReadResult) -> list[Box]:
+    """The boxes of one label file, in fractions of the image (the builder scales them)."""
     boxes = []
     for lineno, line in enumerate(read_text_lines(path), start=1):
         tokens = line.split()
@@ -180,16 +178,49 @@ def _parse_label_file(
                 )
             )
             continue
-        if width is None:
-            width, height = ctx.size(image, path, record)
+        check_normalised(values, path, record)
         if len(tokens) == 5:
             cx, cy, w, h = values
             x0, y0, x1, y1 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
         else:
             xs, ys = values[0::2], values[1::2]
             x0, y0, x1, y1 = min(xs), min(ys), max(xs), max(ys)
-        boxes.append(Box(names[cls], x0 * width, y0 * height, x1 * width, y1 * height, record))
+        boxes.append(Box(names[cls], x0, y0, x1, y1, record))  # fractions: scaled by build
     return boxes
+
+
+def _pair_labels(
+    images_by_key: dict[str, Path],
+    label_files: list[Path],
+    root: Path,
+    image_root: Path,
+    result: ReadResult,
+) -> dict[Path, Path]:
+    """image -> its label file; label files without an image are listed as skipped."""
+    labels_by_key = {_key(p, root, "labels"): p for p in label_files}
+    pairs: dict[Path, Path] = {}  # image -> label file
+    for key, lab in labels_by_key.items():
+        if key in images_by_key:
+            pairs[images_by_key[key]] = lab
+    # Fallback: unique stems (labels and images in unrelated folders, e.g. with --images).
+    unpaired_labels = [p for k, p in labels_by_key.items() if k not in images_by_key]
+    if unpaired_labels:
+        free_images = [p for p in images_by_key.values() if p not in pairs]
+        stem_count: dict[str, int] = {}
+        for p in free_images:
+            stem_count[p.stem] = stem_count.get(p.stem, 0) + 1
+        by_stem = {p.stem: p for p in free_images if stem_count[p.stem] == 1}
+        for lab in list(unpaired_labels):
+            img = by_stem.get(lab.stem)
+            if img is not None and sum(q.stem == lab.stem for q in unpaired_labels) == 1:
+                pairs[img] = lab
+                unpaired_labels.remove(lab)
+    for lab in sorted(unpaired_labels, key=natural_key):
+        lines = sum(1 for ln in read_text_lines(lab) if ln.strip())
+        result.skipped.append(
+            Skipped(str(lab), f"{lines} boxes", f"label file has no image (looked in {image_root})")
+        )
+    return pairs
 
 
 def read_yolo(ctx: ReadContext) -> ReadResult:
@@ -231,39 +262,16 @@ def read_yolo(ctx: ReadContext) -> ReadResult:
             )
             continue
         images_by_key[key] = img
-    labels_by_key = {_key(p, root, "labels"): p for p in label_files}
-    pairs: dict[Path, Path] = {}  # image -> label file
-    for key, lab in labels_by_key.items():
-        if key in images_by_key:
-            pairs[images_by_key[key]] = lab
-    # Fallback: unique stems (labels and images in unrelated folders, e.g. with --images).
-    unpaired_labels = [p for k, p in labels_by_key.items() if k not in images_by_key]
-    if unpaired_labels:
-        free_images = [p for p in images_by_key.values() if p not in pairs]
-        stem_count: dict[str, int] = {}
-        for p in free_images:
-            stem_count[p.stem] = stem_count.get(p.stem, 0) + 1
-        by_stem = {p.stem: p for p in free_images if stem_count[p.stem] == 1}
-        for lab in list(unpaired_labels):
-            img = by_stem.get(lab.stem)
-            if img is not None and sum(q.stem == lab.stem for q in unpaired_labels) == 1:
-                pairs[img] = lab
-                unpaired_labels.remove(lab)
-    for lab in sorted(unpaired_labels, key=natural_key):
-        lines = sum(1 for ln in read_text_lines(lab) if ln.strip())
-        result.skipped.append(
-            Skipped(str(lab), f"{lines} boxes", f"label file has no image (looked in {image_root})")
-        )
-
+    pairs = _pair_labels(images_by_key, label_files, root, image_root, result)
     negatives = []
     for img in images_by_key.values():
         lab = pairs.get(img)
         if lab is None:
             negatives.append(img.name)
-            result.images.append(ImageEntry(img, img, "image without label file (negative)", []))
+            result.add_image(img, img, "image without label file (negative)", [])
             continue
-        boxes = _parse_label_file(lab, ctx, img, names, result)
-        result.images.append(ImageEntry(img, lab, f"label file {lab.name}", boxes))
+        boxes = _parse_label_file(lab, names, result)
+        result.add_image(img, lab, f"label file {lab.name}", boxes, units="fraction")
     if negatives:
         shown = ", ".join(negatives[:10]) + (" ..." if len(negatives) > 10 else "")
         result.notes.append(

@@ -44,6 +44,20 @@ KEY_CONFIG_HASH = "config_hash"
 KEY_VERSION = "detector_version"
 KEY_EXPORTER = "exporter"
 KEY_OPSET = "opset"
+# "WxH" (e.g. "1920x1080") for a static export: the input is [N, H, W, 3] / [N, 3, H, W] with
+# these numbers and the runtime refuses frames of any other size; "dynamic" (or absent) otherwise.
+KEY_INPUT_SIZE = "input_size"
+INPUT_SIZE_DYNAMIC = "dynamic"
+# TensorRT optimisation profile of a dynamic export, in the format of onnxruntime's TensorRT
+# provider options of the same names: "images:NxHxWx3" (raw input) or "images:Nx3xHxW" (float).
+# Absent in a static export (one shape, no profile needed).
+KEY_TRT_PROFILE_MIN = "trt_profile_min_shapes"
+KEY_TRT_PROFILE_OPT = "trt_profile_opt_shapes"
+KEY_TRT_PROFILE_MAX = "trt_profile_max_shapes"
+TRT_PROFILE_KEYS = (KEY_TRT_PROFILE_MIN, KEY_TRT_PROFILE_OPT, KEY_TRT_PROFILE_MAX)
+# JSON list of floats, one per class_names entry: the runtime drops a class's detections scoring
+# below its value (unless the caller passes its own threshold). Absent: KEY_SCORE_THRESHOLD only.
+KEY_CLASS_SCORE_THRESHOLDS = "class_score_thresholds"
 
 REQUIRED_KEYS = (
     KEY_FORMAT,

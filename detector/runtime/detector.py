@@ -18,21 +18,15 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from . import contract as C
-from .providers import create_session
+from .errors import InputError, ModelError
+from .modelfile import read_metadata
+from .providers import CPU, GPU_PROVIDERS, TensorRTOptions, create_session
 
 log = logging.getLogger(__name__)
 
 # Frames outside these sides are refused (the model resizes to ~320..1333 px inside anyway).
 MIN_SIDE = 16
 MAX_SIDE = 8192
-
-
-class ModelError(ValueError):
-    """The file is not an ONNX model exported by ``detector export`` (or a newer contract)."""
-
-
-class InputError(ValueError):
-    """A frame given to :meth:`Detector.predict` has the wrong type, dtype, rank, channels or size."""
 
 
 @dataclass
@@ -80,6 +74,7 @@ class ModelInfo:
     precision: str
     contract: int
     metadata: dict[str, str] = field(default_factory=dict)
+    class_score_thresholds: list[float] | None = None  # one per class, from the evaluation
 
 
 def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
@@ -132,6 +127,7 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
             f"{path}: outputs {sorted(outputs)} lack {sorted(set(C.OUTPUT_NAMES) - outputs)}"
         )
     return ModelInfo(
+        class_score_thresholds=_class_thresholds(meta, len(class_names), path),
         class_names=class_names,
         category_ids=[int(c) for c in category_ids] if isinstance(category_ids, list) else None,
         input_format=input_format,
@@ -142,6 +138,30 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         contract=contract,
         metadata=meta,
     )
+
+
+def _class_thresholds(meta: dict[str, str], classes: int, path: str) -> list[float] | None:
+    text = meta.get(C.KEY_CLASS_SCORE_THRESHOLDS)
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in json.loads(text)]
+    except (ValueError, TypeError):
+        values = []
+    if len(values) != classes or not all(0.0 <= v <= 1.0 for v in values):
+        raise ModelError(
+            f"{path}: metadata {C.KEY_CLASS_SCORE_THRESHOLDS} must be a JSON list of {classes} "
+            f"scores in 0..1 (one per class name), got {text[:200]!r}; export it again"
+        )
+    return values
+
+
+def trt_profile_from_metadata(meta: dict[str, str]) -> tuple[str, str, str] | None:
+    """The TensorRT optimisation profile (min, opt, max shapes) the export stored, if any."""
+    shapes = [meta.get(k) for k in C.TRT_PROFILE_KEYS]
+    if all(shapes):
+        return shapes[0], shapes[1], shapes[2]  # type: ignore[return-value]
+    return None
 
 
 def check_frame(frame: Any, index: int = 0) -> np.ndarray:
@@ -186,16 +206,26 @@ class Detector:
     """Run an ONNX model written by ``detector export`` on BGR frames.
 
     >>> det = Detector("model.onnx")                 # TensorRT -> CUDA -> CPU, whichever works
+    >>> det = Detector("model.onnx", providers=["tensorrt"])  # TensorRT or ProviderError
     >>> result = det.predict(cv2.imread("frame.jpg"))  # one HxWx3 uint8 BGR frame -> Detections
     >>> results = det.predict([frame1, frame2, frame3])  # a list -> list of Detections
 
-    providers: names in order of preference ("tensorrt", "cuda", "cpu" or onnxruntime names);
-        default TensorRT, CUDA, CPU. The one chosen and the reasons others were skipped are logged.
-    trt_cache_dir: TensorRT engine + timing cache folder (``trt_engine_cache_path``); without it
-        TensorRT rebuilds its engines at every start (minutes).
-    trt_fp16: let TensorRT use fp16 kernels (``trt_fp16_enable``).
-    score_threshold: drop detections below it (default: the threshold the model was exported with;
-        a lower value cannot bring back what the graph already dropped).
+    providers: the providers allowed, in order of preference ("tensorrt", "cuda", "cpu" or
+        onnxruntime names). Named providers are required: the session must run on one of them
+        (on CPU only if "cpu" is named), else :class:`ProviderError` says which provider failed
+        and which library is missing. None: TensorRT, CUDA, CPU, whichever starts first (a
+        WARNING is logged when that is not TensorRT).
+    trt_cache_dir: TensorRT engine + timing cache folder; without it TensorRT rebuilds its
+        engines at every start (minutes).
+    score_threshold: drop detections below it, for every class. None: the per-class thresholds
+        the export stored (metadata ``class_score_thresholds``), else the model's own threshold.
+        A value below the in-graph threshold cannot bring back what the graph already dropped.
+    trt_fp16: let TensorRT use fp16 kernels (``trt_fp16_enable``, on by default).
+    trt_workspace_bytes, trt_exclude_ops, trt_profile: see :class:`TensorRTOptions` (the profile
+        defaults to the one stored in the model's metadata).
+    cpu_fallback: False refuses a session in which any node would run on CPU (onnxruntime's
+        ``session.disable_cpu_ep_fallback``; CUDA leaves shape nodes on CPU, so this is opt-in).
+    io_binding: bind preallocated output buffers (None: on for CUDA and TensorRT).
 
     Lists are run in batches of the model's fixed batch size N (the last batch padded with a copy
     of its last frame, whose results are dropped). Frames of the same size are batched together;
@@ -212,52 +242,129 @@ class Detector:
         trt_cache_dir: str | os.PathLike | None = None,
         score_threshold: float | None = None,
         *,
-        trt_fp16: bool = False,
+        trt_fp16: bool = True,
+        trt_workspace_bytes: int | None = None,
+        trt_exclude_ops: Sequence[str] | None = None,
+        trt_profile: tuple[str, str, str] | None = None,
+        cpu_fallback: bool = True,
+        io_binding: bool | None = None,
         device_id: int = 0,
         threads: int | None = None,
     ):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: model file not found")
+        metadata = read_metadata(self.path)  # ModelError for a 0-byte or corrupt file
+        self.tensorrt = TensorRTOptions(
+            fp16=trt_fp16,
+            cache_dir=trt_cache_dir,
+            workspace_bytes=trt_workspace_bytes,
+            exclude_ops=trt_exclude_ops,
+            profile=trt_profile or trt_profile_from_metadata(metadata),
+        )
+        self.session, self.skipped_providers = self._create_session(
+            providers, cpu_fallback, device_id, threads
+        )
+        self.provider = self.session.get_providers()[0]
+        self.device_id = device_id
+        self.info = read_model_info(self.session, str(self.path))
+        if self.info.precision == "fp16" and self.provider == CPU:
+            log.warning(
+                "%s: fp16 model on the CPU provider runs through float casts (slow); "
+                "export without --fp16 for CPU",
+                self.path,
+            )
+        self.set_score_threshold(score_threshold)
+        self._output_names = list(C.OUTPUT_NAMES)
+        use_binding = self.provider in GPU_PROVIDERS if io_binding is None else io_binding
+        self._binding = self._bind_outputs() if use_binding else None
+
+    def _create_session(
+        self,
+        providers: Sequence[str] | None,
+        cpu_fallback: bool,
+        device_id: int,
+        threads: int | None,
+    ) -> tuple[ort.InferenceSession, dict[str, str]]:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # errors only: provider start-up failures stay visible
         if threads:
             options.intra_op_num_threads = int(threads)
         try:
-            self.session, self.skipped_providers = create_session(
+            return create_session(
                 self.path,
                 providers,
                 session_options=options,
                 device_id=device_id,
-                trt_cache_dir=trt_cache_dir,
-                trt_fp16=trt_fp16,
+                tensorrt=self.tensorrt,
+                cpu_fallback=cpu_fallback,
             )
         except (
             ort_errors.InvalidProtobuf,
             ort_errors.InvalidGraph,
+            ort_errors.InvalidArgument,
             ort_errors.Fail,
             ort_errors.NotImplemented,
         ) as e:
             raise ModelError(f"{self.path}: onnxruntime cannot load this file: {e}") from None
-        self.provider = self.session.get_providers()[0]
-        self.info = read_model_info(self.session, str(self.path))
-        if self.info.precision == "fp16" and self.provider == "CPUExecutionProvider":
-            log.warning(
-                "%s: fp16 model on the CPU provider runs through float casts (slow); "
-                "export without --fp16 for CPU",
-                self.path,
-            )
+
+    def set_score_threshold(self, score_threshold: float | None) -> None:
+        """One threshold per class: the caller's, else the export's per-class ones, else the graph's."""
+        classes = len(self.info.class_names)
+        if score_threshold is not None:
+            per_class = [float(score_threshold)] * classes
+        elif self.info.class_score_thresholds is not None:
+            per_class = list(self.info.class_score_thresholds)
+        else:
+            per_class = [self.info.score_threshold] * classes
         self.score_threshold = (
-            self.info.score_threshold if score_threshold is None else float(score_threshold)
+            float(score_threshold) if score_threshold is not None else min(per_class, default=0.0)
         )
-        if self.score_threshold < self.info.score_threshold:
+        self.per_class_thresholds = per_class
+        # Index by model label (0 is padding); a label past class_names keeps the lowest value.
+        self._label_threshold = np.array([0.0, *per_class, self.score_threshold], np.float32)
+        if score_threshold is not None and score_threshold < self.info.score_threshold:
             log.warning(
                 "score_threshold %.3f is below the model's in-graph threshold %.3f, which applies",
-                self.score_threshold,
+                score_threshold,
                 self.info.score_threshold,
             )
-        self._output_names = list(C.OUTPUT_NAMES)
+
+    def describe_threshold(self) -> str:
+        """How detections are filtered, for summaries ("score >= 0.5", "per-class scores")."""
+        if len(set(self.per_class_thresholds)) <= 1:
+            return f"score >= {self.score_threshold:g}"
+        pairs = ", ".join(
+            f"{n} {t:.2f}"
+            for n, t in zip(self.info.class_names, self.per_class_thresholds, strict=True)
+        )
+        return f"per-class score thresholds ({pairs})"
+
+    def _bind_outputs(self) -> tuple[ort.IOBinding, list[np.ndarray]]:
+        """Preallocated host buffers bound to the four outputs (their shapes are fixed)."""
+        n, k = self.info.batch_size, self.info.detections_per_image
+        buffers = [
+            np.zeros((n, k, 4), np.float32),
+            np.zeros((n, k), np.float32),
+            np.zeros((n, k), np.int64),
+            np.zeros((n,), np.int64),
+        ]
+        declared = {o.name: o.shape for o in self.session.get_outputs()}
+        for name, buffer in zip(C.OUTPUT_NAMES, buffers, strict=True):
+            shape = declared[name]
+            fixed = all(isinstance(d, int) for d in shape)
+            if fixed and tuple(shape) != buffer.shape:
+                raise ModelError(
+                    f"{self.path}: output {name} is {shape}, but the metadata (batch {n}, "
+                    f"{k} detections per image) says {list(buffer.shape)}"
+                )
+        binding = self.session.io_binding()
+        for name, buffer in zip(C.OUTPUT_NAMES, buffers, strict=True):
+            binding.bind_output(
+                name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data
+            )
+        return binding, buffers
 
     # convenience views of the metadata
     @property
@@ -302,7 +409,8 @@ class Detector:
                 results[index] = result
         return results[0] if single else results  # type: ignore[return-value]
 
-    def _run(self, frames: list[np.ndarray]) -> list[Detections]:
+    def _feed(self, frames: list[np.ndarray]) -> tuple[np.ndarray, int, int]:
+        """The model input for up to N frames (padded canvas, last frame repeated), and its H, W."""
         n = self.info.batch_size
         height = max(f.shape[0] for f in frames)
         width = max(f.shape[1] for f in frames)
@@ -318,12 +426,28 @@ class Detector:
         canvases += [canvases[-1]] * (n - len(canvases))
         bgr = np.stack(canvases)
         if self.info.input_format == C.INPUT_RAW:
-            feed = bgr
-        else:
-            feed = np.ascontiguousarray(
-                bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32
-            ) / np.float32(255.0)
-        boxes, scores, labels, counts = self.session.run(self._output_names, {C.INPUT_NAME: feed})
+            return bgr, height, width
+        feed = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32)
+        return feed / np.float32(255.0), height, width
+
+    def _infer(self, feed: np.ndarray) -> list[np.ndarray]:
+        h, w = feed.shape[1:3] if self.info.input_format == C.INPUT_RAW else feed.shape[2:4]
+        try:
+            if self._binding is None:
+                return self.session.run(self._output_names, {C.INPUT_NAME: feed})
+            binding, buffers = self._binding
+            binding.bind_cpu_input(C.INPUT_NAME, feed)
+            self.session.run_with_iobinding(binding)
+            return buffers
+        except (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.RuntimeException) as e:
+            raise InputError(
+                f"onnxruntime ({self.provider}) failed on a batch of {w}x{h} frames: "
+                f"{str(e).strip()[:300]}"
+            ) from None
+
+    def _run(self, frames: list[np.ndarray]) -> list[Detections]:
+        feed, height, width = self._feed(frames)
+        boxes, scores, labels, counts = self._infer(feed)
         results = []
         for i, f in enumerate(frames):
             h, w = f.shape[:2]
@@ -331,7 +455,9 @@ class Detector:
             b = boxes[i, :k].astype(np.float32, copy=True)
             s = scores[i, :k].astype(np.float32, copy=True)
             lab = labels[i, :k].astype(np.int64, copy=True)
-            keep = s >= self.score_threshold
+            # Per-class thresholds; rows stay in score order, so the kept ones are packed first.
+            index = np.clip(lab, 0, len(self._label_threshold) - 1)
+            keep = s >= self._label_threshold[index]
             if (h, w) != (height, width):  # padded: clip to the frame, drop boxes left outside it
                 np.clip(b[:, 0::2], 0, w, out=b[:, 0::2])
                 np.clip(b[:, 1::2], 0, h, out=b[:, 1::2])
