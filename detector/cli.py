@@ -7,6 +7,10 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # evaluate imports torch; predict/benchmark must start without it
+    from .evaluate import Evaluation
 
 log = logging.getLogger("detector")
 
@@ -35,18 +39,53 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="COCO mAP of a checkpoint on a COCO-format set")
-    p.add_argument("checkpoint", type=Path, help="best.pt / last.pt written by detector train")
-    p.add_argument("--data", type=Path, help="COCO JSON (default: the run's val set)")
+    p = sub.add_parser(
+        "evaluate",
+        help="COCO mAP and a deployment report of a checkpoint or its ONNX export",
+        description="Score a .pt checkpoint or an exported .onnx file (run through the deploy "
+        "runtime) on a COCO set; write metrics, per-class score thresholds, a confusion matrix, "
+        "a gallery of mistakes and report.html in --out.",
+    )
+    p.add_argument("checkpoint", type=Path, help="best.pt / last.pt, or a .onnx from export")
+    p.add_argument("--data", type=Path, help="COCO JSON (default for a .pt: the run's val set)")
     p.add_argument("--images", type=Path, help="image folder (default: images/ beside the JSON)")
     p.add_argument(
         "--out",
         type=Path,
-        help="folder for predictions.json, pr_curve.png, grid "
-        "(default: eval-<json name> beside the checkpoint)",
+        help="folder for the report, predictions.json, pr_curve.png, grid "
+        "(default: eval-<json name> beside the model)",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help=".pt: torch device")
+    p.add_argument("--batch-size", type=int, default=4, help=".pt: images per forward pass")
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help=".onnx: execution providers in order (tensorrt cuda cpu; default: all three)",
+    )
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=0.0,
+        help=".onnx: score the runtime keeps for mAP (default 0: everything the graph outputs; "
+        "its in-graph threshold, set at export, applies below it)",
+    )
+    p.add_argument(
+        "--target-precision",
+        type=float,
+        default=0.9,
+        help="per class, the lowest score threshold reaching this precision (thresholds.json)",
+    )
+    p.add_argument(
+        "--score-threshold",
+        type=float,
+        default=None,
+        help="one threshold for the confusion matrix and gallery (default: each class's "
+        "target-precision threshold, else its max-F1 one)",
+    )
+    p.add_argument("--gallery", type=int, default=12, help="crops per gallery section")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -106,27 +145,84 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import format_metrics
+    from .report import format_report, write_report
+
+    if not 0 < args.target_precision <= 1:
+        raise SystemExit(f"evaluate: --target-precision {args.target_precision} must be in (0, 1]")
+    if args.checkpoint.suffix.lower() == ".onnx":
+        evaluation = _evaluate_onnx(args)
+    else:
+        evaluation = _evaluate_checkpoint(args)
+    out = _evaluate_out(args)
+    report = write_report(
+        evaluation,
+        out,
+        target_precision=args.target_precision,
+        score_threshold=args.score_threshold,
+        tensorboard_dir=out / "tensorboard",
+        gallery_size=args.gallery,
+    )
+    print(format_metrics(evaluation.metrics))
+    for note in evaluation.notes:
+        print(note)
+    print(format_report(evaluation, report))
+    return 0
+
+
+def _evaluate_out(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return args.out
+    if args.data is None:
+        return args.checkpoint.parent / "eval-val"
+    return args.checkpoint.parent / f"eval-{Path(args.data).stem}"
+
+
+def _evaluate_onnx(args: argparse.Namespace) -> Evaluation:
     from .data import load_coco
-    from .evaluate import evaluate, format_metrics
+    from .evaluate import onnx_class_names, run_onnx_evaluation
+
+    if args.data is None:
+        raise SystemExit("evaluate: an .onnx file needs --data SET.json")
+    if not args.checkpoint.is_file():
+        raise SystemExit(f"evaluate: {args.checkpoint}: no such file")
+    cset = load_coco(args.data, args.images, class_names=onnx_class_names(args.checkpoint))
+    return run_onnx_evaluation(
+        args.checkpoint,
+        cset,
+        out_dir=_evaluate_out(args),
+        min_score=args.min_score,
+        providers=args.providers,
+        progress=not args.no_progress,
+    )
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> Evaluation:
+    from .data import load_coco
+    from .evaluate import run_evaluation
     from .model import load_model
     from .train import select_device
 
     model, checkpoint = load_model(args.checkpoint)
-    data = args.data
-    images = args.images
+    data, images = args.data, args.images
     if data is None:
         data_cfg = checkpoint["config"]["data"]
         if not data_cfg.get("val_annotations"):
             raise SystemExit("evaluate: give --data (the checkpoint's run had no val set)")
         data, images = Path(data_cfg["val_annotations"]), images or data_cfg.get("val_images")
+        args.data = data
     cset = load_coco(data, images, class_names=checkpoint["class_names"])
     device = select_device(args.device)
     model.to(device)
-    out = args.out or args.checkpoint.parent / f"eval-{Path(data).stem}"
-    metrics = evaluate(model, cset, device, out_dir=out, batch_size=args.batch_size)
-    print(format_metrics(metrics))
-    print(f"wrote {out}/predictions.json, pr_curve.png, predictions_grid.png")
-    return 0
+    return run_evaluation(
+        model,
+        cset,
+        device,
+        out_dir=_evaluate_out(args),
+        batch_size=args.batch_size,
+        model_name=args.checkpoint.name,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

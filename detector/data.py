@@ -94,18 +94,19 @@ def load_coco(
         names = [str(c["name"]) for c in categories]
         ids = [int(c["id"]) for c in categories]
     else:
-        by_name = {str(c["name"]): int(c["id"]) for c in categories}
+        by_name = _match_class_names(class_names, categories, path)
         missing = [n for n in class_names if n not in by_name]
         if len(missing) == len(class_names):
             raise DatasetError(
                 f"{path}: none of the model's classes {class_names} is in this file "
-                f"(it has {sorted(by_name)}); evaluate on a set with the same class names"
+                f"(it has {sorted(str(c['name']) for c in categories)}); evaluate on a set with "
+                "the same class names"
             )
         if missing:
             log.warning("%s: no category %s: their AP is not measured on this set", path, missing)
         # A class absent from the file gets an id no annotation uses, so its detections count
         # for nothing instead of being credited to another class.
-        unused = min([0, *by_name.values()]) - 1
+        unused = min([0, *(int(c["id"]) for c in categories)]) - 1
         names, ids = list(class_names), []
         for name in class_names:
             ids.append(by_name.get(name, unused))
@@ -123,6 +124,38 @@ def load_coco(
     cset = CocoSet(path, image_dir, coco, sorted(coco.imgs), names, ids)
     _collect_boxes(cset)
     return cset
+
+
+def _match_class_names(
+    class_names: list[str], categories: list[dict[str, Any]], path: Path
+) -> dict[str, int]:
+    """Model class name -> category id of this file; a name differing only in case or
+    surrounding whitespace matches (logged), as label tools disagree on both."""
+    by_name = {str(c["name"]): int(c["id"]) for c in categories}
+    by_key: dict[str, list[str]] = {}
+    for name in by_name:
+        by_key.setdefault(name.strip().casefold(), []).append(name)
+    matched = {}
+    for name in class_names:
+        if name in by_name:
+            matched[name] = by_name[name]
+            continue
+        spellings = by_key.get(name.strip().casefold(), [])
+        if len(spellings) == 1:
+            log.info(
+                "%s: model class %r matched to category %r (case and surrounding whitespace "
+                "ignored)",
+                path,
+                name,
+                spellings[0],
+            )
+            matched[name] = by_name[spellings[0]]
+        elif spellings:
+            raise DatasetError(
+                f"{path}: model class {name!r} matches several categories {spellings} when case "
+                "and whitespace are ignored; merge them (tools/merge.py) or rename one"
+            )
+    return matched
 
 
 def _check_records(raw: dict[str, Any], path: Path) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from . import prelabel
 from .runtime import (
     Detections,
     Detector,
@@ -403,6 +404,24 @@ def _finish(
     write_json(out / "images.json", coco, overwrite)
 
 
+def _write_prelabels(args: argparse.Namespace, detector: Detector) -> None:
+    """The pre-annotation files, from the results.json and images.json just written."""
+    with open(args.out / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    with open(args.out / "images.json", encoding="utf-8") as f:
+        coco = json.load(f)
+    written = prelabel.write_prelabels(
+        args.out,
+        args.format,
+        coco["images"],
+        results,
+        coco["categories"],
+        detector.path.name,
+        args.image_url_prefix,
+    )
+    print(f"pre-annotations: {', '.join(str(p) for p in written)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="ONNX model written by `detector export`")
     parser.add_argument("source", type=Path, help="an image, a folder of images, or a video file")
@@ -427,6 +446,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace files of an earlier run in --out"
     )
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=prelabel.FORMATS,
+        default=None,
+        help="also write pre-annotations for a labelling tool: cvat.xml (CVAT for images 1.1), "
+        "labelstudio.json (tasks with predictions), coco.json (with scores) in --out",
+    )
+    parser.add_argument(
+        "--image-url-prefix",
+        default=prelabel.LABEL_STUDIO_URL_PREFIX,
+        help="Label Studio: prefix of each task's image URL (default: local-files storage)",
+    )
 
 
 def open_detector(args: argparse.Namespace) -> Detector:
@@ -446,6 +478,8 @@ def run(args: argparse.Namespace) -> int:
         detector = open_detector(args)
         draw, overwrite = not args.no_draw, args.overwrite
         if source.is_file() and source.suffix.lower() in VIDEO_SUFFIXES:
+            if args.format:
+                raise InputError("--format writes pre-annotations of images; give a folder")
             summary = predict_video(detector, source, args.out, draw=draw, overwrite=overwrite)
         else:
             paths = list_images(source)
@@ -455,6 +489,9 @@ def run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
+            if args.format:
+                for path in prelabel.output_paths(args.out, args.format):
+                    check_target(path, overwrite)
             summary = predict_images(
                 detector,
                 paths,
@@ -463,6 +500,8 @@ def run(args: argparse.Namespace) -> int:
                 draw=draw,
                 overwrite=overwrite,
             )
+            if args.format:
+                _write_prelabels(args, detector)
     except (ModelError, InputError, ProviderError, FileNotFoundError, OSError, ValueError) as e:
         print(f"predict: error: {e}", file=sys.stderr)
         return 2

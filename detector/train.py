@@ -48,9 +48,10 @@ from .data import (
     load_coco,
     make_loader,
 )
-from .evaluate import Metrics, evaluate, format_metrics
+from .evaluate import Metrics, evaluate, format_metrics, run_evaluation
 from .fileio import atomic_write_text
 from .model import BuildInfo, build_model, load_checkpoint, save_checkpoint, unfreeze_last_blocks
+from .report import format_report, write_report
 
 log = logging.getLogger(__name__)
 
@@ -889,7 +890,7 @@ def final_evaluation(run: Run) -> Metrics | None:
     metrics = None
     if run.main and run.val_set is not None and best_path.is_file():
         run.model.load_state_dict(load_checkpoint(best_path)["model"])
-        metrics = evaluate(
+        evaluation = run_evaluation(
             run.model,
             run.val_set,
             run.device,
@@ -897,9 +898,14 @@ def final_evaluation(run: Run) -> Metrics | None:
             batch_size=run.cfg.train.batch_size,
             grid_images=run.cfg.eval.grid_images,
             draw_score_threshold=run.cfg.eval.draw_score_threshold,
+            model_name=best_path.name,
             progress=run.progress,
         )
+        metrics = evaluation.metrics
         atomic_write_text(run.run_dir / "best_metrics.txt", format_metrics(metrics) + "\n")
+        # The deployment report (thresholds.json, confusion, gallery, report.html) of best.pt.
+        report = write_report(evaluation, run.run_dir, tensorboard_dir=run.run_dir / "tensorboard")
+        log.info("deployment report of best.pt:\n%s", format_report(evaluation, report))
     distributed.barrier()
     run.final_metrics = metrics
     return metrics

@@ -20,7 +20,7 @@ from PIL import Image
 from detector.cocotools.common import CocoError, roboflow_stem, source_key
 from detector.cocotools.merge import MergeSource, merge_coco, write_merged
 from detector.cocotools.show import show_coco
-from detector.cocotools.split import split_coco, split_file
+from detector.cocotools.split import GroupBy, parse_gap, split_coco, split_file
 from detector.cocotools.stats import coco_stats
 from detector.cocotools.validate import Problem, ValidationReport, fix_coco, validate_coco
 
@@ -774,6 +774,146 @@ def test_symlinked_images_are_accepted(tmp_path):
         merged, tmp_path / "m" / "merged.json", inputs=[MergeSource(ann)], progress=False
     )
     assert stats.linked == 3 and validate_coco(tmp_path / "m" / "merged.json", progress=False).ok
+
+
+# ---------------------------------------------------------------------------------------------
+# split --group-by: frames of one sequence on one side
+
+
+def sequence_set(videos: int = 6, frames: int = 5) -> dict[str, Any]:
+    images, anns = [], []
+    for v in range(videos):
+        for f in range(frames):
+            image_id = len(images) + 1
+            images.append(
+                {
+                    "id": image_id,
+                    "file_name": f"cam{v % 2}/vid{v}_frame{f:03d}.jpg",
+                    "width": 64,
+                    "height": 48,
+                    "video_id": f"v{v}",
+                }
+            )
+            anns.append(
+                {
+                    "id": image_id,
+                    "image_id": image_id,
+                    "category_id": 1 + v % 2,
+                    "bbox": [1, 1, 10, 10],
+                    "area": 100,
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": 1, "name": "deer"}, {"id": 2, "name": "boar"}]
+    return {"images": images, "annotations": anns, "categories": categories}
+
+
+def sides_of_groups(result, group_of_name) -> dict[str, set[str]]:
+    sides: dict[str, set[str]] = defaultdict(set)
+    for side, part in result.splits.items():
+        for rec in part["images"]:
+            sides[group_of_name(rec)].add(side)
+    return sides
+
+
+def video_of(rec: dict[str, Any]) -> str:
+    return rec["file_name"].split("/")[1].split("_")[0]
+
+
+@pytest.mark.parametrize(
+    "group_by",
+    [
+        GroupBy("name", pattern=r"(vid\d+)_frame"),
+        GroupBy("field", field="video_id"),
+    ],
+    ids=["name", "field"],
+)
+def test_split_group_by_keeps_every_sequence_on_one_side(group_by):
+    data = sequence_set()
+    for seed in range(5):
+        result = split_coco(data, 0.3, seed=seed, group_by=group_by)
+        sides = sides_of_groups(result, video_of)
+        assert all(len(s) == 1 for s in sides.values()), (seed, dict(sides))
+        assert result.num_groups == 6 and result.ungrouped_images == 0
+        assert result.splits["val"]["images"] and result.splits["train"]["images"]
+    # Without it, frames of one video land on both sides (what the option prevents).
+    plain = [sides_of_groups(split_coco(data, 0.3, seed=s), video_of) for s in range(5)]
+    assert any(len(s) > 1 for sides in plain for s in sides.values())
+
+
+def test_split_group_by_name_counts_files_the_pattern_misses():
+    data = sequence_set(videos=4, frames=3)
+    data["images"][0]["file_name"] = "loose.jpg"
+    result = split_coco(data, 0.3, group_by=GroupBy("name", pattern=r"(vid\d+)_frame"))
+    assert result.ungrouped_images == 1
+    with pytest.raises(CocoError, match="not a regular expression"):
+        split_coco(data, 0.3, group_by=GroupBy("name", pattern="(unclosed"))
+    with pytest.raises(CocoError, match="needs --pattern"):
+        split_coco(data, 0.3, group_by=GroupBy("name"))
+
+
+def write_exif_jpeg(path: Path, taken: str, seed: int, model: str = "TrailCam X") -> None:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "Acme"
+    exif[0x0110] = model
+    exif.get_ifd(0x8769)[0x9003] = taken  # DateTimeOriginal
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, exif=exif)
+
+
+def test_split_group_by_exif_time_gaps(tmp_path):
+    # 4 bursts of 4 frames, 2 s apart inside a burst, 10 minutes between bursts.
+    images, anns = [], []
+    for burst in range(4):
+        for frame in range(4):
+            image_id = len(images) + 1
+            name = f"img{image_id:03d}.jpg"
+            taken = f"2026:11:30 21:{10 * burst + 10:02d}:{2 * frame:02d}"
+            write_exif_jpeg(tmp_path / "images" / name, taken, seed=image_id)
+            images.append({"id": image_id, "file_name": name, "width": 64, "height": 48})
+            anns.append(
+                {
+                    "id": image_id,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "bbox": [1, 1, 10, 10],
+                    "area": 100,
+                    "iscrowd": 0,
+                }
+            )
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "deer"}]}
+
+    def burst_of(rec: dict[str, Any]) -> str:
+        return str((rec["id"] - 1) // 4)
+
+    for seed in range(4):
+        result = split_coco(
+            data, 0.25, seed=seed, image_dir=tmp_path / "images", group_by=GroupBy("exif-time")
+        )
+        assert result.num_groups == 4 and result.ungrouped_images == 0
+        assert all(len(s) == 1 for s in sides_of_groups(result, burst_of).values())
+    # A 1 s gap separates every frame.
+    tight = split_coco(
+        data, 0.25, image_dir=tmp_path / "images", group_by=GroupBy("exif-time", gap_seconds=1)
+    )
+    assert tight.num_groups == 16
+
+
+def test_split_cli_group_by(tmp_path, capsys):
+    src = tmp_path / "set.json"
+    src.write_text(json.dumps(sequence_set()))
+    tool = load_tool("split")
+    argv = [str(src), "--val", "0.3", "--no-hash", "--no-progress", "--group-by", "name"]
+    assert tool.main([*argv, "--pattern", r"(vid\d+)_frame"]) == 0
+    val = json.loads((tmp_path / "val.json").read_text())
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert not {video_of(r) for r in val["images"]} & {video_of(r) for r in train["images"]}
+    assert "split 6 groups" in capsys.readouterr().out
+    assert parse_gap("90") == 90 and parse_gap("2m") == 120 and parse_gap("1.5h") == 5400
+    with pytest.raises(CocoError, match="--gap"):
+        parse_gap("soon")
 
 
 # ---------------------------------------------------------------------------------------------

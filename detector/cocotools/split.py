@@ -11,8 +11,10 @@ small strata do not all fall to train.
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class SplitResult:
     paths: dict[str, Path] = field(default_factory=dict)  # written files
     dropped_annotations: int = 0  # annotations of unknown image ids (not in any split)
     missing_images: int | None = None  # listed images not in the image folder (None: not checked)
+    ungrouped_images: int = 0  # --group-by found no sequence for them (each stays alone)
 
 
 class _UnionFind:
@@ -65,11 +68,13 @@ def image_groups(
     image_dir: Path | None = None,
     hash_content: bool = True,
     progress: bool = False,
+    sequence_keys: list[str | None] | None = None,
 ) -> list[list[int]]:
     """Indices of ``images`` joined into groups that must not be split.
 
-    Same group: same source photo by name (Roboflow ``.rf.`` copies) or, when ``image_dir`` is
-    given and ``hash_content``, byte-identical files. Groups come out sorted by first index.
+    Same group: same source photo by name (Roboflow ``.rf.`` copies), when ``image_dir`` is
+    given and ``hash_content``, byte-identical files, and the same ``sequence_keys`` entry (one
+    video or trail-camera burst; None joins nothing). Groups come out sorted by first index.
     """
     uf = _UnionFind(len(images))
     first_of: dict[tuple[str, str], int] = {}
@@ -82,6 +87,9 @@ def image_groups(
 
     for i, rec in enumerate(images):
         join(("name", source_key(str(rec.get("file_name", "")))), i)
+    for i, key in enumerate(sequence_keys or []):
+        if key is not None:
+            join(("sequence", key), i)
     if image_dir is not None and hash_content:
         for i, rec in enumerate(
             tqdm(images, desc="hashing", unit="img", disable=not progress, leave=False)
@@ -106,8 +114,10 @@ def split_coco(
     image_dir: Path | None = None,
     hash_content: bool = True,
     progress: bool = False,
+    group_by: GroupBy | None = None,
 ) -> SplitResult:
-    """Split a parsed COCO dict; see the module docstring. ``image_dir`` enables content hashing."""
+    """Split a parsed COCO dict; see the module docstring. ``image_dir`` enables content hashing;
+    ``group_by`` keeps the frames of one sequence on one side."""
     fractions = _fractions(val, test)
     images: list[dict[str, Any]] = data["images"]
     annotations: list[dict[str, Any]] = data.get("annotations") or []
@@ -123,7 +133,8 @@ def split_coco(
             classes_of[i].add(ann["category_id"])
     images_per_class = Counter(c for classes in classes_of for c in classes)
 
-    groups = image_groups(images, image_dir, hash_content, progress)
+    keys, ungrouped = sequence_keys(images, group_by, image_dir) if group_by else (None, 0)
+    groups = image_groups(images, image_dir, hash_content, progress, keys)
     strata: dict[Any, list[list[int]]] = defaultdict(list)
     for group in groups:
         classes = set().union(*(classes_of[i] for i in group))
@@ -164,8 +175,121 @@ def split_coco(
     if image_dir is not None:
         missing = sum(1 for rec in images if not _exists(image_dir, rec))
     return SplitResult(
-        splits, len(groups), multi, dropped_annotations=dropped, missing_images=missing
+        splits,
+        len(groups),
+        multi,
+        dropped_annotations=dropped,
+        missing_images=missing,
+        ungrouped_images=ungrouped,
     )
+
+
+@dataclass
+class GroupBy:
+    """How frames of one sequence are recognised (``tools/split.py --group-by``).
+
+    kind "name": ``pattern`` (a regex searched in the file name; its first group, else the whole
+    match, names the sequence); "field": the COCO image field ``field`` (e.g. ``video_id``);
+    "exif-time": EXIF capture times no more than ``gap_seconds`` apart, per camera and folder.
+    """
+
+    kind: str
+    pattern: str | None = None
+    field: str | None = None
+    gap_seconds: float = 60.0
+
+
+GROUP_KINDS = ("name", "field", "exif-time")
+
+
+def sequence_keys(
+    images: list[dict[str, Any]], group_by: GroupBy, image_dir: Path | None
+) -> tuple[list[str | None], int]:
+    """One sequence key per image (None: no sequence found) and how many have none."""
+    if group_by.kind == "name":
+        keys = _name_keys(images, group_by.pattern)
+    elif group_by.kind == "field":
+        if not group_by.field:
+            raise CocoError("--group-by field needs --field NAME (a key of the image records)")
+        keys = [
+            None if rec.get(group_by.field) in (None, "") else str(rec[group_by.field])
+            for rec in images
+        ]
+    elif group_by.kind == "exif-time":
+        if image_dir is None:
+            raise CocoError("--group-by exif-time reads the images: give --images FOLDER")
+        keys = _exif_time_keys(images, image_dir, group_by.gap_seconds)
+    else:
+        raise CocoError(f"--group-by {group_by.kind!r}: one of {', '.join(GROUP_KINDS)}")
+    return keys, sum(k is None for k in keys)
+
+
+def _name_keys(images: list[dict[str, Any]], pattern: str | None) -> list[str | None]:
+    if not pattern:
+        raise CocoError(
+            r"--group-by name needs --pattern REGEX, e.g. '^(.+)_frame\d+' (group 1 names "
+            "the sequence)"
+        )
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise CocoError(f"--pattern {pattern!r}: not a regular expression ({e})") from None
+    keys: list[str | None] = []
+    for rec in images:
+        match = regex.search(str(rec.get("file_name", "")).replace("\\", "/"))
+        keys.append(None if match is None else (match.group(1) if regex.groups else match[0]))
+    return keys
+
+
+def _capture_time(path: Path) -> tuple[float, str] | None:
+    """(EXIF DateTimeOriginal as seconds, camera make + model), or None without one."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            exif = im.getexif()
+    except (UnidentifiedImageError, OSError):
+        return None
+    text = exif.get_ifd(0x8769).get(0x9003) or exif.get(0x0132)  # DateTimeOriginal, DateTime
+    try:
+        stamp = datetime.strptime(str(text).strip(), "%Y:%m:%d %H:%M:%S")
+    except ValueError:
+        return None
+    camera = f"{exif.get(0x010F, '')} {exif.get(0x0110, '')}".strip()
+    return stamp.timestamp(), camera
+
+
+def _exif_time_keys(
+    images: list[dict[str, Any]], image_dir: Path, gap_seconds: float
+) -> list[str | None]:
+    """Per camera and folder, frames sorted by capture time; a gap over ``gap_seconds`` starts
+    a new sequence."""
+    stamped: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+    for i, rec in enumerate(images):
+        try:
+            path = safe_image_path(image_dir, rec.get("file_name"), rec.get("id"))
+        except UnsafePathError:
+            continue
+        found = _capture_time(path) if path.is_file() else None
+        if found is not None:
+            folder = str(Path(str(rec.get("file_name", ""))).parent)
+            stamped[(found[1], folder)].append((found[0], i))
+    keys: list[str | None] = [None] * len(images)
+    for (camera, folder), frames in stamped.items():
+        sequence, previous = 0, None
+        for stamp, i in sorted(frames):
+            if previous is not None and stamp - previous > gap_seconds:
+                sequence += 1
+            keys[i], previous = f"{camera}|{folder}|{sequence}", stamp
+    return keys
+
+
+def parse_gap(text: str) -> float:
+    """``60``, ``60s``, ``2m``, ``1h`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if match is None:
+        raise CocoError(f"--gap {text!r}: a duration like 60s, 2m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 def _exists(image_dir: Path, rec: dict[str, Any]) -> bool:
@@ -198,6 +322,7 @@ def split_file(
     hash_content: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    group_by: GroupBy | None = None,
 ) -> SplitResult:
     """Split a COCO file into ``train.json``, ``val.json`` (``test.json``) in ``out_dir``
     (default: beside the input, so file names stay relative to the same image folder).
@@ -212,7 +337,14 @@ def split_file(
         check_output(path, annotations, overwrite=overwrite)
     image_dir = image_dir_for(annotations, images_dir)
     result = split_coco(
-        data, val, test, seed, image_dir if image_dir.is_dir() else None, hash_content, progress
+        data,
+        val,
+        test,
+        seed,
+        image_dir if image_dir.is_dir() else None,
+        hash_content,
+        progress,
+        group_by,
     )
     for side, path in paths.items():
         atomic_write_json(path, result.splits[side])
