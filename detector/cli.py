@@ -1,4 +1,4 @@
-"""Command line: ``detector train | evaluate | export | predict | benchmark``."""
+"""Command line: ``detector train | evaluate | merge | export | predict | benchmark``."""
 
 from __future__ import annotations
 
@@ -184,6 +184,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="one model from a base detector and a model trained from it on its frozen trunk",
+        description="Append NEW's classes (its RPN + RoI heads) to BASE's, on their shared trunk; "
+        "refused unless both trunks are bit-identical. Earlier classes keep their detections.",
+    )
+    p.add_argument("base", type=Path, help="the earlier detector's checkpoint")
+    p.add_argument("new", type=Path, help="a checkpoint trained from BASE with its trunk frozen")
+    p.add_argument("--out", type=Path, required=True, help="merged checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
 def newest_run(out_dir: str, name: str) -> Path:
     base = Path(out_dir)
     candidates = [
@@ -308,6 +321,21 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Evaluation:
     )
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .branches import describe
+    from .model import load_model, merge_checkpoints, save_checkpoint
+
+    if args.out.resolve() in (args.base.resolve(), args.new.resolve()):
+        raise FileExistsError(f"merge: --out {args.out} is one of the inputs; name a new file")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"merge: {args.out} exists; pass --overwrite to replace it")
+    save_checkpoint(args.out, merge_checkpoints(args.base, args.new))
+    model, checkpoint = load_model(args.out)
+    print(describe(model))
+    print(f"wrote {args.out}: {len(checkpoint['class_names'])} classes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detector", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -315,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_merge(sub)
     from . import benchmark, predict
 
     for name, module, help_text in (
@@ -341,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export}
+    handlers = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "export": cmd_export,
+        "merge": cmd_merge,
+    }
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args) or 0)
