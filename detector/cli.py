@@ -1,4 +1,4 @@
-"""Command line: ``detector train | evaluate | config | export | predict | benchmark``."""
+"""Command line: ``detector train | evaluate | config | merge | export | predict | benchmark``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,115 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", nargs="?", help="YAML config (default: the defaults only)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def frame_size(text: str) -> tuple[int, int]:
+    """``WxH`` (e.g. ``1920x1080``) -> (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTHxHEIGHT, e.g. 1920x1080; got {text!r}"
+        ) from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"width and height must be positive, got {text!r}")
+    return width, height
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    help_text = "export a checkpoint to ONNX, with a PyTorch/ONNX Runtime parity check"
+    p = sub.add_parser("export", help=help_text, description=help_text)
+    p.add_argument("checkpoint", type=Path, help="checkpoint written by training (runs/x/best.pt)")
+    p.add_argument(
+        "--out", type=Path, help="ONNX file to write (default: the checkpoint's name with .onnx)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="fixed batch size N of the graph")
+    p.add_argument(
+        "--input-size",
+        type=frame_size,
+        metavar="WxH",
+        help="static export for one camera resolution, e.g. 1920x1080: every shape is a constant "
+        "and TensorRT builds one engine; other frame sizes are refused (default: any size)",
+    )
+    for name, what in (("min", "smallest"), ("opt", "typical"), ("max", "largest")):
+        p.add_argument(
+            f"--profile-{name}",
+            type=frame_size,
+            metavar="WxH",
+            help=f"dynamic export: the TensorRT optimisation profile's {what} frame "
+            "(default from the model's min_size/max_size)",
+        )
+    p.add_argument(
+        "--float-input",
+        action="store_true",
+        help="graph input float32 [N,3,H,W] RGB 0..1 instead of uint8 [N,H,W,3] BGR frames",
+    )
+    p.add_argument("--raw-input", action="store_true", help=argparse.SUPPRESS)  # the default
+    p.add_argument(
+        "--fp16", action="store_true", help="half-precision backbone/RPN/box head (CUDA/TensorRT)"
+    )
+    p.add_argument(
+        "--score-threshold",
+        metavar="auto|FLOAT",
+        help="per-class score thresholds stored for the runtime: auto (from detector evaluate's "
+        "thresholds.json beside the checkpoint, or --thresholds) or one value for every class",
+    )
+    p.add_argument("--thresholds", type=Path, metavar="FILE", help="thresholds.json for auto")
+    p.add_argument(
+        "--no-simplify", action="store_true", help="keep the traced graph (no onnxsim pass)"
+    )
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument(
+        "--images", type=Path, help="folder of images for parity (default: the config's val set)"
+    )
+    p.add_argument("--parity-images", type=int, default=8, help="how many images parity uses")
+    p.add_argument("--no-parity", action="store_true", help="skip the PyTorch/ONNX Runtime check")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (tracing and reference)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, ParityError, export_onnx
+
+    out = args.out if args.out is not None else Path(args.checkpoint).with_suffix(".onnx")
+    profiles = (args.profile_min, args.profile_opt, args.profile_max)
+    if any(profiles) and not all(profiles):
+        raise ExportError("give all of --profile-min, --profile-opt and --profile-max, or none")
+    try:
+        report = export_onnx(
+            args.checkpoint,
+            out,
+            batch=args.batch,
+            fp16=args.fp16,
+            raw_input=not args.float_input,
+            opset=args.opset,
+            parity_images=args.images,
+            device=args.device,
+            parity=not args.no_parity,
+            parity_limit=args.parity_images,
+            input_size=args.input_size,
+            profiles=profiles if all(profiles) else None,
+            simplify_graph=not args.no_simplify,
+            score_threshold=args.score_threshold,
+            thresholds=args.thresholds,
+        )
+    except ParityError as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 1
+    print(report.format())
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="one model from a base detector and a model trained from it on its frozen trunk",
+        description="Append NEW's classes (its RPN + RoI heads) to BASE's, on their shared trunk; "
+        "refused unless both trunks are bit-identical. Earlier classes keep their detections.",
+    )
+    p.add_argument("base", type=Path, help="the earlier detector's checkpoint")
+    p.add_argument("new", type=Path, help="a checkpoint trained from BASE with its trunk frozen")
+    p.add_argument("--out", type=Path, required=True, help="merged checkpoint to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def newest_run(out_dir: str, name: str) -> Path:
@@ -235,6 +344,21 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> Evaluation:
     )
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .branches import describe
+    from .model import load_model, merge_checkpoints, save_checkpoint
+
+    if args.out.resolve() in (args.base.resolve(), args.new.resolve()):
+        raise FileExistsError(f"merge: --out {args.out} is one of the inputs; name a new file")
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"merge: {args.out} exists; pass --overwrite to replace it")
+    save_checkpoint(args.out, merge_checkpoints(args.base, args.new))
+    model, checkpoint = load_model(args.out)
+    print(describe(model))
+    print(f"wrote {args.out}: {len(checkpoint['class_names'])} classes")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detector", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -242,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_config(sub)
-    from . import benchmark, export, predict
+    _add_export(sub)
+    _add_merge(sub)
+    from . import benchmark, predict
 
     for name, module, help_text in (
-        ("export", export, "export a checkpoint to ONNX, with a PyTorch/ONNX Runtime parity check"),
         ("predict", predict, "run an ONNX model on an image, a folder or a video"),
         ("benchmark", benchmark, "latency/FPS of an ONNX model per provider (and PyTorch eager)"),
     ):
@@ -271,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "config": cmd_config}
+    handlers = {
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "export": cmd_export,
+        "merge": cmd_merge,
+        "config": cmd_config,
+    }
     handler = handlers.get(args.command) or args.handler
     try:
         return int(handler(args) or 0)

@@ -163,6 +163,12 @@ class ModelConfig:
     # 300 costs little recall on sets with a few objects per image. Exported with the model.
     rpn_pre_nms_top_n_test: PositiveInt | None = None
     rpn_post_nms_top_n_test: PositiveInt | None = None
+    # Add the training set's classes to the detector in `weights` (a checkpoint written by this
+    # pipeline, or coco: its 80 named classes) instead of replacing its classes: best.pt is one
+    # model, earlier classes first, whose earlier-class detections are exactly the earlier
+    # detector's. Its whole trunk (backbone + FPN) is shared and stays frozen; the new classes get
+    # their own RPN + RoI heads (docs/adding-classes.md).
+    keep_classes: bool = False
 
 
 @dataclass
@@ -500,6 +506,22 @@ def validate(cfg: Config) -> None:
     ):
         raise ConfigError(
             f"model.min_size={model.min_size}: must be <= model.max_size ({model.max_size})"
+        )
+    if cfg.model.keep_classes:
+        _validate_keep_classes(cfg)
+
+
+def _validate_keep_classes(cfg: Config) -> None:
+    """model.keep_classes shares the earlier detector's trunk: nothing may train any of it."""
+    why = "with model.keep_classes (the earlier detector's backbone + FPN are shared and frozen)"
+    if not cfg.model.freeze_backbone:
+        raise ConfigError(f"model.freeze_backbone: must be true {why}")
+    if cfg.train.unfreeze.epochs > 0:
+        raise ConfigError(f"train.unfreeze.epochs: must be 0 {why}")
+    if cfg.model.weights.strip().lower() == "none":
+        raise ConfigError(
+            "model.weights: must name the earlier detector with model.keep_classes (a checkpoint "
+            "written by detector, or coco)"
         )
 
 

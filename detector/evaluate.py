@@ -46,6 +46,7 @@ class Metrics:
     num_images: int = 0
     num_detections: int = 0
     summary: str = ""
+    absent_classes: list[str] = field(default_factory=list)  # no box in this set: not measured
 
     def as_row(self) -> dict[str, float]:
         return {"mAP": self.map, "AP50": self.ap50, "AP75": self.ap75, "AR100": self.ar100}
@@ -122,9 +123,14 @@ def coco_metrics(cset: CocoSet, results: list[dict[str, Any]]) -> tuple[Metrics,
         a["category_id"] in set(evaluated) for a in cset.coco.dataset.get("annotations", [])
     )
     results = [r for r in results if r["category_id"] in known]
+    boxed = {a["category_id"] for a in cset.coco.dataset.get("annotations", [])}
+    metrics.absent_classes = [
+        name for name, c in zip(cset.class_names, cset.category_ids, strict=True) if c not in boxed
+    ]
     if not results or not has_gt:
-        metrics.per_class_ap = dict.fromkeys(cset.class_names, 0.0)
-        metrics.per_class_ap50 = dict.fromkeys(cset.class_names, 0.0)
+        present = [n for n in cset.class_names if n not in metrics.absent_classes]
+        metrics.per_class_ap = dict.fromkeys(present, 0.0)
+        metrics.per_class_ap50 = dict.fromkeys(present, 0.0)
         metrics.summary = "no detections" if has_gt else "no ground-truth boxes to evaluate against"
         return metrics, None
     with contextlib.redirect_stdout(io.StringIO()) as captured:
@@ -145,6 +151,8 @@ def coco_metrics(cset: CocoSet, results: list[dict[str, Any]]) -> tuple[Metrics,
     )
     metrics.per_class = per_class_table(evaluator, cset)
     for name, row in metrics.per_class.items():
+        if name in metrics.absent_classes:
+            continue
         metrics.per_class_ap[name] = max(row["AP"], 0.0)
         metrics.per_class_ap50[name] = max(row["AP50"], 0.0)
     return metrics, evaluator
@@ -462,6 +470,10 @@ def format_metrics(metrics: Metrics) -> str:
         lines.append(f"  {'class':<{width}}  AP      AP50")
         for name, ap in metrics.per_class_ap.items():
             lines.append(f"  {name:<{width}}  {ap:.4f}  {metrics.per_class_ap50[name]:.4f}")
+    if metrics.absent_classes:
+        lines.append(
+            f"  not in this set (no boxes, not measured): {', '.join(metrics.absent_classes)}"
+        )
     return "\n".join(lines)
 
 

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from .config import Config
 from .data import DetectionDataset, sample_seed
 from .fileio import atomic_write_text
+from .resize_rule import resized_size
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +262,7 @@ def stack_features(
 def _resized_shape(model: nn.Module, height: int, width: int) -> tuple[int, int, int, int]:
     """(h, w, padded h, padded w) after model.transform, without running it (for the estimate)."""
     transform = model.transform
-    scale = min(
-        transform.min_size[-1] / min(height, width), transform.max_size / max(height, width)
-    )
-    h, w = math.floor(height * scale), math.floor(width * scale)
+    h, w = resized_size(height, width, int(transform.min_size[-1]), int(transform.max_size))
     divisor = transform.size_divisible
     return h, w, math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
 

@@ -12,6 +12,8 @@ import logging
 import os
 import pickle
 import re
+import time
+import types
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,26 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection import faster_rcnn as tv_frcnn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .branches import (
+    Branch,
+    BranchRecord,
+    MultiBranchFasterRCNN,
+    NamedLabelsRoIHeads,
+    add_branch,
+    apply_head_settings,
+    checkpoint_fields,
+    copy_branch,
+    describe,
+    from_plain,
+    trunk_difference,
+)
 from .config import ARCHS, ModelConfig, upgrade_config_dict
 from .fileio import atomic_write_with
+from .resize_rule import resized_size
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +346,9 @@ class BuildInfo:
     start_checkpoint_classes: list[str] | None = None
 
 
-def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, BuildInfo]:
+def build_model(
+    cfg: ModelConfig, class_names: list[str]
+) -> tuple[FasterRCNN | MultiBranchFasterRCNN, BuildInfo]:
     """Build ``cfg.arch`` for ``class_names`` (background is added), load weights, freeze.
 
     The backbone uses FrozenBatchNorm2d whenever it starts from trained weights or is frozen,
@@ -339,6 +358,8 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         raise WeightsError(
             f"model.arch: unknown architecture {cfg.arch!r}; one of {', '.join(ARCH_SPECS)}"
         )
+    if cfg.keep_classes:
+        return build_keep_classes_model(cfg, class_names)
     spec = ARCH_SPECS[cfg.arch]
     num_classes = len(class_names) + 1
     head_kwargs = {
@@ -422,6 +443,7 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         model.transform.min_size = (cfg.min_size,)
     if cfg.max_size is not None:
         model.transform.max_size = cfg.max_size
+    use_integer_resize(model)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     if cfg.freeze_rpn:
@@ -435,6 +457,44 @@ def build_model(cfg: ModelConfig, class_names: list[str]) -> tuple[FasterRCNN, B
         ", new box predictor" if info.predictor_replaced else "",
     )
     return model, info
+
+
+def _resize_integer(
+    self: GeneralizedRCNNTransform, image: torch.Tensor, target: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, dict[str, Any] | None]:
+    """GeneralizedRCNNTransform.resize with the size from :func:`resized_size` (exact integers).
+
+    Traced (ONNX export), the size is computed from the image's shape in int64 graph ops.
+    """
+    if self.fixed_size is not None or (self.training and self._skip_resize):
+        return GeneralizedRCNNTransform.resize(self, image, target)
+    min_size = self.torch_choice(self.min_size) if self.training else self.min_size[-1]
+    if torch.jit.is_tracing():
+        from torch.onnx import operators
+
+        shape = operators.shape_as_tensor(image)
+        h, w = shape[-2:-1], shape[-1:]  # 1-D: the exporter demotes 0-d integer tensors
+        new_h, new_w = resized_size(h, w, int(min_size), int(self.max_size))
+        size: list[Any] = [new_h[0], new_w[0]]
+    else:
+        h, w = image.shape[-2:]
+        size = list(resized_size(int(h), int(w), int(min_size), int(self.max_size)))
+    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    if target is None:
+        return resized, target
+    target["boxes"] = resize_boxes(target["boxes"], image.shape[-2:], resized.shape[-2:])
+    if "masks" in target:
+        masks = F.interpolate(target["masks"][:, None].float(), size=size)[:, 0].byte()
+        target["masks"] = masks
+    return resized, target
+
+
+def use_integer_resize(model: FasterRCNN) -> FasterRCNN:
+    """Make the model resize with the exact integer rule of ``detector.resize_rule``, the one its
+    ONNX export and the runtime use (torchvision's float64 size differs by a pixel for some sizes).
+    """
+    model.transform.resize = types.MethodType(_resize_integer, model.transform)
+    return model
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -515,8 +575,10 @@ def _check_complete(checkpoint: dict[str, Any], path: str | Path) -> None:
         )
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN:
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN | MultiBranchFasterRCNN:
     """Rebuild the exact model a checkpoint holds, in eval mode on the CPU."""
+    if checkpoint.get("branches"):
+        return _multi_branch_from_checkpoint(checkpoint)
     model_cfg = checkpoint.get("config", {}).get("model", {})
     model = _build_arch(
         checkpoint["arch"],
@@ -533,11 +595,245 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FasterRCNN:
         model.transform.min_size = (int(model_cfg["min_size"]),)
     if model_cfg.get("max_size") is not None:
         model.transform.max_size = int(model_cfg["max_size"])
+    use_integer_resize(model)
     return model.eval()
 
 
-def load_model(path: str | Path) -> tuple[FasterRCNN, dict[str, Any]]:
+def load_model(path: str | Path) -> tuple[FasterRCNN | MultiBranchFasterRCNN, dict[str, Any]]:
     """(model in eval mode, checkpoint dict) from a checkpoint file written by this pipeline."""
     checkpoint = load_checkpoint(path)
     checkpoint["path"] = str(path)
     return model_from_checkpoint(checkpoint), checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# Several branches on one trunk (model.keep_classes, detector merge): see detector/branches.py
+# --------------------------------------------------------------------------------------------
+
+
+def detection_branches(model: nn.Module) -> list[tuple[nn.Module, nn.Module, int]]:
+    """``[(rpn, roi_heads, label_offset), ...]``: the detection heads that share the backbone.
+
+    A plain Faster R-CNN has one, ``(model.rpn, model.roi_heads, 0)``. A model with several
+    (each branch's labels 1..C_b are model labels label_offset + 1..label_offset + C_b) says so
+    with a ``detection_branches()`` method returning that list (MultiBranchFasterRCNN).
+    """
+    branches = getattr(model, "detection_branches", None)
+    if callable(branches):
+        return list(branches())
+    return [(model.rpn, model.roi_heads, 0)]
+
+
+def coco_named_classes() -> tuple[list[str], list[int]]:
+    """The 80 named COCO classes of torchvision's category list (no background, no N/A slots)
+    and their labels in torchvision's COCO predictor (= COCO category ids)."""
+    categories = tv_frcnn.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]
+    pairs = [(name, i) for i, name in enumerate(categories) if i > 0 and name != "N/A"]
+    return [name for name, _ in pairs], [i for _, i in pairs]
+
+
+def _coco_detector(cfg: ModelConfig) -> MultiBranchFasterRCNN:
+    """torchvision's COCO detector as it ships (its own head settings), named classes only."""
+    spec = ARCH_SPECS[cfg.arch]
+    if spec.coco_weights is None:
+        raise WeightsError(
+            f"model.weights: no COCO detector weights exist for {cfg.arch}; model.keep_classes "
+            "needs the earlier detector: a checkpoint written by detector, or coco"
+        )
+    path = resolve_hub_weights(spec.coco_weights, f"model.weights=coco ({cfg.arch})")
+    state = _torch_load(path)
+    model = _build_arch(cfg.arch, _num_classes_in(state, path), 0.05, 100)
+    frozen_batchnorm(model.backbone)
+    _load_strict(model, state, path)
+    names, labels = coco_named_classes()
+    model.roi_heads = NamedLabelsRoIHeads.from_heads(model.roi_heads, labels)
+    if cfg.min_size is not None:
+        model.transform.min_size = (cfg.min_size,)
+    if cfg.max_size is not None:
+        model.transform.max_size = cfg.max_size
+    return from_plain(model, BranchRecord(names, labels, f"coco:{path}", predictor_labels=labels))
+
+
+def earlier_detector(cfg: ModelConfig) -> MultiBranchFasterRCNN:
+    """The detector ``model.keep_classes`` adds to, as a (frozen, eval-mode) multi-branch model."""
+    weights = cfg.weights.strip()
+    if weights.lower() == "coco":
+        return _coco_detector(cfg)
+    if weights.lower() == "none":
+        raise WeightsError(
+            "model.keep_classes: model.weights is none; set it to the earlier detector "
+            "(a checkpoint written by detector, or coco)"
+        )
+    path = resolve_weights_path(weights, "model.weights")
+    obj = _torch_load(path)
+    if not is_pipeline_checkpoint(obj):
+        raise WeightsError(
+            f"{path}: model.keep_classes needs a checkpoint written by detector (it names the "
+            "earlier classes) or model.weights=coco; this file is a bare state_dict"
+        )
+    if obj["arch"] != cfg.arch:
+        raise WeightsError(
+            f"{path}: checkpoint is a {obj['arch']} but model.arch is {cfg.arch}; set "
+            f"model.arch={obj['arch']}"
+        )
+    obj["path"] = str(path)
+    return as_multi_branch(model_from_checkpoint(obj), obj, f"file:{path}")
+
+
+def as_multi_branch(
+    model: FasterRCNN | MultiBranchFasterRCNN, checkpoint: dict[str, Any], source: str
+) -> MultiBranchFasterRCNN:
+    """A checkpoint's model with one branch per class set; trained branches now come from it."""
+    if isinstance(model, MultiBranchFasterRCNN):
+        for record in model.records:
+            if record.trained:
+                record.source = source
+        return model
+    ids = checkpoint.get("category_ids")
+    record = BranchRecord(
+        list(checkpoint["class_names"]), [int(i) for i in ids] if ids else None, source
+    )
+    return from_plain(model, record)
+
+
+def _check_trunk_resize(cfg: ModelConfig, transform: nn.Module, source: str) -> None:
+    """keep_classes shares the earlier trunk, its resize included: the config may not change it."""
+    for key, wanted, have in (
+        ("min_size", cfg.min_size, transform.min_size[-1]),
+        ("max_size", cfg.max_size, transform.max_size),
+    ):
+        if wanted is not None and int(wanted) != int(have):
+            raise WeightsError(
+                f"model.{key}={wanted}, but the earlier detector ({source}) resizes with "
+                f"{key} {have}; model.keep_classes shares its trunk, resize included: set "
+                f"model.{key}={have} or null"
+            )
+
+
+def build_keep_classes_model(
+    cfg: ModelConfig, class_names: list[str]
+) -> tuple[MultiBranchFasterRCNN, BuildInfo]:
+    """The earlier detector, frozen, plus a new trainable branch for ``class_names``.
+
+    The new branch starts as a copy of the earlier detector's last RPN + RoI heads with a fresh
+    box predictor: exactly the start of a replace-the-predictor run, so the new classes train as
+    they would there, from heads that already know this trunk's features.
+    """
+    earlier = earlier_detector(cfg)
+    source = earlier.records[-1].source
+    taken = [name for name in class_names if name in earlier.class_names]
+    if taken:
+        raise WeightsError(
+            f"model.keep_classes: {taken} are already classes of the earlier detector "
+            f"({cfg.weights}); keep_classes adds new classes only: remove them from the training "
+            "set (the earlier detector keeps detecting them unchanged) or train without it"
+        )
+    _check_trunk_resize(cfg, earlier.transform, cfg.weights)
+    branch = copy_branch(earlier.branches[-1])
+    in_features = branch.roi_heads.box_predictor.cls_score.in_features
+    branch.roi_heads.box_predictor = tv_frcnn.FastRCNNPredictor(in_features, len(class_names) + 1)
+    _apply_new_branch_settings(branch, cfg)
+    record = BranchRecord(list(class_names), None, "this run", trained=True, started_from=source)
+    model = add_branch(earlier, branch, record)
+    if cfg.freeze_rpn:
+        for p in model.rpn.parameters():
+            p.requires_grad_(False)
+    info = BuildInfo(source, True, earlier.class_names)
+    log.info(
+        "model %s, keep_classes: %d earlier classes kept + %d new\n%s",
+        cfg.arch,
+        len(earlier.class_names),
+        len(class_names),
+        describe(model),
+    )
+    return model, info
+
+
+def _apply_new_branch_settings(branch: Branch, cfg: ModelConfig) -> None:
+    """The run's head settings on the new branch; proposal counts left null keep the copied."""
+    heads, rpn = branch.roi_heads, branch.rpn
+    heads.score_thresh = float(cfg.score_threshold)
+    heads.detections_per_img = int(cfg.detections_per_image)
+    heads.fg_bg_sampler.batch_size_per_image = int(cfg.box_batch_size_per_image)
+    rpn.fg_bg_sampler.batch_size_per_image = int(cfg.rpn_batch_size_per_image)
+    if cfg.rpn_pre_nms_top_n_test is not None:
+        rpn._pre_nms_top_n["testing"] = int(cfg.rpn_pre_nms_top_n_test)
+    if cfg.rpn_post_nms_top_n_test is not None:
+        rpn._post_nms_top_n["testing"] = int(cfg.rpn_post_nms_top_n_test)
+
+
+def _multi_branch_from_checkpoint(checkpoint: dict[str, Any]) -> MultiBranchFasterRCNN:
+    """Each branch built as its arch builds it, with its recorded settings; one trunk."""
+    records = [BranchRecord(**r) for r in checkpoint["branches"]]
+    trunk, branches = None, []
+    for record in records:
+        labels = record.predictor_labels
+        rows = max(labels) + 1 if labels else len(record.class_names) + 1
+        plain = _build_arch(checkpoint["arch"], rows, 0.05, 100)
+        apply_head_settings(plain.rpn, plain.roi_heads, record.settings)
+        heads = NamedLabelsRoIHeads.from_heads(plain.roi_heads, labels) if labels else None
+        branches.append(Branch(plain.rpn, heads or plain.roi_heads))
+        trunk = trunk or plain
+    frozen_batchnorm(trunk.backbone)
+    model = MultiBranchFasterRCNN(trunk.transform, trunk.backbone, branches, records)
+    _load_strict(model, checkpoint["model"], Path(checkpoint.get("path", "checkpoint")))
+    resize = checkpoint["transform"]
+    model.transform.min_size = tuple(int(s) for s in resize["min_size"])
+    model.transform.max_size = int(resize["max_size"])
+    return model.eval()
+
+
+def merge_checkpoints(base_path: str | Path, new_path: str | Path) -> dict[str, Any]:
+    """One checkpoint with every branch of ``base_path`` then every branch of ``new_path``.
+
+    For a model trained separately from the base with its trunk frozen (replace-the-predictor):
+    refused unless both trunks (resize settings, backbone + FPN tensors) are bit-identical, which
+    is what keeps each model's detections exactly as they were in the merged one.
+    """
+    models = []
+    for path in (base_path, new_path):
+        checkpoint = load_checkpoint(path)
+        checkpoint["path"] = str(path)
+        models.append(
+            (
+                as_multi_branch(model_from_checkpoint(checkpoint), checkpoint, f"file:{path}"),
+                checkpoint,
+            )
+        )
+    (base, base_ckpt), (new, new_ckpt) = models
+    if base_ckpt["arch"] != new_ckpt["arch"]:
+        raise WeightsError(
+            f"{new_path}: a {new_ckpt['arch']}, but {base_path} is a {base_ckpt['arch']}: only "
+            "models on one trunk can be merged"
+        )
+    difference = trunk_difference(base, new)
+    if difference is not None:
+        raise WeightsError(
+            f"{new_path}: its trunk is not {base_path}'s ({difference}); merge needs bit-identical "
+            f"trunks: train the new classes from {base_path} with model.keep_classes: true (or "
+            "with model.freeze_backbone: true and no unfreeze phase), then merge"
+        )
+    taken = [name for name in new.class_names if name in base.class_names]
+    if taken:
+        raise WeightsError(
+            f"{new_path}: classes {taken} are also classes of {base_path}; a merged model needs "
+            "distinct class names"
+        )
+    for record in new.records:
+        record.trained = True  # its heads learnt on this very trunk
+    merged = MultiBranchFasterRCNN(
+        base.transform,
+        base.backbone,
+        [*base.branches, *new.branches],
+        [*base.records, *new.records],
+    )
+    return {
+        "model": {k: v.detach().cpu() for k, v in merged.state_dict().items()},
+        "arch": base_ckpt["arch"],
+        "config": new_ckpt.get("config", {}),
+        "config_hash": new_ckpt.get("config_hash"),
+        "state": new_ckpt.get("state", {}),
+        "merged_from": [str(base_path), str(new_path)],
+        "saved_at": time.time(),
+        **checkpoint_fields(merged),
+    }

@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from . import distributed, feature_cache
+from . import branches, distributed, feature_cache
 from .config import Config, config_from_dict, parse_clock
 from .data import (
     CocoSet,
@@ -45,6 +45,7 @@ from .data import (
     data_sets,
     describe,
     epoch_batches,
+    load_coco,
     make_loader,
 )
 from .evaluate import Metrics, evaluate, format_metrics, run_evaluation
@@ -108,6 +109,7 @@ class TrainResult:
     peak_ram_mb: float = 0.0  # this process's peak resident memory
     peak_gpu_mb: float | None = None  # torch.cuda.max_memory_allocated over the run (CUDA only)
     rank: int = 0  # torchrun: the process that wrote the run folder is rank 0
+    classes: str = ""  # model.keep_classes: which classes came from where (branches.describe)
 
 
 @dataclass
@@ -520,6 +522,8 @@ def prepare(cfg: Config, run_dir: Path, start_time: float, progress: bool) -> Ru
         torch.cuda.reset_peak_memory_stats(device)
     train_set, val_set = load_data(cfg, progress)
     model, info = build_model(cfg.model, train_set.class_names)
+    if cfg.model.keep_classes and val_set is not None:  # scored on every class of the model
+        val_set = load_coco(cfg.data.val_annotations, cfg.data.val_images, model.class_names)
     later_params = unfreeze_candidates(model, cfg)
     model.to(device)
     if device.type == "cuda" and cfg.train.channels_last:
@@ -839,6 +843,7 @@ def _checkpoint(run: Run, resumable: bool, metrics: Metrics | None = None) -> di
         "saved_at": time.time(),
         "weights_source": run.info.weights_source,
     }
+    checkpoint.update(branches.checkpoint_fields(run.model, cset.category_ids))  # keep_classes
     if metrics is not None:
         checkpoint["metrics"] = {**metrics.as_row(), "per_class_ap": metrics.per_class_ap}
     if resumable:
@@ -920,6 +925,7 @@ def finish(run: Run) -> TrainResult:
         run.images_seen,
         **_peak_memory(run.device),
         rank=distributed.rank(),
+        classes=branches.describe(run.model),
     )
     log.info("run finished: %s", result.stop_reason)
     if run.main:
@@ -959,6 +965,8 @@ def summary(result: TrainResult) -> str:
         lines.append(f"best.pt: epoch {result.best_epoch} (no val set: the latest model)")
     else:
         lines.append("no epoch completed: resume with --resume to continue")
+    if result.classes:
+        lines.append(result.classes)
     return "\n".join(lines)
 
 

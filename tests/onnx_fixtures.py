@@ -25,8 +25,8 @@ import numpy as np
 
 ARCH = "fasterrcnn_mobilenet_v3_large_320_fpn"
 TRAIN = ["raccoon-1", "raccoon-10", "raccoon-100", "raccoon-101"]
-# Sizes 274x184, 418x625 (its resized height rounds differently in float32: the trap the export
-# fixes), 960x768 and 194x259; the trained model finds raccoons in all four.
+# Sizes 274x184, 418x625 (its resized height rounds differently in float32: the trap the integer
+# resize rule removes), 960x768 and 194x259; the trained model finds raccoons in all four.
 VAL = ["raccoon-110", "raccoon-114", "raccoon-111", "raccoon-102"]
 
 _reports: dict[str, Any] = {}
@@ -155,7 +155,8 @@ def exported(
     """Export the trained checkpoint once per session with ``options`` (export_onnx keywords).
 
     Returns ``(path, ExportReport)``; the report is None when another test already wrote the
-    file (test_export.py writes ``b1.onnx`` through the CLI).
+    file (test_export.py writes ``b1.onnx`` through ``detector export``). The export's defaults
+    apply: raw uint8 BGR input, any frame size, simplified.
     """
     out = work / f"{name}.onnx"
     if not out.is_file():

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+from ..resize_rule import resized_size
 from . import contract as C
 from .errors import InputError, ModelError
 from .modelfile import read_metadata
@@ -74,6 +75,11 @@ class ModelInfo:
     precision: str
     contract: int
     metadata: dict[str, str] = field(default_factory=dict)
+    # (width, height) of a static export, None when the model takes any size
+    input_size: tuple[int, int] | None = None
+    # the model's resize (detector.resize_rule); None in metadata older than these keys
+    min_size: int | None = None
+    max_size: int | None = None
     class_score_thresholds: list[float] | None = None  # one per class, from the evaluation
 
 
@@ -126,7 +132,12 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         raise ModelError(
             f"{path}: outputs {sorted(outputs)} lack {sorted(set(C.OUTPUT_NAMES) - outputs)}"
         )
+    input_size = _input_size(meta, path)
+    resize = [int(meta[k]) if k in meta else None for k in (C.KEY_MIN_SIZE, C.KEY_MAX_SIZE)]
     return ModelInfo(
+        input_size=input_size,
+        min_size=resize[0],
+        max_size=resize[1],
         class_score_thresholds=_class_thresholds(meta, len(class_names), path),
         class_names=class_names,
         category_ids=[int(c) for c in category_ids] if isinstance(category_ids, list) else None,
@@ -138,6 +149,40 @@ def read_model_info(session: ort.InferenceSession, path: str) -> ModelInfo:
         contract=contract,
         metadata=meta,
     )
+
+
+def _input_size(meta: dict[str, str], path: str) -> tuple[int, int] | None:
+    """(width, height) from the metadata's input_size ("WxH"), None for a dynamic export."""
+    text = meta.get(C.KEY_INPUT_SIZE, C.INPUT_SIZE_DYNAMIC)
+    if text == C.INPUT_SIZE_DYNAMIC:
+        return None
+    try:
+        width, height = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise ModelError(
+            f"{path}: metadata {C.KEY_INPUT_SIZE} {text!r} is not WIDTHxHEIGHT"
+        ) from None
+    return width, height
+
+
+def check_frame_size(frame: np.ndarray, info: ModelInfo, index: int = 0) -> None:
+    """Refuse a frame the model cannot take: another size than a static export's, or one whose
+    short side the model would resize to 0 pixels (a very elongated frame)."""
+    h, w = frame.shape[:2]
+    if info.input_size is not None and (w, h) != info.input_size:
+        sw, sh = info.input_size
+        raise InputError(
+            f"frame {index}: size {w}x{h}, but the model was exported for {sw}x{sh} frames only "
+            f"(detector export --input-size {sw}x{sh}); resize the frame to {sw}x{sh} or export "
+            "without --input-size for frames of any size"
+        )
+    if info.min_size is not None and info.max_size is not None:
+        new_h, new_w = resized_size(h, w, info.min_size, info.max_size)
+        if min(new_h, new_w) < 1:
+            raise InputError(
+                f"frame {index}: size {w}x{h} would be resized to {new_w}x{new_h} by the model "
+                f"(min_size {info.min_size}, max_size {info.max_size}): too elongated; crop it"
+            )
 
 
 def _class_thresholds(meta: dict[str, str], classes: int, path: str) -> list[float] | None:
@@ -399,6 +444,8 @@ class Detector:
                 f"expected an HxWx3 uint8 BGR frame or a list of them, got {type(frames).__name__}"
             )
         batch = [check_frame(f, i) for i, f in enumerate(batch)]
+        for i, f in enumerate(batch):
+            check_frame_size(f, self.info, i)
         results: list[Detections | None] = [None] * len(batch)
         # Same-size frames share batches (no padding); the sort is stable, results keep input order.
         order = sorted(range(len(batch)), key=lambda i: batch[i].shape[:2])
