@@ -212,7 +212,7 @@ def resolve_weights_path(text: str, what: str) -> Path:
 class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d (same buffers, same state_dict) through the fused eval-mode
     batch_norm kernel instead of a separate multiply and add (~12% of a frozen MobileNetV3-FPN
-    backbone forward on CPU; see README, Benchmarks)."""
+    backbone forward on CPU; see benchmarks/README.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(
