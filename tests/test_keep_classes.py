@@ -507,7 +507,7 @@ def test_merged_model_exports_and_keeps_earlier_detections_within_parity(
         # among the ties keeps different counts; what is checked here is the guarantee: the
         # merged graph's earlier-class rows against the earlier model's graph.
         report = writing.export_model(
-            model, out, class_names=list(ckpt["class_names"]), batch=batch, parity=False
+            model, out, class_names=list(ckpt["class_names"]), batch=batch, parity=True
         )
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         outputs[name] = [session.run(None, {"images": np.stack([f] * batch)}) for f in frames]
