@@ -356,6 +356,15 @@ def test_two_branch_model_exports_with_sorted_rows_and_offsets(work, torch_model
     assert {1, 2} <= set(labels[0, :n].tolist())  # both branches, the second with offset 1
     assert np.all(np.diff(scores[0, :n]) <= 0), "rows sorted by score"
     assert not scores[0, n:].any() and not labels[0, n:].any(), "padding after the detections"
+    # A genuinely different second branch (its boxes moved by its regression bias) still fails,
+    # tie handling or not.
+    with torch.no_grad():
+        model.roi_heads2.box_predictor.bbox_pred.bias[4:6] += 0.2
+    changed = parity.run_parity(
+        model, out.read_bytes(), frames, ["a", "b"], batch=2, raw_input=True, fp16=False
+    )
+    assert not changed.passed, changed.format()
+    assert all("label 2 " in f for f in changed.failures), changed.failures
 
 
 def test_per_class_thresholds(work, torch_model, tmp_path, checkpoint):
