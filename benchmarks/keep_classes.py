@@ -16,12 +16,15 @@ Stages (each reads what the earlier ones wrote under runs/keep_classes/):
            raccoon/rabbit detections are bit-identical to the base's on every base val image;
   latency  CPU per frame (PyTorch eager) of a two-branch model vs its two one-branch models run
            one after the other (random weights): R50-FPN at 800 px, MobileNetV2-FPN at 320
-           and 800 px.
+           and 800 px;
+  ort-latency  the same three cases in CPU ONNX Runtime (each model exported with
+           detector.export), alone in a few minutes; results in keep_classes_ort_latency_cpu.json.
 
     python benchmarks/keep_classes.py prepare
     python benchmarks/keep_classes.py base --budget-min 10
     python benchmarks/keep_classes.py add --budget-min 8
     python benchmarks/keep_classes.py latency
+    python benchmarks/keep_classes.py ort-latency --repeats 3 --threads 1
 
 Results: benchmarks/results/keep_classes_cpu.json, updated after every stage.
 """
@@ -352,9 +355,100 @@ def run_latency(repeats: int, threads: int) -> None:
     save_results(results)
 
 
+CLASS_NAMES = {
+    "first": ["raccoon", "rabbit"],
+    "second": ["Deer"],
+    "merged": ["raccoon", "rabbit", "Deer"],
+}
+ORT_RESULTS = ROOT / "benchmarks" / "results" / "keep_classes_ort_latency_cpu.json"
+
+
+def _shared_rpn(merged):
+    """``merged`` with its second branch's RoI heads on the first branch's RPN: one RPN pass,
+    its proposals shared (the export runs an RPN once however many branches use it)."""
+    from detector.branches import Branch, MultiBranchFasterRCNN
+
+    first, second = merged.branches
+    return MultiBranchFasterRCNN(
+        merged.transform, merged.backbone, [first, Branch(first.rpn, second.roi_heads)],
+        merged.records,
+    ).eval()  # fmt: skip
+
+
+def _ort_session(onnx_path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared CPUs
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_ort_latency(repeats: int, threads: int) -> None:
+    """CPU ONNX Runtime, one 600x800 uint8 BGR frame, median of ``repeats`` interleaved runs of
+    each exported graph (``detector.export.export_model``, batch 1, raw input, dynamic size, not
+    simplified, no parity: random weights) of the two one-branch models and their merged model."""
+    import statistics
+    import tempfile
+
+    import numpy as np
+
+    from detector.export import export_model
+
+    before, rows = machine(), []
+    frame = np.random.default_rng(0).integers(0, 256, (1, 600, 800, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, min_size, max_size, proposals in LATENCY_CASES:
+            first, second, merged = _latency_models(arch, min_size, max_size, proposals)
+            models = {"first": first, "second": second, "merged": merged,
+                      "merged_shared_rpn": _shared_rpn(merged)}  # fmt: skip
+            sessions = {}
+            for name, model in models.items():
+                out = Path(tmp) / f"{name}.onnx"
+                names = CLASS_NAMES.get(name, ["raccoon", "rabbit", "Deer"])
+                export_model(model, out, class_names=list(names), parity=False,
+                             simplify_graph=False)  # fmt: skip
+                sessions[name] = _ort_session(out, threads)
+                sessions[name].run(None, {"images": frame})  # warm-up
+            times: dict[str, list[float]] = {k: [] for k in sessions}
+            cpu: dict[str, list[float]] = {k: [] for k in sessions}
+            for _ in range(repeats):
+                for name, session in sessions.items():
+                    tic, cpu_tic = time.perf_counter(), time.process_time()
+                    session.run(None, {"images": frame})
+                    times[name].append(time.perf_counter() - tic)
+                    cpu[name].append(time.process_time() - cpu_tic)
+            ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+            cpu_ms = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
+            row = {"arch": arch, "min_size": min_size, "max_size": max_size,
+                   "proposals": proposals, "ms": ms, "cpu_ms": cpu_ms, "repeats": repeats}  # fmt: skip
+            for key in ("merged", "merged_shared_rpn"):
+                row[f"{key}_over_sum"] = round(ms[key] / (ms["first"] + ms["second"]), 3)
+                row[f"cpu_{key}_over_sum"] = round(
+                    cpu_ms[key] / (cpu_ms["first"] + cpu_ms["second"]), 3
+                )
+            log.info("ort latency %s", row)
+            rows.append(row)
+    ORT_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(ORT_RESULTS, json.dumps({
+        "runtime": "ONNX Runtime CPUExecutionProvider, ORT_ENABLE_ALL",
+        "intra_op_threads": threads,
+        "graph": "detector.export.export_model: batch 1, uint8 BGR input, dynamic size, "
+                 "not simplified",
+        "frame": "600x800 uint8 BGR, random weights",
+        "rows": rows,
+        "machine_before": before,
+        "machine_after": machine(),
+    }, indent=2) + "\n")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=["prepare", "base", "add", "deer", "latency"])
+    parser.add_argument(
+        "stage", choices=["prepare", "base", "add", "deer", "latency", "ort-latency"]
+    )
     parser.add_argument("--budget-min", type=float, default=10.0)
     parser.add_argument("--epochs", type=int, default=6, help="planned epochs of a training run")
     parser.add_argument("--variant", choices=["keep", "replace"], help="deer: which run")
@@ -372,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         run_add(args.budget_min, args.epochs)
     elif args.stage == "latency":
         run_latency(args.repeats, args.threads)
+    elif args.stage == "ort-latency":
+        run_ort_latency(args.repeats, args.threads)
     return 0
 
 

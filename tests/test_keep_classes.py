@@ -502,12 +502,13 @@ def test_merged_model_exports_and_keeps_earlier_detections_within_parity(
     outputs = {}
     for name, model, ckpt in (("base", base, base_checkpoint), ("merged", merged, checkpoint)):
         out = tmp_path / f"{name}.onnx"
-        # The export's own parity check (PyTorch vs ORT of one model) also adds a flat gray
-        # frame, where the barely trained new branch scores hundreds of boxes alike and NMS
-        # among the ties keeps different counts; what is checked here is the guarantee: the
-        # merged graph's earlier-class rows against the earlier model's graph.
+        # The export's own parity check (PyTorch vs ORT of one model) must pass: on its flat
+        # gray frame the barely trained branches score hundreds of boxes alike and NMS among
+        # the ties keeps other boxes and counts (recognised as tie swaps / tie count
+        # differences). Checked below: the merged graph's earlier-class rows against the
+        # earlier model's graph.
         report = writing.export_model(
-            model, out, class_names=list(ckpt["class_names"]), batch=batch, parity=False
+            model, out, class_names=list(ckpt["class_names"]), batch=batch, parity=True
         )
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         outputs[name] = [session.run(None, {"images": np.stack([f] * batch)}) for f in frames]

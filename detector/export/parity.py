@@ -60,6 +60,10 @@ class ParityReport:
     # pairs with the same label and score but other boxes, where that score is tied on its side:
     # the two runtimes broke a tie among equal scores differently (a weakly trained model)
     tie_swaps: int = 0
+    # detections on one side only whose label and score are tied on both sides: NMS among equal
+    # scores kept a different number of them (which of two equal boxes suppresses the other
+    # depends on the order the sort gives ties)
+    tie_count_differences: int = 0
     # images whose RPN broke ties among equal objectness differently: compared again with
     # PyTorch's proposals fed to both sides (the heads then agree, and the RPN up to its tie)
     rpn_tie_images: int = 0
@@ -101,6 +105,12 @@ class ParityReport:
             lines.append(
                 f"  tie swaps              {self.tie_swaps} (same label and score, other box: "
                 "PyTorch and ONNX Runtime kept different ones among equal scores)"
+            )
+        if self.tie_count_differences:
+            lines.append(
+                f"  tie count differences  {self.tie_count_differences} (on one side only, with "
+                "a label and score tied on both sides: NMS among equal scores kept a different "
+                "number of them)"
             )
         if self.rpn_tie_images:
             lines.append(
@@ -249,8 +259,27 @@ def compare_detections(
             report.failures.append(f"{where}: {failure}")
             ref_left.remove(i)
             test_left.remove(j)
+    ref_left = _drop_tie_counts(report, ref, test, ref_left)
+    test_left = _drop_tie_counts(report, test, ref, test_left)
     _one_sided(report, ref, "PyTorch", ref_left, score_threshold, max_detections, where)
     _one_sided(report, test, "ONNX", test_left, score_threshold, max_detections, where)
+
+
+def _drop_tie_counts(
+    report: ParityReport, dets: dict[str, np.ndarray], other: dict[str, np.ndarray], left: list[int]
+) -> list[int]:
+    """``left`` without the detections whose score is tied on their side and that the other side
+    also has with the same label and score (counted in ``report.tie_count_differences``)."""
+    still = []
+    for i in left:
+        on_other = (other["labels"] == dets["labels"][i]) & (
+            np.abs(other["scores"] - dets["scores"][i]) <= TIE_TOLERANCE
+        )
+        if _is_tied(dets, i, TIE_TOLERANCE) and bool(on_other.any()):
+            report.tie_count_differences += 1
+        else:
+            still.append(i)
+    return still
 
 
 def _one_sided(
@@ -358,7 +387,8 @@ def _fp16_required_score(references: list[dict[str, np.ndarray]], report: Parity
 
 def merge_report(report: ParityReport, part: ParityReport) -> None:
     """Add one image's comparison (``part``) to ``report``."""
-    for name in ("detections_torch", "detections_onnx", "matched", "tolerated", "tie_swaps"):
+    counts = ("detections_torch", "detections_onnx", "matched", "tolerated", "tie_swaps")
+    for name in (*counts, "tie_count_differences"):
         setattr(report, name, getattr(report, name) + getattr(part, name))
     report.max_box_diff = max(report.max_box_diff, part.max_box_diff)
     report.max_score_diff = max(report.max_score_diff, part.max_score_diff)
