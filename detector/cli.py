@@ -1,4 +1,4 @@
-"""Command line: ``detector train | evaluate | merge | export | predict | benchmark``."""
+"""Command line: ``detector train | evaluate | config | merge | export | predict | benchmark``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gallery", type=int, default=12, help="crops per gallery section")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML, each key with its comment",
+        description="Print defaults <- CONFIG <- KEY=VALUE overrides as YAML, each key with its "
+        "comment from detector/config.py; the output is itself a config file.",
+    )
+    p.add_argument("config", nargs="?", help="YAML config (default: the defaults only)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
 def frame_size(text: str) -> tuple[int, int]:
@@ -240,6 +251,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import format_config, load_config
+
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path, *overrides]  # `detector config key=value`: no file
+    cfg = load_config(path, overrides)
+    source = " <- ".join(["detector/config.py defaults", *([path] if path else []), *overrides])
+    print(format_config(cfg, f"Resolved config: {source}"), end="")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import format_metrics
     from .report import format_report, write_report
@@ -342,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_config(sub)
     _add_export(sub)
     _add_merge(sub)
     from . import benchmark, predict
@@ -362,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     # KEY=VALUE overrides may come anywhere after `train CONFIG`, options included.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "train" or any(a.startswith("-") or "=" not in a for a in extra):
+        if args.command not in ("train", "config") or any(
+            a.startswith("-") or "=" not in a for a in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
@@ -375,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": cmd_evaluate,
         "export": cmd_export,
         "merge": cmd_merge,
+        "config": cmd_config,
     }
     handler = handlers.get(args.command) or args.handler
     try:
@@ -387,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def expected_errors(command: str) -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story. predict/benchmark stay torch-free (vehicle)."""
+    if command == "config":  # only reads YAML: no torch, no runtime
+        from .config import ConfigError
+
+        return (ConfigError, OSError)
     from .runtime import InputError, ModelError, ProviderError
 
     errors: tuple[type[BaseException], ...] = (InputError, ModelError, ProviderError, OSError)

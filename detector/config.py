@@ -1,82 +1,168 @@
 """The one documented configuration of a run, with every default in this file.
 
 A YAML file in ``configs/`` overrides these defaults; ``key.sub=value`` arguments on the command
-line override the YAML. Unknown keys and wrong types are errors naming the key.
+line override the YAML. Unknown keys, wrong types, values outside a key's range and choices not
+in its list are errors naming the key. ``detector config [CFG] [key=value ...]`` prints the
+resolved configuration with the comment of every key, taken from this file.
+
+Each key's comment is the comment block right above it (a key directly below another one, with
+no blank line or comment between them, shares that key's comment) plus any comment at the end
+of its line. ``tests/test_config.py`` checks that every key has one.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import functools
 import hashlib
+import inspect
+import io
 import json
+import math
 import re
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+
+# The config format's version, stored as `version` in every saved config (checkpoints, the run
+# folder's config.yaml). Bump it when a key is renamed and add the rename to RENAMED_KEYS, so
+# that older checkpoints and configs keep loading.
+VERSION = 1
+# {version that renamed the keys: {old dotted key: new dotted key}}; applied to a config whose
+# version is lower (no `version` counts as 0), oldest rename first.
+RENAMED_KEYS: dict[int, dict[str, str]] = {}
+
+# The architectures; detector/model.py builds each of them (it checks its table against this).
+Arch = Literal[
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v2_fpn",
+]
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+
+CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: finite, within [low, high] (an open end excludes it)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or (
+            value < self.high or (not self.high_open and value == self.high)
+        )
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The values a text key allows: a full match of ``pattern``, described as ``what``."""
+
+    pattern: str
+    what: str
+
+
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeFloat = Annotated[float, Range(0.0)]
+PositiveFloat = Annotated[float, Range(0.0, low_open=True)]
+Probability = Annotated[float, Range(0.0, 1.0)]
+Device = Annotated[str, Matches(r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda or cuda:N")]
+Clock = Annotated[str, Matches(CLOCK.pattern, "a clock time HH:MM from 00:00 to 23:59")]
+
+
 @dataclass
 class DataConfig:
+    """The training and validation sets."""
+
     # COCO JSON files. Image paths in them are relative to the image folder, which defaults to
     # ``images/`` beside the JSON (what tools/convert.py writes), else the JSON's own folder.
+    # Relative paths are relative to the folder the command runs in.
     train_annotations: str = ""
     val_annotations: str = ""
     train_images: str | None = None
     val_images: str | None = None
     # DataLoader worker processes; 0 loads in the training process (simplest to debug).
-    num_workers: int = 2
+    num_workers: NonNegativeInt = 2
     # Read every image once before training and stop with the full list of problems.
     preflight: bool = True
     # Keep the decoded training images in RAM (decode once, not every epoch); the size is
     # estimated (width x height x 3 bytes each) and announced, and training refuses to start
     # when it is over `cache_images_max_gb`. For small sets.
     cache_images: bool = False
-    cache_images_max_gb: float = 4.0
+    cache_images_max_gb: PositiveFloat = 4.0
     # Batch images of similar width/height together (less padding), like torchvision references'
     # GroupedBatchSampler with --aspect-ratio-group-factor; 0 disables, 3 is the references' value.
     # Deterministic per (seed, epoch), so resume stays exact.
-    aspect_ratio_groups: int = 0
+    aspect_ratio_groups: NonNegativeInt = 0
 
 
 @dataclass
 class ModelConfig:
-    # fasterrcnn_resnet50_fpn | fasterrcnn_resnet50_fpn_v2 | fasterrcnn_mobilenet_v3_large_fpn |
-    # fasterrcnn_mobilenet_v3_large_320_fpn | fasterrcnn_mobilenet_v2_fpn
-    arch: str = "fasterrcnn_mobilenet_v3_large_fpn"
+    """The detector: architecture, starting weights, what is frozen, inference settings."""
+
+    # A torchvision Faster R-CNN architecture; fasterrcnn_mobilenet_v2_fpn is this project's
+    # MobileNetV2-FPN, built the way torchvision builds the MobileNetV3 one.
+    arch: Arch = "fasterrcnn_mobilenet_v3_large_fpn"
     # "coco": torchvision's COCO detector weights (torch hub cache); "none": random init;
     # a path: a torchvision state_dict or a checkpoint written by this pipeline.
     weights: str = "coco"
-    # Backbone weights used when `weights` is "none": "imagenet" (hub cache), "none", or a path.
+    # Backbone weights used when `weights` is "none": "imagenet" (hub cache), "none", or a path
+    # to an ImageNet classification state_dict (weights/mobilenet_v2-b0353104.pth ships with the
+    # repository). A relative path is looked up in the current folder, then in the repository.
     weights_backbone: str = "none"
     # Resize range of torchvision's GeneralizedRCNNTransform; null keeps the arch default
     # (800/1333, or 320/640 for the *_320_fpn model).
-    min_size: int | None = None
-    max_size: int | None = None
+    min_size: PositiveInt | None = None
+    max_size: PositiveInt | None = None
     # Freeze backbone + FPN (FrozenBatchNorm, eval mode, requires_grad False).
     freeze_backbone: bool = True
     # Also freeze the region proposal network: only the RoI heads train.
     freeze_rpn: bool = False
     # Detections kept per image and the score below which they are dropped at inference.
-    score_threshold: float = 0.05
-    detections_per_image: int = 100
+    score_threshold: Probability = 0.05
+    detections_per_image: PositiveInt = 100
     # Sampled RoIs per image for the box head loss, and anchors per image for the RPN loss
     # (torchvision's defaults; Detectron2 users often lower the first to 128 for small sets).
-    box_batch_size_per_image: int = 512
-    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: PositiveInt = 512
+    rpn_batch_size_per_image: PositiveInt = 256
     # Proposals per image at inference: kept per FPN level before NMS, and in total after it.
     # Null keeps the arch default (1000/1000; 150/150 for the *_320_fpn model). Every proposal
     # goes through the box head, so at small image sizes this is most of the inference time;
     # 300 costs little recall on sets with a few objects per image. Exported with the model.
-    rpn_pre_nms_top_n_test: int | None = None
-    rpn_post_nms_top_n_test: int | None = None
+    rpn_pre_nms_top_n_test: PositiveInt | None = None
+    rpn_post_nms_top_n_test: PositiveInt | None = None
     # Add the training set's classes to the detector in `weights` (a checkpoint written by this
     # pipeline, or coco: its 80 named classes) instead of replacing its classes: best.pt is one
     # model, earlier classes first, whose earlier-class detections are exactly the earlier
@@ -87,54 +173,67 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
-    # Probabilities (0 disables). All are bounding-box safe; none are applied at evaluation.
-    hflip: float = 0.5
+    """Training augmentations; all are bounding-box safe, none is applied at evaluation."""
+
+    # Probability of a horizontal flip (0 disables, as for every probability here).
+    hflip: Probability = 0.5
     # Random zoom in/out by a factor in [scale_min, scale_max], with probability `scale`.
-    scale: float = 0.0
-    scale_min: float = 0.75
-    scale_max: float = 1.25
-    # Random crop that keeps every box inside it.
-    crop: float = 0.0
-    brightness_contrast: float = 0.3
-    hue_saturation: float = 0.0
-    blur: float = 0.0
+    scale: Probability = 0.0
+    scale_min: PositiveFloat = 0.75
+    scale_max: PositiveFloat = 1.25
+    # Probability of a random crop that keeps every box inside it.
+    crop: Probability = 0.0
+    # Probabilities of photometric changes: brightness/contrast, hue/saturation, blur.
+    brightness_contrast: Probability = 0.3
+    hue_saturation: Probability = 0.0
+    blur: Probability = 0.0
     # A box cropped to less than this fraction of its area is dropped.
-    min_visibility: float = 0.3
+    min_visibility: Probability = 0.3
 
 
 @dataclass
 class UnfreezeConfig:
-    # Optional second phase: after the frozen epochs, train this many more epochs with the FPN
-    # and the last `backbone_blocks` blocks of the backbone body (0: FPN only; ResNet: layer4,
-    # layer3, ...; MobileNet: inverted-residual blocks) trainable at `lr_scale` x the base lr.
-    epochs: int = 0
-    backbone_blocks: int = 1
-    lr_scale: float = 0.1
+    """Optional second phase that trains more of the network (with model.freeze_backbone)."""
+
+    # After the frozen epochs, train this many more epochs with the FPN and the last
+    # `backbone_blocks` blocks of the backbone body (0: FPN only; ResNet: layer4, layer3, ...;
+    # MobileNet: inverted-residual blocks) trainable at `lr_scale` x the base lr. With
+    # train.epochs 0 the phase starts at once: the way to train an FPN that has no pretrained
+    # weights on a frozen pretrained body.
+    epochs: NonNegativeInt = 0
+    backbone_blocks: NonNegativeInt = 1
+    lr_scale: PositiveFloat = 0.1
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
-    batch_size: int = 4
+    """The training run: schedule, optimizer, device, time budget, where it is written."""
+
+    # Epochs with the frozen parts frozen (the unfreeze phase comes after them), and images per
+    # batch (per process with torchrun). train.epochs + train.unfreeze.epochs must be >= 1.
+    epochs: NonNegativeInt = 12
+    batch_size: PositiveInt = 4
     # Gradient accumulation: the optimizer steps every `accumulate` batches.
-    accumulate: int = 1
-    optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # cosine | step
+    accumulate: PositiveInt = 1
+    # Optimizer, base learning rate, SGD momentum (adamw ignores it) and weight decay.
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: PositiveFloat = 0.01
+    momentum: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.9
+    weight_decay: NonNegativeFloat = 1e-4
+    # Learning-rate schedule after the warmup: cosine to zero, or steps at `milestones`.
+    scheduler: Literal["cosine", "step"] = "cosine"
     # Linear warmup from lr * warmup_factor over this many optimizer steps.
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
+    warmup_iters: NonNegativeInt = 100
+    warmup_factor: Annotated[float, Range(0.0, 1.0, low_open=True)] = 0.001
     # step scheduler: multiply lr by `gamma` at these epochs.
-    milestones: list[int] = field(default_factory=lambda: [8, 11])
-    gamma: float = 0.1
+    milestones: list[PositiveInt] = field(default_factory=lambda: [8, 11])
+    gamma: PositiveFloat = 0.1
     # Clip the global gradient norm (0 disables).
-    clip_grad_norm: float = 10.0
+    clip_grad_norm: NonNegativeFloat = 10.0
     # Mixed precision on CUDA, in `amp_dtype`: bfloat16 (no loss scaling; falls back to float16
     # on GPUs without bf16) or float16 (with a GradScaler).
     amp: bool = True
-    amp_dtype: str = "bfloat16"
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
     # Mixed precision on CPU too (bfloat16 autocast, when `amp` is on). Worth it on CPUs with
     # AVX512-BF16 or AMX, where the trainable heads' convs and matmuls run about 2x faster; other
     # CPUs emulate bf16 and get slower, so it is off by default and ignored (with a warning) there.
@@ -154,36 +253,41 @@ class TrainConfig:
     # cache in RAM, a folder keeps it on disk (reused by runs with the same weights, images and
     # settings).
     cache_features: bool = False
-    cache_views: int = 2
-    cache_max_gb: float = 8.0
+    cache_views: NonNegativeInt = 2
+    cache_max_gb: PositiveFloat = 8.0
     cache_dir: str | None = None
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Seed of every random number generator (data order, augmentation, initialisation).
+    seed: NonNegativeInt = 0
+    # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    device: Device = "auto"
     # Stop early when val mAP has not improved for this many evaluations (0 disables).
-    patience: int = 0
-    # Time budget: stop cleanly after this many hours, or at this wall-clock time ("06:00"),
-    # keeping the best model. Null disables.
-    max_hours: float | None = None
-    until: str | None = None
+    patience: NonNegativeInt = 0
+    # Time budget: stop cleanly after this many hours, or at this wall-clock time (HH:MM, local
+    # time, e.g. "06:00" or 23:30), keeping the best model. Null disables.
+    max_hours: PositiveFloat | None = None
+    until: Clock | None = None
     # A batch with a non-finite loss is skipped; this many in a row stop the run.
-    max_nonfinite_batches: int = 5
+    max_nonfinite_batches: PositiveInt = 5
     # Every N optimizer steps, and at the end of each epoch: a log line (losses, lr, images/s)
     # and TensorBoard scalars (train/loss, train/loss_classifier, ..., train/lr).
-    log_every: int = 20
+    log_every: PositiveInt = 20
     # Where runs are written: <out_dir>/<name>/ ; name defaults to the config file's stem.
     out_dir: str = "runs"
     name: str | None = None
+    # The optional second phase (train.unfreeze.*).
     unfreeze: UnfreezeConfig = field(default_factory=UnfreezeConfig)
 
 
 @dataclass
 class EvalConfig:
+    """Validation during training."""
+
     # Evaluate on the val set every N epochs (and always after the last one).
-    every: int = 1
+    every: PositiveInt = 1
     # Images drawn in the predictions-vs-ground-truth grid.
-    grid_images: int = 8
+    grid_images: NonNegativeInt = 8
     # Score threshold for the drawn predictions (mAP uses every detection).
-    draw_score_threshold: float = 0.5
+    draw_score_threshold: Probability = 0.5
 
 
 @dataclass
@@ -195,7 +299,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain values, with the format's ``version`` first (what is saved)."""
+        return {"version": VERSION, **dataclasses.asdict(self)}
 
     def hash(self) -> str:
         """Short hash of the resolved config, stored in checkpoints and ONNX metadata."""
@@ -203,64 +308,152 @@ class Config:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-ARCHS = (
-    "fasterrcnn_resnet50_fpn",
-    "fasterrcnn_resnet50_fpn_v2",
-    "fasterrcnn_mobilenet_v3_large_fpn",
-    "fasterrcnn_mobilenet_v3_large_320_fpn",
-    "fasterrcnn_mobilenet_v2_fpn",
+# --------------------------------------------------------------------------------------------
+# Reading YAML
+# --------------------------------------------------------------------------------------------
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that 23:30 stays the text "23:30" (YAML 1.1 reads it as the
+    base-60 integer 1410) and 1e-3 is a float (YAML 1.1 wants 1.0e-3)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+ConfigLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
 )
 
 
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+def load_yaml(text: str) -> Any:
+    """Parse config YAML safely (no Python objects) with :class:`ConfigLoader`."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+# --------------------------------------------------------------------------------------------
+# Checking values
+# --------------------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML: -1, 0.5, null, garbage."""
+    if isinstance(value, str) and value and value.strip() == value:
+        return value
+    return (
+        json.dumps(value) if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+    )
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    """Check ``value`` against a field's type, choices and range; ints are accepted as floats."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *rules = typing.get_args(annotation)
+        if base is str and not isinstance(value, str):  # e.g. until: 0600, an octal int
+            raise ConfigError(f"{key}={_show(value)}: must be {_describe(rules[0])}")
+        checked = _coerce(value, base, key)
+        for rule in rules:
+            if not _allows(rule, checked):
+                raise ConfigError(f"{key}={_show(value)}: must be {_describe(rule)}")
+        return checked
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value in choices and isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={_show(value)}: must be one of {', '.join(choices)}")
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+        return _coerce_union(value, annotation, key)
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_type)}, got {value!r}")
+            raise ConfigError(f"{key}={_show(value)}: expected a list of {_type_name(item_type)}")
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string
-    elif annotation is str and isinstance(value, str):
+    if annotation is bool and isinstance(value, bool):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r}")
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}={_show(value)}: expected {_type_name(annotation)}")
+
+
+def _coerce_union(value: Any, annotation: Any, key: str) -> Any:
+    options = [o for o in typing.get_args(annotation) if o is not type(None)]
+    if value is None and len(options) < len(typing.get_args(annotation)):
+        return None
+    errors = []
+    for option in options:
+        try:
+            return _coerce(value, option, key)
+        except ConfigError as e:
+            errors.append(e)
+    if len(errors) == 1:  # one real type (X | None): its own message, with its range
+        raise errors[0] from None
+    raise ConfigError(f"{key}={_show(value)}: expected {_type_name(annotation)}")
+
+
+def _allows(rule: Range | Matches, value: Any) -> bool:
+    if isinstance(rule, Range):
+        return rule.allows(value)
+    return re.fullmatch(rule.pattern, value) is not None
+
+
+def _describe(rule: Range | Matches) -> str:
+    return rule.describe() if isinstance(rule, Range) else rule.what
+
+
+def allowed_values(annotation: Any) -> str:
+    """What a key accepts, in words ("" when its type says it all: bool, free text)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return ", ".join(_describe(rule) for rule in typing.get_args(annotation)[1:])
+    if origin is Literal:
+        return "one of " + ", ".join(typing.get_args(annotation))
+    if origin is list:
+        inner = allowed_values(typing.get_args(annotation)[0])
+        return f"a list, each {inner}" if inner else ""
+    if origin in (typing.Union, types.UnionType):
+        inner = [allowed_values(a) for a in typing.get_args(annotation) if a is not type(None)]
+        return " or ".join(i for i in inner if i) + (" or null" if any(inner) else "")
+    return ""
 
 
 def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is Literal:
+        return "one of " + ", ".join(typing.get_args(annotation))
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def _apply(obj: Any, values: dict[str, Any], prefix: str) -> None:
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in values.items():
         key = f"{prefix}{name}"
@@ -281,7 +474,7 @@ def _parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r} must look like key.sub=value, e.g. train.epochs=20")
     dotted, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
     nested: dict[str, Any] = {}
@@ -294,46 +487,26 @@ def _parse_override(text: str) -> dict[str, Any]:
 
 
 def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
-    checks = [
-        (cfg.model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}"),
-        (cfg.train.optimizer in ("sgd", "adamw"), "train.optimizer", "sgd or adamw"),
-        (cfg.train.scheduler in ("cosine", "step"), "train.scheduler", "cosine or step"),
-        (cfg.train.epochs >= 0, "train.epochs", ">= 0"),
-        (cfg.train.batch_size >= 1, "train.batch_size", ">= 1"),
-        (cfg.train.accumulate >= 1, "train.accumulate", ">= 1"),
-        (cfg.train.lr > 0, "train.lr", "> 0"),
-        (cfg.train.max_hours is None or cfg.train.max_hours > 0, "train.max_hours", "> 0"),
-        (cfg.train.max_nonfinite_batches >= 1, "train.max_nonfinite_batches", ">= 1"),
-        (cfg.train.unfreeze.epochs >= 0, "train.unfreeze.epochs", ">= 0"),
-        (cfg.train.unfreeze.backbone_blocks >= 0, "train.unfreeze.backbone_blocks", ">= 0"),
-        (
-            0 < cfg.augment.scale_min <= cfg.augment.scale_max,
-            "augment.scale_min",
-            "0 < scale_min <= scale_max",
-        ),
-        (0.0 <= cfg.augment.min_visibility <= 1.0, "augment.min_visibility", "in [0, 1]"),
-        (cfg.eval.every >= 1, "eval.every", ">= 1"),
-        (cfg.data.num_workers >= 0, "data.num_workers", ">= 0"),
-        (cfg.data.cache_images_max_gb > 0, "data.cache_images_max_gb", "> 0"),
-        (cfg.data.aspect_ratio_groups >= 0, "data.aspect_ratio_groups", ">= 0"),
-        (cfg.train.amp_dtype in ("bfloat16", "float16"), "train.amp_dtype", "bfloat16 or float16"),
-        (cfg.train.cache_views >= 0, "train.cache_views", ">= 0"),
-        (cfg.train.cache_max_gb > 0, "train.cache_max_gb", "> 0"),
-        (cfg.model.box_batch_size_per_image >= 1, "model.box_batch_size_per_image", ">= 1"),
-        (cfg.model.rpn_batch_size_per_image >= 1, "model.rpn_batch_size_per_image", ">= 1"),
-    ]
-    for name in ("rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test"):
-        n = getattr(cfg.model, name)
-        checks.append((n is None or n >= 1, f"model.{name}", "null or >= 1"))
-    for name in ("hflip", "scale", "crop", "brightness_contrast", "hue_saturation", "blur"):
-        p = getattr(cfg.augment, name)
-        checks.append((0.0 <= p <= 1.0, f"augment.{name}", "a probability in [0, 1]"))
-    for ok, key, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key}: must be {expected}")
-    if cfg.train.until is not None:
-        parse_clock(cfg.train.until, "train.until")
+    """Checks across keys; each key's own type, range and choices are checked as it is read."""
+    if cfg.train.epochs + cfg.train.unfreeze.epochs < 1:
+        raise ConfigError(
+            f"train.epochs={cfg.train.epochs}: train.epochs + train.unfreeze.epochs must be >= 1 "
+            "(nothing would train)"
+        )
+    if cfg.augment.scale_min > cfg.augment.scale_max:
+        raise ConfigError(
+            f"augment.scale_min={cfg.augment.scale_min}: must be <= augment.scale_max "
+            f"({cfg.augment.scale_max})"
+        )
+    model = cfg.model
+    if (
+        model.min_size is not None
+        and model.max_size is not None
+        and model.min_size > model.max_size
+    ):
+        raise ConfigError(
+            f"model.min_size={model.min_size}: must be <= model.max_size ({model.max_size})"
+        )
     if cfg.model.keep_classes:
         _validate_keep_classes(cfg)
 
@@ -353,18 +526,74 @@ def _validate_keep_classes(cfg: Config) -> None:
 
 
 def parse_clock(text: str, key: str = "train.until") -> tuple[int, int]:
-    try:
-        hours, minutes = (int(p) for p in text.split(":"))
-        if not (0 <= hours < 24 and 0 <= minutes < 60):
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"{key}: expected a clock time like 06:00, got {text!r}") from None
-    return hours, minutes
+    """(hours, minutes) of a clock time H:MM or HH:MM, 00:00 to 23:59."""
+    match = CLOCK.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigError(f"{key}={_show(text)}: must be a clock time HH:MM from 00:00 to 23:59")
+    return int(match.group(1)), int(match.group(2))
+
+
+# --------------------------------------------------------------------------------------------
+# Versions and renamed keys
+# --------------------------------------------------------------------------------------------
+
+
+def upgrade_config_dict(values: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """``values`` (a saved or written config) in this version's keys and ``version``.
+
+    Keys renamed since the config's version (no ``version``: 0) are moved to their new names;
+    a config from a newer detector, or one that sets both a key and its new name, is refused.
+    """
+    values = copy.deepcopy(values)
+    version = values.pop("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigError(f"{where}: version={_show(version)}: must be an integer >= 0")
+    if version > VERSION:
+        raise ConfigError(
+            f"{where}: config version {version} is newer than this detector's ({VERSION}); "
+            "update detector to read it"
+        )
+    for renamed_in in sorted(v for v in RENAMED_KEYS if v > version):
+        for old, new in RENAMED_KEYS[renamed_in].items():
+            _move_key(values, old, new, f"{where} (version {version})")
+    return {"version": VERSION, **values}
+
+
+def _move_key(values: dict[str, Any], old: str, new: str, where: str) -> None:
+    *old_parents, old_name = old.split(".")
+    node = values
+    for part in old_parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or old_name not in node:
+        return
+    value = node.pop(old_name)
+    *new_parents, new_name = new.split(".")
+    target = values
+    for part in new_parents:
+        target = target.setdefault(part, {}) if isinstance(target, dict) else None
+    if not isinstance(target, dict):
+        return  # not a mapping where the new key goes: reading the config says so
+    if new_name in target:
+        raise ConfigError(f"{where}: '{old}' was renamed '{new}' and both are set; keep '{new}'")
+    target[new_name] = value
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Defaults <- ``values`` (any version, see RENAMED_KEYS) <- overrides, validated."""
+    if not isinstance(values or {}, dict):
+        raise ConfigError("the top level must be a mapping (data:, model:, train: ...)")
+    version = (values or {}).get("version")
+    values = upgrade_config_dict(values or {})
+    del values["version"]
     cfg = Config()
-    _apply(cfg, values or {}, "")
+    try:
+        _apply(cfg, values, "")
+    except ConfigError as e:
+        if version is None or version == VERSION:
+            raise
+        raise ConfigError(
+            f"{e}; the config is version {version}, this detector reads {VERSION}"
+        ) from None
     for text in overrides or []:
         _apply(cfg, _parse_override(text), "")
     validate(cfg)
@@ -377,8 +606,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
+            values = load_yaml(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
         except yaml.YAMLError as e:
@@ -395,3 +623,109 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if cfg.train.name is None and path is not None:
         cfg.train.name = Path(path).stem
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Printing: `detector config`
+# --------------------------------------------------------------------------------------------
+
+
+def sections() -> dict[str, type]:
+    """Dotted prefix ("", "data", "train.unfreeze", ...) -> the dataclass that holds its keys."""
+    found = {"": Config}
+    pending = [("", Config)]
+    while pending:
+        prefix, cls = pending.pop()
+        for name, hint in _hints(cls).items():
+            if dataclasses.is_dataclass(hint):
+                dotted = f"{prefix}.{name}" if prefix else name
+                found[dotted] = hint
+                pending.append((dotted, hint))
+    return found
+
+
+@functools.cache
+def key_comments() -> dict[str, str]:
+    """Dotted key -> its comment in this file (see the module docstring for the rule)."""
+    source = inspect.getsource(sys.modules[__name__])
+    lines = source.splitlines()
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    by_class: dict[str, dict[str, str]] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef):
+            by_class[node.name] = _field_comments(node, lines, comments)
+    result = {}
+    for prefix, cls in sections().items():
+        hints = _hints(cls)
+        for name, text in by_class.get(cls.__name__, {}).items():
+            if not text and dataclasses.is_dataclass(hints[name]):
+                text = inspect.getdoc(hints[name]) or ""  # a section: its class docstring
+            result[f"{prefix}.{name}" if prefix else name] = text
+    return result
+
+
+def _field_comments(
+    node: ast.ClassDef, lines: list[str], comments: dict[int, str]
+) -> dict[str, str]:
+    found, shared, previous_end = {}, "", -1
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        above, line = [], stmt.lineno - 1
+        while line >= 1 and lines[line - 1].strip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        if above:
+            shared = " ".join(above)
+        elif line != previous_end:  # a blank line or other code above: no shared comment
+            shared = ""
+        trailing = (
+            comments.get(stmt.lineno)
+            if not lines[stmt.lineno - 1].strip().startswith("#")
+            else None
+        )
+        found[stmt.target.id] = " ".join(t for t in (shared, trailing) if t)
+        previous_end = stmt.end_lineno or stmt.lineno
+    return found
+
+
+def format_config(cfg: Config, header: str = "") -> str:
+    """The config as YAML that loads back to it, each key with its comment above it."""
+    comments = key_comments()
+    out = [f"# {line}" for line in header.splitlines()]
+    out.append("# The config format's version (detector/config.py VERSION).")
+    out.append(f"version: {VERSION}")
+    out.extend(_format_section(cfg, "", comments))
+    return "\n".join(out) + "\n"
+
+
+def _format_section(obj: Any, prefix: str, comments: dict[str, str]) -> list[str]:
+    indent = "  " * (prefix.count(".") + 1 if prefix else 0)
+    out, previous = [], ""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        comment = comments.get(key, "")
+        if comment != previous:  # keys that share a comment (a group) get it once, above them
+            wrapped = textwrap.wrap(comment, width=max(40, 98 - len(indent)))
+            out.extend(f"{indent}# {line}" for line in wrapped)
+        previous = comment
+        if dataclasses.is_dataclass(value):
+            out.append(f"{indent}{f.name}:")
+            out.extend(_format_section(value, key, comments))
+        else:
+            allowed = allowed_values(hints[f.name])
+            out.append(
+                f"{indent}{f.name}: {_yaml_scalar(value)}" + (f"  # {allowed}" if allowed else "")
+            )
+    return out
+
+
+def _yaml_scalar(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6)
+    return text.removesuffix("\n").removesuffix("\n...")

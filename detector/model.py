@@ -44,7 +44,7 @@ from .branches import (
     from_plain,
     trunk_difference,
 )
-from .config import ModelConfig
+from .config import ARCHS, ModelConfig, upgrade_config_dict
 from .fileio import atomic_write_with
 from .resize_rule import resized_size
 
@@ -98,6 +98,13 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         "features.",
     ),
 }
+
+# config.ARCHS is the list of architectures users may name; this table builds each of them.
+if tuple(ARCH_SPECS) != ARCHS:
+    raise ImportError(
+        f"detector.model.ARCH_SPECS ({', '.join(ARCH_SPECS)}) must list exactly "
+        f"detector.config.ARCHS ({', '.join(ARCHS)}), in the same order"
+    )
 
 # torch.hub names files "<name>-<first hex digits of sha256>.<ext>".
 _HUB_HASH = re.compile(r"-([a-f0-9]{6,})\.")
@@ -176,14 +183,25 @@ def _torch_load(path: str | Path) -> Any:
         ) from None
 
 
-def _resolve_weights_path(text: str, what: str) -> Path:
+# The repository (the folder that holds detector/): relative weight paths are looked up here too,
+# so the shipped weights/ files are found from any working folder.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_weights_path(text: str, what: str) -> Path:
+    """A weights file named in the config: absolute, or relative to the current folder, else to
+    the repository (``weights/mobilenet_v2-b0353104.pth``); its hub-style hash is checked."""
     path = Path(os.path.expanduser(text))
-    if not path.is_file():
+    candidates = [path] if path.is_absolute() else [path, REPO_ROOT / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        tried = ", ".join(str(p) for p in candidates)
         raise WeightsError(
-            f"{what}: {path} is not a file ('coco', 'imagenet' and 'none' are the other choices)"
+            f"{what}: {text} is not a file (tried {tried}); 'coco', 'imagenet' and 'none' are "
+            "the other choices"
         )
-    check_hub_hash(path)
-    return path
+    check_hub_hash(found)
+    return found
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +212,7 @@ def _resolve_weights_path(text: str, what: str) -> Path:
 class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d (same buffers, same state_dict) through the fused eval-mode
     batch_norm kernel instead of a separate multiply and add (~12% of a frozen MobileNetV3-FPN
-    backbone forward on CPU; see README, Benchmarks)."""
+    backbone forward on CPU; see benchmarks/README.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(
@@ -412,7 +430,7 @@ def _from_backbone_weights(cfg: ModelConfig, num_classes: int) -> tuple[FasterRC
         _load_backbone_classifier_weights(model, spec, path)
         source = f"imagenet:{path}"
     elif backbone_weights.lower() != "none":
-        path = _resolve_weights_path(backbone_weights, "model.weights_backbone")
+        path = resolve_weights_path(backbone_weights, "model.weights_backbone")
         _load_backbone_classifier_weights(model, spec, path)
         source = f"backbone:{path}"
     return model, BuildInfo(source, False)
@@ -439,7 +457,7 @@ def _from_weights_file(
     cfg: ModelConfig, weights: str, class_names: list[str]
 ) -> tuple[FasterRCNN, BuildInfo]:
     """An earlier checkpoint or state_dict; its predictor is kept when the classes are the same."""
-    path = _resolve_weights_path(weights, "model.weights")
+    path = resolve_weights_path(weights, "model.weights")
     state, previous_classes = _state_and_classes(_torch_load(path), path, cfg.arch)
     model = _arch_for_state(cfg, state, path)
     same_classes = previous_classes == list(class_names)
@@ -563,6 +581,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: checkpoint version {obj['version']} is newer than this detector"
         )
     _check_complete(obj, path)
+    if isinstance(obj.get("config"), dict):  # its keys as this version names them
+        obj["config"] = upgrade_config_dict(obj["config"], f"{path}: saved config")
     return obj
 
 
@@ -664,7 +684,7 @@ def earlier_detector(cfg: ModelConfig) -> MultiBranchFasterRCNN:
             "model.keep_classes: model.weights is none; set it to the earlier detector "
             "(a checkpoint written by detector, or coco)"
         )
-    path = _resolve_weights_path(weights, "model.weights")
+    path = resolve_weights_path(weights, "model.weights")
     obj = _torch_load(path)
     if not is_pipeline_checkpoint(obj):
         raise WeightsError(

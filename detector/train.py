@@ -952,7 +952,8 @@ def summary(result: TrainResult) -> str:
             else ")"
         ),
     ]
-    if result.final_metrics is not None and result.final_metrics.map < 0:
+    undefined = result.best_map < 0 <= result.best_epoch  # every val mAP was COCOeval's -1
+    if result.final_metrics is not None and (undefined or result.final_metrics.map < 0):
         lines.append(
             f"best.pt: epoch {result.best_epoch}, the latest model: the val set has no boxes "
             "COCOeval can score (mAP undefined); check data.val_annotations"

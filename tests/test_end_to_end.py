@@ -42,13 +42,13 @@ def test_deer_automl_export_converts_splits_and_trains(shared_datasets, tmp_path
     assert checkpoint["state"]["iteration"] > 0  # stopped mid-epoch, resumable
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # one epoch of the real sample transfer run (MobileNetV2-FPN, 75 images)
 def test_readme_sample_job_runs(tmp_path, capsys):
     code = cli.main(
         [
             "train",
             str(REPO / "configs/sample.yaml"),
-            "train.epochs=1",
+            "train.unfreeze.epochs=1",  # the sample trains in its unfreeze phase (FPN + heads)
             f"train.out_dir={tmp_path}",
             "--no-progress",
         ]

@@ -3,7 +3,7 @@
 Imports nothing but the standard library, so the exporter (torch side) and the runtime (numpy,
 OpenCV and onnxruntime only) share one definition.
 
-Output contract version 1 (see README, "ONNX model contract"):
+Output contract version 1 (see docs/model-contract.md):
 
 * one input ``images`` of a fixed batch size N chosen at export, dynamic height and width:
   ``float32 [N, 3, H, W]`` RGB in 0..1 (``float32_nchw_rgb``) or ``uint8 [N, H, W, 3]`` BGR
