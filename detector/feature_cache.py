@@ -341,6 +341,20 @@ def build_feature_cache(
         model.train(was_training)
 
 
+@dataclass
+class _ViewInputs:
+    """What computing one cached view needs, besides the image index and the view name."""
+
+    model: nn.Module
+    dataset: DetectionDataset
+    cfg: Config
+    plan: CachePlan
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    photometric: A.Compose | None
+    levels: list[str] | None  # the RoI heads' feature levels, when proposals are cached
+
+
 def _build(
     model,
     dataset: DetectionDataset,
@@ -350,64 +364,110 @@ def _build(
     progress: bool,
     amp_dtype: torch.dtype | None,
 ) -> FeatureCache:
-    cset = dataset.cset
-    names = plan.views
     photometric = _photometric(cfg) if plan.variants else None
     levels = list(model.roi_heads.box_roi_pool.featmap_names) if plan.proposals else None
+    inputs = _ViewInputs(model, dataset, cfg, plan, device, amp_dtype, photometric, levels)
+    where = f"disk ({cfg.train.cache_dir})" if cfg.train.cache_dir else "RAM"
+    first = _compute_view(inputs, 0, plan.views[0])
+    _check_cache_size(_estimated_bytes(model, dataset, plan, first), dataset, cfg, plan, where)
 
-    def compute(index: int, view: str) -> CachedView:
-        image_id = cset.image_ids[index]
-        pixels, boxes = _view_pixels(
-            dataset.load_image(image_id),
-            cset.boxes[image_id],
-            view,
-            photometric,
-            cfg.train.seed,
-            index,
-            plan.hflip,
-        )
-        tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
-        target = {
-            "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
-            "labels": torch.from_numpy(cset.labels[image_id].copy()),
-            "image_id": torch.tensor(image_id, dtype=torch.int64),
-        }
-        images, targets = model.transform(
-            [tensor.to(device)], [{k: v.to(device) for k, v in target.items()}]
-        )
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
-        ):
-            features = model.backbone(images.tensors)
-        proposals = None
-        if (
-            plan.proposals
-        ):  # the RPN in float32 even under amp: cached proposals are used every epoch
-            features = OrderedDict((k, v.float()) for k, v in features.items())
-            proposals = model.rpn(images, features, targets)[0][0].float().cpu()
-            features = OrderedDict(
-                (k, v) for k, v in features.items() if k in levels
-            )  # what RoIAlign reads
-        stored = {}
-        for key, value in features.items():
-            stored[key] = _for_storage(value[0])
-            if device.type == "cuda" and not cfg.train.cache_dir:
-                stored[key] = stored[key].pin_memory()  # asynchronous copies to the GPU each batch
-        resized = {
-            "boxes": targets[0]["boxes"].float().cpu(),
-            "labels": targets[0]["labels"].cpu(),
-            "image_id": target["image_id"],
-        }
-        return CachedView(
-            tuple(images.image_sizes[0]),
-            tuple(images.tensors.shape[-2:]),
-            resized,
-            stored,
-            proposals,
-        )
+    folder = None
+    if cfg.train.cache_dir:
+        folder = Path(cfg.train.cache_dir) / _cache_key(model, dataset, plan, cfg, amp_dtype)
+        if (folder / "manifest.json").is_file():
+            log.info("feature cache: reusing %s", folder)
+            views, stored_bytes = _read_manifest(folder)
+            return _feature_cache(inputs, views, stored_bytes, where)
+        folder.mkdir(parents=True, exist_ok=True)
 
-    # Estimate from the first view's level shapes and every image's resized size.
-    first = compute(0, names[0])
+    views, stored_bytes = _compute_views(inputs, first, folder, progress)
+    if folder is not None:
+        meta = {"bytes": stored_bytes, "views": [[_to_meta(v) for v in row] for row in views]}
+        atomic_write_text(folder / "manifest.json", json.dumps(meta))
+    log.info("feature cache: %.2f GB stored in %s", stored_bytes / 1e9, where)
+    return _feature_cache(inputs, views, stored_bytes, where)
+
+
+def _feature_cache(
+    inputs: _ViewInputs, views: list[list[CachedView]], stored_bytes: int, where: str
+) -> FeatureCache:
+    return FeatureCache(
+        views,
+        inputs.plan,
+        inputs.cfg.train.seed,
+        stored_bytes,
+        where=where,
+        padding=_padding_features(
+            inputs.model, views, inputs.device, inputs.amp_dtype, inputs.levels
+        ),
+    )
+
+
+def _view_tensors(
+    inputs: _ViewInputs, index: int, view: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The view's pixels as a float CHW tensor in [0, 1] and its target, at the image's size."""
+    cset = inputs.dataset.cset
+    image_id = cset.image_ids[index]
+    pixels, boxes = _view_pixels(
+        inputs.dataset.load_image(image_id),
+        cset.boxes[image_id],
+        view,
+        inputs.photometric,
+        inputs.cfg.train.seed,
+        index,
+        inputs.plan.hflip,
+    )
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+    target = {
+        "boxes": torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)),
+        "labels": torch.from_numpy(cset.labels[image_id].copy()),
+        "image_id": torch.tensor(image_id, dtype=torch.int64),
+    }
+    return tensor, target
+
+
+def _compute_view(inputs: _ViewInputs, index: int, view: str) -> CachedView:
+    model, device, amp_dtype = inputs.model, inputs.device, inputs.amp_dtype
+    tensor, target = _view_tensors(inputs, index, view)
+    images, targets = model.transform(
+        [tensor.to(device)], [{k: v.to(device) for k, v in target.items()}]
+    )
+    with torch.autocast(
+        device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None
+    ):
+        features = model.backbone(images.tensors)
+    proposals = None
+    if inputs.plan.proposals:
+        # The RPN in float32 even under amp: cached proposals are used every epoch.
+        features = OrderedDict((k, v.float()) for k, v in features.items())
+        proposals = model.rpn(images, features, targets)[0][0].float().cpu()
+        # Keep only what RoIAlign reads.
+        features = OrderedDict((k, v) for k, v in features.items() if k in inputs.levels)
+    stored = {}
+    for key, value in features.items():
+        stored[key] = _for_storage(value[0])
+        if device.type == "cuda" and not inputs.cfg.train.cache_dir:
+            stored[key] = stored[key].pin_memory()  # asynchronous copies to the GPU each batch
+    resized = {
+        "boxes": targets[0]["boxes"].float().cpu(),
+        "labels": targets[0]["labels"].cpu(),
+        "image_id": target["image_id"],
+    }
+    return CachedView(
+        tuple(images.image_sizes[0]),
+        tuple(images.tensors.shape[-2:]),
+        resized,
+        stored,
+        proposals,
+    )
+
+
+def _estimated_bytes(
+    model: nn.Module, dataset: DetectionDataset, plan: CachePlan, first: CachedView
+) -> int:
+    """The cache's size, from the first view's level shapes and every image's resized size."""
+    cset = dataset.cset
     per_pixel = [
         (f.shape[0], first.padded_size[0] / f.shape[1], f.element_size())
         for f in first.features.values()
@@ -418,9 +478,15 @@ def _build(
         info = cset.image_info(image_id)
         _, _, ph, pw = _resized_shape(model, int(info["height"]), int(info["width"]))
         one = sum(c * math.ceil(ph / s) * math.ceil(pw / s) * size for c, s, size in per_pixel)
-        total += (one + proposal_bytes) * len(names)
-    limit = cfg.train.cache_max_gb * 1e9
-    where = f"disk ({cfg.train.cache_dir})" if cfg.train.cache_dir else "RAM"
+        total += (one + proposal_bytes) * len(plan.views)
+    return total
+
+
+def _check_cache_size(
+    total: float, dataset: DetectionDataset, cfg: Config, plan: CachePlan, where: str
+) -> None:
+    """Announce the cache's size; refuse one past ``train.cache_max_gb``."""
+    n_images, names = len(dataset.cset.image_ids), plan.views
     what = (
         "features + proposals (frozen RPN: only the RoI heads train)"
         if plan.proposals
@@ -428,7 +494,7 @@ def _build(
     )
     log.info(
         "feature cache: %d images x %d views (%s) of %s, ~%.2f GB fp16 in %s (limit train.cache_max_gb=%g)",
-        len(cset.image_ids),
+        n_images,
         len(names),
         ", ".join(names),
         what,
@@ -436,67 +502,52 @@ def _build(
         where,
         cfg.train.cache_max_gb,
     )
-    if total > limit:
+    if total > cfg.train.cache_max_gb * 1e9:
         raise FeatureCacheError(
-            f"the feature cache needs ~{total / 1e9:.2f} GB ({len(cset.image_ids)} images x {len(names)} views) "
+            f"the feature cache needs ~{total / 1e9:.2f} GB ({n_images} images x {len(names)} views) "
             f"but train.cache_max_gb={cfg.train.cache_max_gb:g}: raise train.cache_max_gb, lower "
             "train.cache_views or model.min_size, or set train.cache_features=false"
         )
 
-    folder = None
-    if cfg.train.cache_dir:
-        folder = Path(cfg.train.cache_dir) / _cache_key(model, dataset, plan, cfg, amp_dtype)
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            meta = json.loads(manifest.read_text())
-            log.info("feature cache: reusing %s", folder)
-            views = [[_from_meta(folder, m) for m in image] for image in meta["views"]]
-            return FeatureCache(
-                views,
-                plan,
-                cfg.train.seed,
-                meta["bytes"],
-                where=where,
-                padding=_padding_features(model, views, device, amp_dtype, levels),
-            )
-        folder.mkdir(parents=True, exist_ok=True)
 
+def _read_manifest(folder: Path) -> tuple[list[list[CachedView]], int]:
+    meta = json.loads((folder / "manifest.json").read_text())
+    views = [[_from_meta(folder, m) for m in image] for image in meta["views"]]
+    return views, meta["bytes"]
+
+
+def _save_view(view: CachedView, path: Path) -> None:
+    """Write the view's tensors to ``path`` and drop them from memory."""
+    view.path = path
+    # Temp file + rename: torchrun processes building the same cache never see half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"features": view.features, "proposals": view.proposals}, tmp)
+    os.replace(tmp, path)
+    view.features = view.proposals = None
+
+
+def _compute_views(
+    inputs: _ViewInputs, first: CachedView, folder: Path | None, progress: bool
+) -> tuple[list[list[CachedView]], int]:
+    """Every view of every image (``first`` is view 0 of image 0), and the bytes they hold."""
+    n_images, names = len(inputs.dataset.cset.image_ids), inputs.plan.views
     views: list[list[CachedView]] = []
     stored_bytes = 0
     bar = tqdm(
-        total=len(cset.image_ids) * len(names),
-        desc="feature cache",
-        disable=not progress,
-        dynamic_ncols=True,
+        total=n_images * len(names), desc="feature cache", disable=not progress, dynamic_ncols=True
     )
-    for index in range(len(cset.image_ids)):
+    for index in range(n_images):
         row = []
         for v, name in enumerate(names):
-            view = first if (index, v) == (0, 0) else compute(index, name)
+            view = first if (index, v) == (0, 0) else _compute_view(inputs, index, name)
             stored_bytes += sum(f.numel() * f.element_size() for f in view.features.values())
             if folder is not None:
-                view.path = folder / f"{index}_{v}.pt"
-                # Temp file + rename: torchrun processes building the same cache never see half a file.
-                tmp = view.path.with_name(f".{view.path.name}.{os.getpid()}.tmp")
-                torch.save({"features": view.features, "proposals": view.proposals}, tmp)
-                os.replace(tmp, view.path)
-                view.features = view.proposals = None
+                _save_view(view, folder / f"{index}_{v}.pt")
             row.append(view)
             bar.update(1)
         views.append(row)
     bar.close()
-    if folder is not None:
-        meta = {"bytes": stored_bytes, "views": [[_to_meta(v) for v in row] for row in views]}
-        atomic_write_text(folder / "manifest.json", json.dumps(meta))
-    log.info("feature cache: %.2f GB stored in %s", stored_bytes / 1e9, where)
-    return FeatureCache(
-        views,
-        plan,
-        cfg.train.seed,
-        stored_bytes,
-        where=where,
-        padding=_padding_features(model, views, device, amp_dtype, levels),
-    )
+    return views, stored_bytes
 
 
 def _padding_features(

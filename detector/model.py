@@ -360,85 +360,113 @@ def build_model(
         )
     if cfg.keep_classes:
         return build_keep_classes_model(cfg, class_names)
-    spec = ARCH_SPECS[cfg.arch]
-    num_classes = len(class_names) + 1
-    head_kwargs = {
+    weights = cfg.weights.strip()
+    if weights.lower() == "coco":
+        model, info = _from_coco_weights(cfg, len(class_names) + 1)
+    elif weights.lower() == "none":
+        model, info = _from_backbone_weights(cfg, len(class_names) + 1)
+    else:
+        model, info = _from_weights_file(cfg, weights, class_names)
+    _apply_size_and_freezing(model, cfg)
+    log.info(
+        "model %s, %d classes + background, weights %s%s",
+        cfg.arch,
+        len(class_names),
+        info.weights_source,
+        ", new box predictor" if info.predictor_replaced else "",
+    )
+    return model, info
+
+
+def _head_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    return {
         "box_batch_size_per_image": cfg.box_batch_size_per_image,
         "rpn_batch_size_per_image": cfg.rpn_batch_size_per_image,
         **_proposal_kwargs(cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test),
     }
-    weights = cfg.weights.strip()
-    pretrained = weights.lower() != "none" or cfg.weights_backbone.lower() != "none"
 
-    if weights.lower() == "coco":
-        if spec.coco_weights is None:
+
+def _arch_for_state(cfg: ModelConfig, state: dict[str, torch.Tensor], path: Path) -> FasterRCNN:
+    """``cfg.arch`` shaped for ``state`` (its class count), with the state loaded strictly."""
+    model = _build_arch(
+        cfg.arch,
+        _num_classes_in(state, path),
+        cfg.score_threshold,
+        cfg.detections_per_image,
+        **_head_kwargs(cfg),
+    )
+    frozen_batchnorm(model.backbone)
+    _load_strict(model, state, path)
+    return model
+
+
+def _from_coco_weights(cfg: ModelConfig, num_classes: int) -> tuple[FasterRCNN, BuildInfo]:
+    spec = ARCH_SPECS[cfg.arch]
+    if spec.coco_weights is None:
+        raise WeightsError(
+            f"model.weights: no COCO detector weights exist for {cfg.arch}; use "
+            "weights: none with weights_backbone: imagenet, or a checkpoint path"
+        )
+    path = resolve_hub_weights(spec.coco_weights, f"model.weights=coco ({cfg.arch})")
+    model = _arch_for_state(cfg, _torch_load(path), path)
+    replace_predictor(model, num_classes)
+    return model, BuildInfo(f"coco:{path}", True)
+
+
+def _from_backbone_weights(cfg: ModelConfig, num_classes: int) -> tuple[FasterRCNN, BuildInfo]:
+    """A new detector: random, or with a backbone from ImageNet or a classifier file."""
+    spec = ARCH_SPECS[cfg.arch]
+    backbone_weights = cfg.weights_backbone.strip()
+    model = _build_arch(
+        cfg.arch, num_classes, cfg.score_threshold, cfg.detections_per_image, **_head_kwargs(cfg)
+    )
+    if cfg.weights_backbone.lower() != "none" or cfg.freeze_backbone:
+        frozen_batchnorm(model.backbone)
+    source = "random"
+    if backbone_weights.lower() == "imagenet":
+        path = resolve_hub_weights(
+            spec.backbone_weights, f"model.weights_backbone=imagenet ({cfg.arch})"
+        )
+        _load_backbone_classifier_weights(model, spec, path)
+        source = f"imagenet:{path}"
+    elif backbone_weights.lower() != "none":
+        path = resolve_weights_path(backbone_weights, "model.weights_backbone")
+        _load_backbone_classifier_weights(model, spec, path)
+        source = f"backbone:{path}"
+    return model, BuildInfo(source, False)
+
+
+def _state_and_classes(
+    obj: Any, path: Path, arch: str
+) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The state_dict in a loaded file and, for a detector checkpoint, its class names."""
+    if is_pipeline_checkpoint(obj):
+        _check_complete(obj, path)
+        if obj["arch"] != arch:
             raise WeightsError(
-                f"model.weights: no COCO detector weights exist for {cfg.arch}; use "
-                "weights: none with weights_backbone: imagenet, or a checkpoint path"
+                f"{path}: checkpoint is a {obj['arch']} but model.arch is {arch}; set "
+                f"model.arch={obj['arch']}"
             )
-        path = resolve_hub_weights(spec.coco_weights, f"model.weights=coco ({cfg.arch})")
-        state = _torch_load(path)
-        model = _build_arch(
-            cfg.arch,
-            _num_classes_in(state, path),
-            cfg.score_threshold,
-            cfg.detections_per_image,
-            **head_kwargs,
-        )
-        frozen_batchnorm(model.backbone)
-        _load_strict(model, state, path)
-        replace_predictor(model, num_classes)
-        info = BuildInfo(f"coco:{path}", True)
-    elif weights.lower() == "none":
-        model = _build_arch(
-            cfg.arch, num_classes, cfg.score_threshold, cfg.detections_per_image, **head_kwargs
-        )
-        if pretrained or cfg.freeze_backbone:
-            frozen_batchnorm(model.backbone)
-        source = "random"
-        backbone_weights = cfg.weights_backbone.strip()
-        if backbone_weights.lower() == "imagenet":
-            path = resolve_hub_weights(
-                spec.backbone_weights, f"model.weights_backbone=imagenet ({cfg.arch})"
-            )
-            _load_backbone_classifier_weights(model, spec, path)
-            source = f"imagenet:{path}"
-        elif backbone_weights.lower() != "none":
-            path = resolve_weights_path(backbone_weights, "model.weights_backbone")
-            _load_backbone_classifier_weights(model, spec, path)
-            source = f"backbone:{path}"
-        info = BuildInfo(source, False)
-    else:
-        path = resolve_weights_path(weights, "model.weights")
-        obj = _torch_load(path)
-        previous_classes = None
-        if is_pipeline_checkpoint(obj):
-            _check_complete(obj, path)
-            if obj["arch"] != cfg.arch:
-                raise WeightsError(
-                    f"{path}: checkpoint is a {obj['arch']} but model.arch is {cfg.arch}; set "
-                    f"model.arch={obj['arch']}"
-                )
-            state = obj["model"]
-            previous_classes = list(obj["class_names"])
-        elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            state = obj
-        else:
-            raise WeightsError(f"{path}: neither a state_dict nor a checkpoint written by detector")
-        model = _build_arch(
-            cfg.arch,
-            _num_classes_in(state, path),
-            cfg.score_threshold,
-            cfg.detections_per_image,
-            **head_kwargs,
-        )
-        frozen_batchnorm(model.backbone)
-        _load_strict(model, state, path)
-        same_classes = previous_classes == list(class_names)
-        if not same_classes:
-            replace_predictor(model, num_classes)
-        info = BuildInfo(f"file:{path}", not same_classes, previous_classes)
+        return obj["model"], list(obj["class_names"])
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None
+    raise WeightsError(f"{path}: neither a state_dict nor a checkpoint written by detector")
 
+
+def _from_weights_file(
+    cfg: ModelConfig, weights: str, class_names: list[str]
+) -> tuple[FasterRCNN, BuildInfo]:
+    """An earlier checkpoint or state_dict; its predictor is kept when the classes are the same."""
+    path = resolve_weights_path(weights, "model.weights")
+    state, previous_classes = _state_and_classes(_torch_load(path), path, cfg.arch)
+    model = _arch_for_state(cfg, state, path)
+    same_classes = previous_classes == list(class_names)
+    if not same_classes:
+        replace_predictor(model, len(class_names) + 1)
+    return model, BuildInfo(f"file:{path}", not same_classes, previous_classes)
+
+
+def _apply_size_and_freezing(model: FasterRCNN, cfg: ModelConfig) -> None:
     if cfg.min_size is not None:
         model.transform.min_size = (cfg.min_size,)
     if cfg.max_size is not None:
@@ -449,14 +477,6 @@ def build_model(
     if cfg.freeze_rpn:
         for p in model.rpn.parameters():
             p.requires_grad_(False)
-    log.info(
-        "model %s, %d classes + background, weights %s%s",
-        cfg.arch,
-        len(class_names),
-        info.weights_source,
-        ", new box predictor" if info.predictor_replaced else "",
-    )
-    return model, info
 
 
 def _resize_integer(

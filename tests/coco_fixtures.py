@@ -57,6 +57,18 @@ def write_coco128_subset(
     return path
 
 
+def tiny_model_section() -> dict[str, Any]:
+    """The tests' tiny model: mobilenet_v3_large_320_fpn from scratch at 160 px, light sampling."""
+    return {
+        "arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "weights": "none",
+        "min_size": 160,
+        "max_size": 192,
+        "box_batch_size_per_image": 64,
+        "rpn_batch_size_per_image": 64,
+    }
+
+
 def tiny_config(train_json: Path, val_json: Path | None, out_dir: Path, **sections: dict) -> Config:
     """mobilenet_v3_large_320_fpn at 160 px with light sampling: a few seconds per epoch."""
     values: dict[str, Any] = {
@@ -65,14 +77,7 @@ def tiny_config(train_json: Path, val_json: Path | None, out_dir: Path, **sectio
             "val_annotations": str(val_json or ""),
             "num_workers": 0,
         },
-        "model": {
-            "arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
-            "weights": "none",
-            "min_size": 160,
-            "max_size": 192,
-            "box_batch_size_per_image": 64,
-            "rpn_batch_size_per_image": 64,
-        },
+        "model": tiny_model_section(),
         "augment": {"hflip": 0.5, "brightness_contrast": 0.3},
         "train": {
             "epochs": 2,

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from coco_fixtures import tiny_model_section
 from PIL import Image
 
 from detector import cli
@@ -111,14 +112,7 @@ def tiny_yaml(path: Path, train_json: Path, out_dir: Path, **sections: dict) -> 
     """The tests' tiny model (coco_fixtures.tiny_config) as a YAML file for the command line."""
     values: dict[str, Any] = {
         "data": {"train_annotations": str(train_json), "num_workers": 0},
-        "model": {
-            "arch": "fasterrcnn_mobilenet_v3_large_320_fpn",
-            "weights": "none",
-            "min_size": 160,
-            "max_size": 192,
-            "box_batch_size_per_image": 64,
-            "rpn_batch_size_per_image": 64,
-        },
+        "model": tiny_model_section(),
         "train": {
             "epochs": 1,
             "batch_size": 4,

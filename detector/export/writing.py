@@ -21,6 +21,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..fileio import atomic_write_with
 from ..model import detection_branches, use_integer_resize
 from ..runtime import contract as C
 from .errors import ExportError, ParityError
@@ -291,6 +292,104 @@ def _checked_bytes(proto: onnx.ModelProto) -> bytes:
     return proto.SerializeToString()
 
 
+def _resolved_profiles(
+    model: nn.Module, input_size: Size | None, profiles: tuple[Size, Size, Size] | None
+) -> tuple[Size, Size, Size] | None:
+    if input_size is not None:
+        if profiles is not None:
+            raise ExportError("a static export (input size given) takes no TensorRT profile")
+        return None
+    profiles = profiles or default_profiles(model)
+    check_profiles(profiles)
+    return profiles
+
+
+def _check_class_thresholds(thresholds: list[float] | None, class_names: list[str]) -> None:
+    if thresholds is not None and len(thresholds) != len(class_names):
+        raise ExportError(
+            f"{len(thresholds)} class score thresholds for {len(class_names)} classes"
+        )
+
+
+@dataclass(frozen=True)
+class _GraphSettings:
+    """The options that shape the graph, passed together to the steps of :func:`export_model`."""
+
+    batch: int
+    raw_input: bool
+    fp16: bool
+    opset: int
+    input_size: Size | None
+    device: str
+
+
+def _log_export(arch: str, s: _GraphSettings) -> None:
+    log.info(
+        "exporting %s, batch %d, %s input %s, %s, opset %d",
+        arch or "model",
+        s.batch,
+        "uint8 BGR" if s.raw_input else "float RGB",
+        f"{s.input_size[0]}x{s.input_size[1]}" if s.input_size else "of any size",
+        "fp16" if s.fp16 else "fp32",
+        s.opset,
+    )
+
+
+def _onnx_graph(
+    wrapper: DeployWrapper,
+    example: torch.Tensor,
+    frames: list[np.ndarray],
+    s: _GraphSettings,
+    simplify_graph: bool,
+) -> tuple[onnx.ModelProto, int]:
+    """The traced (and, where outputs stay identical, simplified) graph and its traced node count."""
+    proto = _traced_graph(wrapper, example, s.opset, static=s.input_size is not None)
+    traced_nodes = node_count(proto)
+    declare_output_shapes(proto, s.batch, wrapper.detections)
+    if simplify_graph:
+        groups = parity_batches(frames, s.batch)
+        proto = simplify_if_identical(proto, groups, s.raw_input, s.device)
+        declare_output_shapes(proto, s.batch, wrapper.detections)
+    return proto, traced_nodes
+
+
+def _parity_or_refuse(
+    model: nn.Module,
+    onnx_bytes: bytes,
+    frames: list[np.ndarray],
+    names: list[str],
+    synthetic_only: bool,
+    example: torch.Tensor,
+    out: str | Path,
+    s: _GraphSettings,
+) -> ParityReport:
+    """Compare ONNX Runtime with PyTorch; raise :class:`ParityError` when they differ."""
+    report = run_parity(
+        model,
+        onnx_bytes,
+        frames,
+        names,
+        batch=s.batch,
+        raw_input=s.raw_input,
+        fp16=s.fp16,
+        device=s.device,
+        synthetic_only=synthetic_only,
+        probe=lambda: ort_session(trace_probe(model, s.raw_input, s.opset, example[:1]), s.device),
+    )
+    if not report.passed:
+        raise ParityError(
+            f"export refused: ONNX Runtime does not reproduce the PyTorch detections; "
+            f"{out} was not written.\n{report.format()}",
+            report,
+        )
+    return report
+
+
+def _input_shape(s: _GraphSettings) -> list[Any]:
+    h, w = (s.input_size[1], s.input_size[0]) if s.input_size else ("H", "W")
+    return [s.batch, h, w, 3] if s.raw_input else [s.batch, 3, h, w]
+
+
 def export_model(
     model: nn.Module,
     out: str | Path,
@@ -320,38 +419,18 @@ def export_model(
     """
     started = time.perf_counter()
     _check_options(opset, batch, fp16, device, input_size)
+    settings = _GraphSettings(batch, raw_input, fp16, opset, input_size, device)
     model = use_integer_resize(model.eval().to(device))
-    if input_size is None:
-        profiles = profiles or default_profiles(model)
-        check_profiles(profiles)
-    elif profiles is not None:
-        raise ExportError("a static export (input size given) takes no TensorRT profile")
-    if class_score_thresholds is not None and len(class_score_thresholds) != len(class_names):
-        raise ExportError(
-            f"{len(class_score_thresholds)} class score thresholds for {len(class_names)} classes"
-        )
+    profiles = _resolved_profiles(model, input_size, profiles)
+    _check_class_thresholds(class_score_thresholds, class_names)
     wrapper = DeployWrapper(model, batch, raw_input=raw_input, fp16=fp16).to(device).eval()
     frames, names, synthetic_only = _frames_for_export(
         parity_frames, parity_names, parity, input_size
     )
-    log.info(
-        "exporting %s, batch %d, %s input %s, %s, opset %d",
-        arch or "model",
-        batch,
-        "uint8 BGR" if raw_input else "float RGB",
-        f"{input_size[0]}x{input_size[1]}" if input_size else "of any size",
-        "fp16" if fp16 else "fp32",
-        opset,
-    )
+    _log_export(arch, settings)
     # Trace with a real frame when there is one: a trace sees one path through the model.
     example = _example_input(frames[0], batch, raw_input, device)
-    proto = _traced_graph(wrapper, example, opset, static=input_size is not None)
-    traced_nodes = node_count(proto)
-    declare_output_shapes(proto, batch, wrapper.detections)
-    if simplify_graph:
-        groups = parity_batches(frames, batch)
-        proto = simplify_if_identical(proto, groups, raw_input, device)
-        declare_output_shapes(proto, batch, wrapper.detections)
+    proto, traced_nodes = _onnx_graph(wrapper, example, frames, settings, simplify_graph)
     metadata = build_metadata(
         model,
         class_names=class_names,
@@ -368,33 +447,13 @@ def export_model(
     )
     _write_metadata(proto, metadata, arch)
     onnx_bytes = _checked_bytes(proto)
-
     report_parity = None
     if parity:
-        report_parity = run_parity(
-            model,
-            onnx_bytes,
-            frames,
-            names,
-            batch=batch,
-            raw_input=raw_input,
-            fp16=fp16,
-            device=device,
-            synthetic_only=synthetic_only,
-            probe=lambda: ort_session(trace_probe(model, raw_input, opset, example[:1]), device),
+        report_parity = _parity_or_refuse(
+            model, onnx_bytes, frames, names, synthetic_only, example, out, settings
         )
-        if not report_parity.passed:
-            raise ParityError(
-                f"export refused: ONNX Runtime does not reproduce the PyTorch detections; "
-                f"{out} was not written.\n{report_parity.format()}",
-                report_parity,
-            )
-
-    from ..fileio import atomic_write_with
 
     atomic_write_with(out, lambda f: f.write(onnx_bytes))
-    h, w = (input_size[1], input_size[0]) if input_size else ("H", "W")
-    shape: list[Any] = [batch, h, w, 3] if raw_input else [batch, 3, h, w]
     return ExportReport(
         path=Path(out),
         batch=batch,
@@ -402,7 +461,7 @@ def export_model(
         precision=metadata[C.KEY_PRECISION],
         opset=opset,
         exporter="torchscript (dynamo=False)" + (", onnxsim" if simplify_graph else ""),
-        input_shape=shape,
+        input_shape=_input_shape(settings),
         size_bytes=len(onnx_bytes),
         seconds=time.perf_counter() - started,
         metadata=metadata,
