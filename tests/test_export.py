@@ -575,3 +575,18 @@ def test_parity_recognises_rpn_ties_with_fixed_proposals(work, torch_model, shar
         model, out.read_bytes(), frames, ["a", "b"], batch=1, raw_input=True, fp16=False
     )
     assert not plain.passed and plain.rpn_tie_images == 0
+
+
+def test_what_onnxsim_prints_goes_to_the_debug_log_not_the_console(capfd, caplog):
+    """onnxsim prints a line per frame-dependent node it cannot fold (hundreds on a detector)."""
+    import logging
+    import os
+
+    from detector.export.graph import _stdout_to_debug_log
+
+    with caplog.at_level(logging.DEBUG, logger="detector"), _stdout_to_debug_log("onnxsim"):
+        os.write(1, b'WARNING: failed to run "Concat" op, skip...\n')
+    assert "failed to run" not in capfd.readouterr().out
+    assert any("onnxsim printed 1 lines" in r.getMessage() for r in caplog.records)
+    print("the console works again")
+    assert "works again" in capfd.readouterr().out

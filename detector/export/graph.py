@@ -27,6 +27,9 @@ import contextlib
 import copy
 import io
 import logging
+import os
+import sys
+import tempfile
 import types
 import warnings
 from collections import OrderedDict
@@ -341,13 +344,37 @@ def declare_output_shapes(proto: onnx.ModelProto, batch: int, detections: int) -
             dims.add().dim_value = value
 
 
+@contextlib.contextmanager
+def _stdout_to_debug_log(what: str) -> Iterator[None]:
+    """Send what C++ code prints on file descriptor 1 to the debug log.
+
+    onnxsim prints a "failed to run ... skip" line for every node whose value depends on the
+    frame (anchors, NMS sizes): expected for this graph, and hundreds of lines on the console.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 1)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines()
+    if lines:
+        log.debug("%s printed %d lines, e.g. %s", what, len(lines), lines[0][:200])
+
+
 def simplify(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     """onnxsim's simplification (constant folding, shape folding, dead nodes), or None if it
     fails (logged): the unsimplified graph is then kept."""
     import onnxsim
 
     try:
-        simplified, ok = onnxsim.simplify(proto)
+        with _stdout_to_debug_log("onnxsim"):
+            simplified, ok = onnxsim.simplify(proto)
     except Exception as e:  # onnxsim raises plain RuntimeErrors from its C++ core
         log.warning(
             "onnxsim could not simplify the graph (%s: %s); keeping it as traced",
