@@ -92,7 +92,7 @@ def start_weights(arch: str, train_json: Path, image_dir: Path, args, path: Path
     """
     from detector.config import ModelConfig
     from detector.data import DetectionDataset, load_coco
-    from detector.model import build_model, frozen_batchnorm, save_checkpoint
+    from detector.model import build_model, frozen_batchnorm
 
     cset = load_coco(train_json, image_dir)
     torch.manual_seed(0)
@@ -117,17 +117,16 @@ def start_weights(arch: str, train_json: Path, image_dir: Path, args, path: Path
         images = [dataset[j][0] for j in range(i, min(i + 2, len(dataset)))]
         model.backbone(model.transform(images)[0].tensors)
     frozen_batchnorm(model.backbone)
-    save_checkpoint(
-        path,
-        {
-            "model": model.state_dict(),
-            "arch": arch,
-            "class_names": cset.class_names,
-            "category_ids": cset.category_ids,
-            "config": {},
-            "state": {},
-        },
-    )
+    save_start(path, model, arch, cset)
+
+
+def save_start(path: Path, model, arch: str, cset) -> None:
+    """A start checkpoint every method loads: the model and its classes, no training state."""
+    from detector.model import save_checkpoint
+
+    checkpoint = {"model": model.state_dict(), "arch": arch, "class_names": cset.class_names}
+    checkpoint.update(category_ids=cset.category_ids, config={}, state={})
+    save_checkpoint(path, checkpoint)
 
 
 def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args, work: Path) -> str:
@@ -135,7 +134,7 @@ def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args,
     saved as ``work/<arch>-start.pt``; returns the arch."""
     from detector.config import ModelConfig
     from detector.data import load_coco
-    from detector.model import build_model, load_checkpoint, replace_predictor, save_checkpoint
+    from detector.model import build_model, load_checkpoint, replace_predictor
 
     cset = load_coco(train_json, image_dir)
     arch = load_checkpoint(source)["arch"]
@@ -144,25 +143,13 @@ def start_from_checkpoint(source: Path, train_json: Path, image_dir: Path, args,
         ModelConfig(arch=arch, weights=str(source), min_size=args.min_size, max_size=args.max_size),
         cset.class_names,
     )
-    if (
-        not info.predictor_replaced
-    ):  # the same classes: the box predictor is learned again from scratch
+    if not info.predictor_replaced:  # the same classes: the predictor is learned again
         print(
             f"{source} already has this data's classes: its box predictor is re-initialised (seed 0)"
         )
         torch.manual_seed(0)
         replace_predictor(model, len(cset.class_names) + 1)
-    save_checkpoint(
-        work / f"{arch}-start.pt",
-        {
-            "model": model.state_dict(),
-            "arch": arch,
-            "class_names": cset.class_names,
-            "category_ids": cset.category_ids,
-            "config": {},
-            "state": {},
-        },
-    )
+    save_start(work / f"{arch}-start.pt", model, arch, cset)
     return arch
 
 
