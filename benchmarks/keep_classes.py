@@ -8,12 +8,15 @@ Stages (each reads what the earlier ones wrote under runs/keep_classes/):
   base     the earlier detector: fasterrcnn_mobilenet_v2_fpn on ImageNet MobileNetV2, FPN and
            the last 8 body blocks trainable, on raccoon + rabbit (configs/base-offline.yaml's
            settings on these two classes);
-  add      from the base checkpoint, with the same budget and settings, one after the other:
-           keep  model.keep_classes=true (one model: raccoon, rabbit, Deer);
+  add      from the base checkpoint, with the same budget and settings, at the same time
+           (one torch thread each):
+           keep  model.keep_classes=true (one model: raccoon, rabbit, Deer; Deer's own RPN);
+           keep-shared  the same with model.freeze_rpn=true (Deer on the base's RPN);
            replace  today's path: the base's predictor replaced by a Deer one (trunk frozen);
-           then the base classes' AP of the base and of the merged model on the base val set,
-           the deer AP of both runs on the deer val set, and a check that the merged model's
-           raccoon/rabbit detections are bit-identical to the base's on every base val image;
+           then the base classes' AP of the base and of both merged models on the base val
+           set, the deer AP of every run on the deer val set, and a check that the merged
+           models' raccoon/rabbit detections are bit-identical to the base's on every base val
+           image;
   latency  CPU per frame (PyTorch eager) of a two-branch model vs its two one-branch models run
            one after the other (random weights): R50-FPN at 800 px, MobileNetV2-FPN at 320
            and 800 px;
@@ -21,8 +24,8 @@ Stages (each reads what the earlier ones wrote under runs/keep_classes/):
            detector.export), alone in a few minutes; results in keep_classes_ort_latency_cpu.json.
 
     python benchmarks/keep_classes.py prepare
-    python benchmarks/keep_classes.py base --budget-min 10
-    python benchmarks/keep_classes.py add --budget-min 8
+    python benchmarks/keep_classes.py base --budget-min 30 --epochs 10
+    python benchmarks/keep_classes.py add --budget-min 30 --epochs 4
     python benchmarks/keep_classes.py latency
     python benchmarks/keep_classes.py ort-latency --repeats 3 --threads 1
 
@@ -170,11 +173,16 @@ def run_base(budget_min: float, epochs: int) -> None:
 
 
 def run_deer(variant: str, budget_min: float, epochs: int) -> None:
-    """One deer run from the base: ``keep`` (model.keep_classes) or ``replace`` (today's path).
+    """One deer run from the base: ``keep`` (model.keep_classes), ``keep-shared`` (and
+    model.freeze_rpn) or ``replace`` (today's path).
 
-    No val set in the run: both are evaluated afterwards by ``add``, on the same sets.
+    No val set in the run: all are evaluated afterwards by ``add``, on the same sets.
     """
+    import torch
+
     from detector.train import train
+
+    torch.set_num_threads(1)  # the runs share the machine evenly
 
     values = _merge(
         common_settings(budget_min, f"deer-{variant}"),
@@ -183,7 +191,8 @@ def run_deer(variant: str, budget_min: float, epochs: int) -> None:
             "model": {
                 "weights": str(WORK / "runs/base/best.pt"),
                 "freeze_backbone": True,
-                "keep_classes": variant == "keep",
+                "keep_classes": variant.startswith("keep"),
+                "freeze_rpn": variant == "keep-shared",
             },
             "train": {"epochs": epochs},
         },
@@ -208,8 +217,11 @@ def _score(model, val_json: Path, class_names: list[str]) -> tuple[dict[str, Any
     return row, results
 
 
+DEER_VARIANTS = ("keep", "keep-shared", "replace")
+
+
 def run_add(budget_min: float, epochs: int) -> None:
-    """Both deer runs at once (same budget, same machine load), then every score."""
+    """The deer runs at once (same budget, same machine load), then every score."""
     from detector.model import load_checkpoint, load_model
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -232,7 +244,7 @@ def run_add(budget_min: float, epochs: int) -> None:
             stdout=subprocess.PIPE,
             text=True,
         )  # fmt: skip
-        for variant in ("keep", "replace")
+        for variant in DEER_VARIANTS
     }
     runs = {}
     for variant, job in jobs.items():
@@ -243,15 +255,19 @@ def run_add(budget_min: float, epochs: int) -> None:
     after_training = machine()
     base_path = WORK / "runs/base/best.pt"
     base, base_ckpt = load_model(base_path)
-    merged, merged_ckpt = load_model(Path(runs["keep"]["run"]) / "best.pt")
-    replace, _ = load_model(Path(runs["replace"]["run"]) / "best.pt")
     base_val, deer_val = WORK / "data/base/val.json", WORK / "data/deer/val.json"
     base_before, base_results = _score(base, base_val, base_ckpt["class_names"])
-    base_after, merged_results = _score(merged, base_val, merged_ckpt["class_names"])
     earlier_ids = set(base_ckpt["category_ids"])
-    merged_earlier = [r for r in merged_results if r["category_id"] in earlier_ids]
-    deer_merged, _ = _score(merged, deer_val, merged_ckpt["class_names"])
-    deer_replace, _ = _score(replace, deer_val, ["Deer"])
+    scores: dict[str, Any] = {}
+    for variant in DEER_VARIANTS:
+        model, ckpt = load_model(Path(runs[variant]["run"]) / "best.pt")
+        names = ckpt["class_names"]
+        scores[f"deer_{variant}"], _ = _score(model, deer_val, names)
+        if variant.startswith("keep"):
+            after, results_after = _score(model, base_val, names)
+            earlier = [r for r in results_after if r["category_id"] in earlier_ids]
+            scores[f"base_classes_after_{variant}"] = after
+            scores[f"base_detections_bit_identical_{variant}"] = earlier == base_results
     base_state = load_checkpoint(WORK / "runs/base/last.pt")["state"]
     results = load_results()
     results["base"] = {
@@ -262,15 +278,12 @@ def run_add(budget_min: float, epochs: int) -> None:
     results["add"] = {
         "budget_min_each": budget_min,
         "planned_epochs": epochs,
-        "runs_in_parallel": True,
-        "keep": runs["keep"],
-        "replace": runs["replace"],
+        "runs_in_parallel": len(DEER_VARIANTS),
+        "torch_threads_each": 1,
+        **runs,
         "base_classes_before": base_before,
-        "base_classes_after": base_after,
-        "base_detections_bit_identical": merged_earlier == base_results,
         "base_detections_compared": len(base_results),
-        "deer_merged": deer_merged,
-        "deer_replace": deer_replace,
+        **scores,
         "machine_before": before,
         "machine_after_training": after_training,
         "machine_after": machine(),
@@ -321,14 +334,16 @@ def run_latency(repeats: int, threads: int) -> None:
     before, rows = machine(), []
     for arch, min_size, max_size, proposals in LATENCY_CASES:
         first, second, merged = _latency_models(arch, min_size, max_size, proposals)
+        models = {"first": first, "second": second, "merged": merged,
+                  "merged_shared_rpn": _shared_rpn(merged)}  # fmt: skip
         frame = [torch.rand(3, 600, 800)]
-        times: dict[str, list[float]] = {"first": [], "second": [], "merged": []}
-        cpu: dict[str, list[float]] = {"first": [], "second": [], "merged": []}
+        times: dict[str, list[float]] = {k: [] for k in models}
+        cpu: dict[str, list[float]] = {k: [] for k in models}
         with torch.inference_mode():
-            for model in (first, second, merged):
+            for model in models.values():
                 model(frame)  # warm-up
             for _ in range(repeats):
-                for name, model in (("first", first), ("second", second), ("merged", merged)):
+                for name, model in models.items():
                     tic, cpu_tic = time.perf_counter(), time.process_time()
                     model(frame)
                     times[name].append(time.perf_counter() - tic)
@@ -336,11 +351,12 @@ def run_latency(repeats: int, threads: int) -> None:
         ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
         cpu_ms = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
         row = {"arch": arch, "min_size": min_size, "max_size": max_size,
-               "proposals": proposals, "ms": ms, "repeats": repeats,
-               "merged_over_sum": round(ms["merged"] / (ms["first"] + ms["second"]), 3),
-               "cpu_ms": cpu_ms,
-               "cpu_merged_over_sum": round(
-                   cpu_ms["merged"] / (cpu_ms["first"] + cpu_ms["second"]), 3)}  # fmt: skip
+               "proposals": proposals, "ms": ms, "cpu_ms": cpu_ms, "repeats": repeats}  # fmt: skip
+        for key in ("merged", "merged_shared_rpn"):
+            row[f"{key}_over_sum"] = round(ms[key] / (ms["first"] + ms["second"]), 3)
+            row[f"cpu_{key}_over_sum"] = round(
+                cpu_ms[key] / (cpu_ms["first"] + cpu_ms["second"]), 3
+            )
         log.info("latency %s", row)
         rows.append(row)
     results = load_results()
@@ -364,15 +380,17 @@ ORT_RESULTS = ROOT / "benchmarks" / "results" / "keep_classes_ort_latency_cpu.js
 
 
 def _shared_rpn(merged):
-    """``merged`` with its second branch's RoI heads on the first branch's RPN: one RPN pass,
-    its proposals shared (the export runs an RPN once however many branches use it)."""
+    """``merged`` with its second branch's RoI heads on the first branch's RPN, as
+    model.keep_classes with model.freeze_rpn builds it: one RPN pass for both branches."""
+    from dataclasses import replace
+
     from detector.branches import Branch, MultiBranchFasterRCNN
 
     first, second = merged.branches
+    records = [merged.records[0], replace(merged.records[1], rpn_from=0)]
     return MultiBranchFasterRCNN(
-        merged.transform, merged.backbone, [first, Branch(first.rpn, second.roi_heads)],
-        merged.records,
-    ).eval()  # fmt: skip
+        merged.transform, merged.backbone, [first, Branch(first.rpn, second.roi_heads)], records
+    ).eval()
 
 
 def _ort_session(onnx_path: Path, threads: int):
@@ -451,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget-min", type=float, default=10.0)
     parser.add_argument("--epochs", type=int, default=6, help="planned epochs of a training run")
-    parser.add_argument("--variant", choices=["keep", "replace"], help="deer: which run")
+    parser.add_argument("--variant", choices=DEER_VARIANTS, help="deer: which run")
     parser.add_argument("--repeats", type=int, default=5, help="latency: timed runs per model")
     parser.add_argument("--threads", type=int, default=1, help="latency: torch threads")
     args = parser.parse_args(argv)

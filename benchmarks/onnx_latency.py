@@ -59,6 +59,14 @@ class Case:
     max_size: int | None = None
 
 
+CASES = {
+    "mbv3_320@800": Case("mbv3_320@800", "fasterrcnn_mobilenet_v3_large_320_fpn", 800),
+    "mbv3_320@640": Case("mbv3_320@640", "fasterrcnn_mobilenet_v3_large_320_fpn", 640),
+    "r50@800": Case("r50@800", "fasterrcnn_resnet50_fpn", 800),
+    "r50@512": Case("r50@512", "fasterrcnn_resnet50_fpn", 512, min_size=512, max_size=853),
+}
+
+
 def percentiles(times: list[float]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(np.asarray(times), [50, 90, 99])
     return {
@@ -294,24 +302,18 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "onnx_latency_cpu.json")
     args = parser.parse_args()
 
-    all_cases = {
-        "mbv3_320@800": Case("mbv3_320@800", "fasterrcnn_mobilenet_v3_large_320_fpn", 800),
-        "mbv3_320@640": Case("mbv3_320@640", "fasterrcnn_mobilenet_v3_large_320_fpn", 640),
-        "r50@800": Case("r50@800", "fasterrcnn_resnet50_fpn", 800),
-        "r50@512": Case("r50@512", "fasterrcnn_resnet50_fpn", 512, min_size=512, max_size=853),
-    }
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.cases:
-            case = all_cases[key]
+            case = CASES[key]
             iters = args.r50_iters if case.arch.startswith("fasterrcnn_resnet50") else args.iters
             print(f"{case.name}: exporting and timing ({iters} iterations)...", flush=True)
             rows.append(bench_cpu(case, iters, args.warmup, args.threads, Path(tmp)))
         gpu_rows = []
         if torch.cuda.is_available() and cuda_devices()[0] > 0:
             for key in ("mbv3_320@800", "r50@800"):
-                gpu_rows += bench_gpu(all_cases[key], args.iters, args.warmup, Path(tmp))
+                gpu_rows += bench_gpu(CASES[key], args.iters, args.warmup, Path(tmp))
 
     payload = {
         "what": "ONNX Runtime CPU (per frame, from uint8 BGR) vs PyTorch eager CPU (model "

@@ -10,6 +10,10 @@ branch's detection, and an earlier class's boxes, scores and labels are exactly 
 detector gives (bit-identical on CPU in PyTorch). A single softmax over old + new classes would
 not keep that: the new rows would change every earlier score.
 
+A branch may use an earlier branch's RPN instead of its own (``BranchRecord.rpn_from``: trained
+with ``model.freeze_rpn``): that RPN then runs once and both branches' RoI heads take its
+proposals, which makes the added classes cost their RoI heads only.
+
 Labels: the earlier branches' classes first, in their order, then each later branch's; branch
 ``b``'s labels 1..C_b are the model's ``label_offset_b + 1 .. label_offset_b + C_b``.
 
@@ -45,6 +49,9 @@ class BranchRecord:
     # COCO's predictor has rows for its N/A category ids: the labels its rows stand for (kept
     # labels only); None: rows 1..C are the branch's labels 1..C.
     predictor_labels: list[int] | None = None
+    # The earlier branch (0-based) whose RPN this branch uses (model.keep_classes with
+    # model.freeze_rpn): one RPN pass gives the proposals of both; None: the branch's own RPN.
+    rpn_from: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,13 +96,20 @@ class NamedLabelsRoIHeads(RoIHeads):
         return out_boxes, out_scores, out_labels
 
 
-def head_settings(rpn: RegionProposalNetwork, roi_heads: RoIHeads) -> dict[str, Any]:
-    """The inference and sampling settings of one branch (they are not in its state_dict)."""
+def rpn_inference_settings(rpn: RegionProposalNetwork) -> dict[str, Any]:
+    """What decides an RPN's proposals besides its weights."""
     return {
         "rpn_pre_nms_top_n": dict(rpn._pre_nms_top_n),
         "rpn_post_nms_top_n": dict(rpn._post_nms_top_n),
         "rpn_nms_thresh": float(rpn.nms_thresh),
         "rpn_score_thresh": float(rpn.score_thresh),
+    }
+
+
+def head_settings(rpn: RegionProposalNetwork, roi_heads: RoIHeads) -> dict[str, Any]:
+    """The inference and sampling settings of one branch (they are not in its state_dict)."""
+    return {
+        **rpn_inference_settings(rpn),
         "rpn_batch_size_per_image": int(rpn.fg_bg_sampler.batch_size_per_image),
         "box_score_thresh": float(roi_heads.score_thresh),
         "box_nms_thresh": float(roi_heads.nms_thresh),
@@ -144,6 +158,10 @@ class MultiBranchFasterRCNN(nn.Module):
         super().__init__()
         if len(branches) != len(records) or not branches:
             raise ValueError("one BranchRecord per branch, at least one branch")
+        for k, record in enumerate(records):
+            j = record.rpn_from
+            if j is not None and not (0 <= j < k and branches[k].rpn is branches[j].rpn):
+                raise ValueError(f"branch {k + 1}: rpn_from={j} but it does not hold that RPN")
         self.transform = transform
         self.backbone = backbone
         self.branches = nn.ModuleList(branches)
@@ -193,9 +211,11 @@ class MultiBranchFasterRCNN(nn.Module):
             proposals, proposal_losses = self.rpn(images, features, targets)
             _, detector_losses = self.roi_heads(features, proposals, images.image_sizes, targets)
             return {**detector_losses, **proposal_losses}
-        per_branch = []
+        per_branch, proposals_of = [], {}
         for branch, offset in zip(self.branches, self.label_offsets(), strict=True):
-            proposals, _ = branch.rpn(images, features)
+            if id(branch.rpn) not in proposals_of:  # a shared RPN runs once
+                proposals_of[id(branch.rpn)] = branch.rpn(images, features)[0]
+            proposals = proposals_of[id(branch.rpn)]
             detections, _ = branch.roi_heads(features, proposals, images.image_sizes)
             for d in detections:
                 d["labels"] = d["labels"] + offset
@@ -235,6 +255,31 @@ def add_branch(
         [*earlier.records, record],
     )
     return model.eval()
+
+
+def share_rpns(branches: list[Branch], records: list[BranchRecord]) -> None:
+    """Give each branch with ``rpn_from`` that earlier branch's RPN module (a rebuilt model)."""
+    for branch, record in zip(branches, records, strict=True):
+        if record.rpn_from is not None:
+            branch.rpn = branches[record.rpn_from].rpn
+
+
+def rpn_owner(model: MultiBranchFasterRCNN, k: int) -> int:
+    """The branch whose own RPN branch ``k`` runs (``k`` itself unless it shares one)."""
+    j = model.records[k].rpn_from
+    return k if j is None else j
+
+
+def same_rpn(a: RegionProposalNetwork, b: RegionProposalNetwork) -> bool:
+    """Whether two RPNs give the same proposals: the same inference settings and bit-identical
+    tensors."""
+    if rpn_inference_settings(a) != rpn_inference_settings(b):
+        return False
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k], state_b[k])
+        for k in state_a
+    )
 
 
 def copy_branch(branch: Branch) -> Branch:
@@ -285,6 +330,8 @@ def describe(model: nn.Module) -> str:
             how = f"trained on the shared trunk{start}; weights from {record.source}"
         else:
             how = f"the heads of {record.source}, unchanged"
+        if record.rpn_from is not None:
+            how += f"; proposals from branch {record.rpn_from + 1}'s RPN"
         lines.append(f"  branch {k}: {', '.join(record.class_names)} ({how})")
     return "\n".join(lines)
 

@@ -148,7 +148,10 @@ class ModelConfig:
     max_size: PositiveInt | None = None
     # Freeze backbone + FPN (FrozenBatchNorm, eval mode, requires_grad False).
     freeze_backbone: bool = True
-    # Also freeze the region proposal network: only the RoI heads train.
+    # Also freeze the region proposal network: only the RoI heads train. With keep_classes the
+    # new classes then use the earlier detector's RPN itself: it runs once for every branch (the
+    # added classes cost their RoI heads only) and they are found among the proposals it makes
+    # (docs/adding-classes.md, "One RPN or two").
     freeze_rpn: bool = False
     # Detections kept per image and the score below which they are dropped at inference.
     score_threshold: Probability = 0.05

@@ -42,6 +42,9 @@ from .branches import (
     copy_branch,
     describe,
     from_plain,
+    rpn_owner,
+    same_rpn,
+    share_rpns,
     trunk_difference,
 )
 from .config import ARCHS, ModelConfig, upgrade_config_dict
@@ -752,12 +755,13 @@ def build_keep_classes_model(
     branch = copy_branch(earlier.branches[-1])
     in_features = branch.roi_heads.box_predictor.cls_score.in_features
     branch.roi_heads.box_predictor = tv_frcnn.FastRCNNPredictor(in_features, len(class_names) + 1)
-    _apply_new_branch_settings(branch, cfg)
     record = BranchRecord(list(class_names), None, "this run", trained=True, started_from=source)
+    if cfg.freeze_rpn:  # a frozen copy would propose what the earlier RPN does: use that one
+        record.rpn_from = rpn_owner(earlier, len(earlier.branches) - 1)
+        branch.rpn = earlier.branches[record.rpn_from].rpn
+        _check_shared_rpn_settings(branch.rpn, cfg)
+    _apply_new_branch_settings(branch, cfg, own_rpn=not cfg.freeze_rpn)
     model = add_branch(earlier, branch, record)
-    if cfg.freeze_rpn:
-        for p in model.rpn.parameters():
-            p.requires_grad_(False)
     info = BuildInfo(source, True, earlier.class_names)
     log.info(
         "model %s, keep_classes: %d earlier classes kept + %d new\n%s",
@@ -769,12 +773,29 @@ def build_keep_classes_model(
     return model, info
 
 
-def _apply_new_branch_settings(branch: Branch, cfg: ModelConfig) -> None:
-    """The run's head settings on the new branch; proposal counts left null keep the copied."""
+def _check_shared_rpn_settings(rpn: nn.Module, cfg: ModelConfig) -> None:
+    """With a shared RPN the earlier detector's proposal counts are the new branch's too."""
+    for key, value, have in (
+        ("rpn_pre_nms_top_n_test", cfg.rpn_pre_nms_top_n_test, rpn._pre_nms_top_n["testing"]),
+        ("rpn_post_nms_top_n_test", cfg.rpn_post_nms_top_n_test, rpn._post_nms_top_n["testing"]),
+    ):
+        if value is not None and int(value) != int(have):
+            raise WeightsError(
+                f"model.{key}={value}, but with model.keep_classes and model.freeze_rpn the new "
+                f"classes use the earlier detector's RPN, which keeps {have}: set "
+                f"model.{key}={have} or null (or model.freeze_rpn=false for an RPN of their own)"
+            )
+
+
+def _apply_new_branch_settings(branch: Branch, cfg: ModelConfig, own_rpn: bool) -> None:
+    """The run's head settings on the new branch; proposal counts left null keep the copied.
+    A shared RPN (``own_rpn`` False) is the earlier branch's and keeps its settings."""
     heads, rpn = branch.roi_heads, branch.rpn
     heads.score_thresh = float(cfg.score_threshold)
     heads.detections_per_img = int(cfg.detections_per_image)
     heads.fg_bg_sampler.batch_size_per_image = int(cfg.box_batch_size_per_image)
+    if not own_rpn:
+        return
     rpn.fg_bg_sampler.batch_size_per_image = int(cfg.rpn_batch_size_per_image)
     if cfg.rpn_pre_nms_top_n_test is not None:
         rpn._pre_nms_top_n["testing"] = int(cfg.rpn_pre_nms_top_n_test)
@@ -794,6 +815,7 @@ def _multi_branch_from_checkpoint(checkpoint: dict[str, Any]) -> MultiBranchFast
         heads = NamedLabelsRoIHeads.from_heads(plain.roi_heads, labels) if labels else None
         branches.append(Branch(plain.rpn, heads or plain.roi_heads))
         trunk = trunk or plain
+    share_rpns(branches, records)
     frozen_batchnorm(trunk.backbone)
     model = MultiBranchFasterRCNN(trunk.transform, trunk.backbone, branches, records)
     _load_strict(model, checkpoint["model"], Path(checkpoint.get("path", "checkpoint")))
@@ -801,6 +823,28 @@ def _multi_branch_from_checkpoint(checkpoint: dict[str, Any]) -> MultiBranchFast
     model.transform.min_size = tuple(int(s) for s in resize["min_size"])
     model.transform.max_size = int(resize["max_size"])
     return model.eval()
+
+
+def _merged_branches(
+    base: MultiBranchFasterRCNN, new: MultiBranchFasterRCNN
+) -> tuple[list[Branch], list[BranchRecord]]:
+    """``base``'s branches then ``new``'s; a new branch whose RPN is bit-identical to a base
+    branch's (trained with model.freeze_rpn) uses that one, so it runs once."""
+    branches, records = list(base.branches), list(base.records)
+    for branch, record in zip(new.branches, new.records, strict=True):
+        record.trained = True  # its heads learnt on this very trunk
+        if record.rpn_from is not None:  # shared within new: now counted after base's branches
+            owner = record.rpn_from + len(base.branches)
+        else:
+            same = [k for k, b in enumerate(base.branches) if same_rpn(b.rpn, branch.rpn)]
+            owner = same[0] if same else None
+        if owner is not None:
+            owner = records[owner].rpn_from if records[owner].rpn_from is not None else owner
+            branch = Branch(branches[owner].rpn, branch.roi_heads)
+        record.rpn_from = owner
+        branches.append(branch)
+        records.append(record)
+    return branches, records
 
 
 def merge_checkpoints(base_path: str | Path, new_path: str | Path) -> dict[str, Any]:
@@ -839,14 +883,8 @@ def merge_checkpoints(base_path: str | Path, new_path: str | Path) -> dict[str, 
             f"{new_path}: classes {taken} are also classes of {base_path}; a merged model needs "
             "distinct class names"
         )
-    for record in new.records:
-        record.trained = True  # its heads learnt on this very trunk
-    merged = MultiBranchFasterRCNN(
-        base.transform,
-        base.backbone,
-        [*base.branches, *new.branches],
-        [*base.records, *new.records],
-    )
+    branches, records = _merged_branches(base, new)
+    merged = MultiBranchFasterRCNN(base.transform, base.backbone, branches, records)
     return {
         "model": {k: v.detach().cpu() for k, v in merged.state_dict().items()},
         "arch": base_ckpt["arch"],

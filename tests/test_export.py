@@ -327,6 +327,25 @@ def test_traced_box_ops_are_branch_free_and_equal():
     assert torch.equal(clipped, expected)
 
 
+def test_roi_levels_merge_by_one_gather_with_torchvision_values(b1_cli, static):
+    from torchvision.ops import poolers
+
+    generator = torch.Generator().manual_seed(0)
+    for rois in (0, 1, 37):
+        levels = torch.randint(0, 4, (rois,), generator=generator)
+        per_level = [torch.randn(int((levels == k).sum()), 3, 2, 2) for k in range(4)]
+        expected = poolers._onnx_merge_levels(levels, per_level)
+        assert torch.equal(graph.merge_levels_by_gather(levels, per_level), expected)
+    with graph.traceable_box_ops():
+        assert poolers._onnx_merge_levels is graph.merge_levels_by_gather
+    assert poolers._onnx_merge_levels is not graph.merge_levels_by_gather
+    for path in (b1_cli[0], static[0]):  # what is scattered is one int64 per RoI, not features
+        model = SymbolicShapeInference.infer_shapes(onnx.load(str(path)), auto_merge=True)
+        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+        scattered = [n.input[2] for n in model.graph.node if n.op_type == "ScatterElements"]
+        assert scattered and all(ranks[name] == 1 for name in scattered), path.name
+
+
 def test_no_rpn_proposals_does_not_crash(work, torch_model):
     """A frame where the RPN keeps nothing (dark frame, mobilenet RPN score threshold)."""
     model = copy.deepcopy(torch_model)

@@ -3,6 +3,7 @@ trunk, the earlier classes' detections bit-identical (PyTorch, CPU), on real ima
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
@@ -22,7 +23,7 @@ from coco_fixtures import stop_at_call, tiny_config, write_coco128_subset
 
 from detector import cli
 from detector import train as train_mod
-from detector.branches import MultiBranchFasterRCNN, NamedLabelsRoIHeads
+from detector.branches import Branch, BranchRecord, MultiBranchFasterRCNN, NamedLabelsRoIHeads
 from detector.config import ConfigError, ModelConfig, config_from_dict
 from detector.data import load_coco
 from detector.evaluate import evaluate, format_metrics
@@ -283,6 +284,76 @@ def test_feature_cache_trains_the_new_branch(sets, base_ckpt, tmp_path, caplog):
     )
 
 
+# --------------------------------------------------------------------------------------------
+# model.freeze_rpn: the new branch uses the earlier branch's RPN, run once for both
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_rpn_run(sets, base_ckpt, tmp_path_factory):
+    """raccoon added to the base with model.keep_classes and model.freeze_rpn."""
+    out = tmp_path_factory.mktemp("shared_rpn_run")
+    model = {"weights": str(base_ckpt), "keep_classes": True, "freeze_rpn": True}
+    return _train(sets["raccoon"], sets["raccoon_val"], out, model=model)
+
+
+def count_rpn_calls(model) -> list[int]:
+    """A per-call counter on every distinct RPN module of ``model``."""
+    calls = [0]
+    for rpn in {id(b.rpn): b.rpn for b in model.branches}.values():
+        rpn.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_frozen_rpn_branch_uses_the_earlier_rpn_once_and_detects_as_with_a_copy(
+    sets, base_ckpt, shared_rpn_run
+):
+    base, base_checkpoint = load_model(base_ckpt)
+    merged, checkpoint = load_model(shared_rpn_run.run_dir / "best.pt")
+    assert [b["rpn_from"] for b in checkpoint["branches"]] == [None, 0]
+    assert merged.branches[1].rpn is merged.branches[0].rpn
+    images = real_images(sets)
+    earlier = len(base_checkpoint["class_names"])
+    assert assert_earlier_classes_identical(base, merged, images, earlier) > 0
+    calls = count_rpn_calls(merged)
+    detections(merged, images[:2])
+    assert calls[0] == 2, "one RPN pass per image for both branches"
+    # The same branches, each on its own copy of that RPN: the very same detections.
+    copies = MultiBranchFasterRCNN(
+        merged.transform, merged.backbone,
+        [merged.branches[0], Branch(copy.deepcopy(merged.rpn), merged.roi_heads)],
+        [merged.records[0], BranchRecord(["raccoon"], None, "copy", trained=True)],
+    ).eval()  # fmt: skip
+    for a, b in zip(detections(merged, images), detections(copies, images), strict=True):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(a[key], b[key]), key
+    assert "proposals from branch 1's RPN" in (shared_rpn_run.run_dir / "summary.txt").read_text()
+    with pytest.raises(ValueError, match="rpn_from=0"):
+        MultiBranchFasterRCNN(copies.transform, copies.backbone, list(copies.branches),
+                              [copies.records[0], BranchRecord(["x"], None, "x", rpn_from=0)])  # fmt: skip
+
+
+def test_frozen_rpn_refuses_other_proposal_counts_and_chains_to_the_first_rpn(
+    sets, shared_rpn_run, tmp_path
+):
+    first = shared_rpn_run.run_dir / "best.pt"
+    arch = load_checkpoint(first)["arch"]
+    cfg = ModelConfig(arch=arch, weights=str(first), keep_classes=True, freeze_rpn=True,
+                      rpn_post_nms_top_n_test=7)  # fmt: skip
+    with pytest.raises(
+        WeightsError, match="model.rpn_post_nms_top_n_test=7.*earlier detector's RPN"
+    ):
+        build_model(cfg, ["Deer"])
+    model = {"weights": str(first), "keep_classes": True, "freeze_rpn": True}
+    result = _train(sets["deer"], None, tmp_path, model=model)
+    three, checkpoint = load_model(result.run_dir / "best.pt")
+    assert [b["rpn_from"] for b in checkpoint["branches"]] == [None, 0, 0]
+    assert three.branches[2].rpn is three.branches[0].rpn
+    two, two_checkpoint = load_model(first)
+    earlier = len(two_checkpoint["class_names"])
+    assert_earlier_classes_identical(two, three, real_images(sets)[:6], earlier)
+
+
 def test_config_refuses_to_train_any_of_the_shared_trunk(base_ckpt):
     model = {"weights": str(base_ckpt), "keep_classes": True}
     with pytest.raises(ConfigError, match="train.unfreeze.epochs"):
@@ -394,6 +465,30 @@ def test_merge_gives_one_model_with_both_detectors_detections(
     # never over an existing file without --overwrite
     assert cli.main(["merge", str(base_ckpt), str(new), "--out", str(out)]) == 2
     assert cli.main(["merge", str(base_ckpt), str(new), "--out", str(out), "--overwrite"]) == 0
+    assert [b["rpn_from"] for b in checkpoint["branches"]] == [None, None], "its RPN trained"
+
+
+def test_merge_runs_a_bit_identical_rpn_once(sets, base_ckpt, tmp_path):
+    """A replace-the-predictor run with model.freeze_rpn kept the base's RPN bit for bit: the
+    merged model runs it once, and detects what the two models detect."""
+    frozen = _train(sets["raccoon"], None, tmp_path / "run",
+                    model={"weights": str(base_ckpt), "freeze_rpn": True})  # fmt: skip
+    out = tmp_path / "all.pt"
+    assert (
+        cli.main(["merge", str(base_ckpt), str(frozen.run_dir / "best.pt"), "--out", str(out)]) == 0
+    )
+    merged, checkpoint = load_model(out)
+    assert [b["rpn_from"] for b in checkpoint["branches"]] == [None, 0]
+    assert merged.branches[1].rpn is merged.branches[0].rpn
+    base, base_checkpoint = load_model(base_ckpt)
+    other, _ = load_model(frozen.run_dir / "best.pt")
+    images = real_images(sets)[:6]
+    earlier = len(base_checkpoint["class_names"])
+    assert_earlier_classes_identical(base, merged, images, earlier)
+    for alone, together in zip(detections(other, images), detections(merged, images), strict=True):
+        mine = together["labels"] > earlier
+        assert torch.equal(together["boxes"][mine], alone["boxes"])
+        assert torch.equal(together["scores"][mine], alone["scores"])
 
 
 def test_merge_refuses_different_trunks_naming_the_tensor(base_ckpt, replace_run, tmp_path, capsys):
@@ -531,3 +626,20 @@ def test_merged_model_exports_and_keeps_earlier_detections_within_parity(
             )
             later += int((~mine).sum())
     assert later > 0
+
+
+@pytest.mark.slow
+def test_shared_rpn_model_exports_the_rpn_once(sets, base_ckpt, shared_rpn_run, tmp_path):
+    import onnx
+
+    from detector.export import writing
+
+    convs = {}
+    for name, path in (("base", base_ckpt), ("merged", shared_rpn_run.run_dir / "best.pt")):
+        model, checkpoint = load_model(path)
+        out = tmp_path / f"{name}.onnx"
+        writing.export_model(model, out, class_names=list(checkpoint["class_names"]), parity=True)
+        graph = onnx.load(str(out)).graph
+        convs[name] = sum(node.op_type == "Conv" for node in graph.node)
+    # RoI heads have no convolution here: one more RPN would add its head's three.
+    assert convs["merged"] == convs["base"] > 0
