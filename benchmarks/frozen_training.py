@@ -278,7 +278,7 @@ def run_ours(
     from detector import train as train_mod
     from detector.config import config_from_dict
     from detector.model import load_model
-    from detector.train import read_metrics_csv
+    from detector.run_folder import read_metrics_csv
 
     timings = {"build_seconds": 0.0}
     real_build = feature_cache.build_feature_cache

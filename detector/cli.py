@@ -238,7 +238,8 @@ def resume_takes_no_override(argv: list[str]) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import check_run_name, summary, train
+    from .run_folder import check_run_name
+    from .train import summary, train
 
     cfg = load_config(args.config, args.overrides)
     check_run_name(cfg.train.name)
@@ -429,7 +430,7 @@ def expected_errors(command: str) -> tuple[type[BaseException], ...]:
     from .feature_cache import FeatureCacheError
     from .fileio import ImageReadError
     from .model import WeightsError
-    from .train import TrainingError
+    from .run_folder import TrainingError
 
     return (
         *errors,

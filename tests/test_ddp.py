@@ -13,7 +13,7 @@ import yaml
 from coco_fixtures import tiny_config, write_coco128_subset
 
 from detector.model import load_checkpoint
-from detector.train import read_metrics_csv
+from detector.run_folder import read_metrics_csv
 
 
 @pytest.mark.slow

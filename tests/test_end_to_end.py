@@ -9,7 +9,8 @@ from coco_fixtures import tiny_config
 
 from detector import cli
 from detector.model import load_model
-from detector.train import read_metrics_csv, train
+from detector.run_folder import read_metrics_csv
+from detector.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,8 @@ from detector.feature_cache import (
     stack_features,
 )
 from detector.model import build_model, load_checkpoint, load_model
-from detector.train import read_metrics_csv, seed_everything, train
+from detector.run_folder import read_metrics_csv
+from detector.train import seed_everything, train
 
 NO_AUGMENT = {"hflip": 0.0, "brightness_contrast": 0.0}
 

@@ -36,7 +36,8 @@ from detector import cli
 from detector import model as model_mod
 from detector.config import ConfigError, load_config
 from detector.model import WeightsError, load_checkpoint
-from detector.train import read_metrics_csv, train
+from detector.run_folder import read_metrics_csv
+from detector.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

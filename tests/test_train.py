@@ -10,7 +10,8 @@ from coco_fixtures import stop_at_call, tiny_config, write_coco128_subset
 from detector import cli
 from detector import train as train_mod
 from detector.model import build_model, load_checkpoint
-from detector.train import TrainingError, read_metrics_csv, seed_everything, train
+from detector.run_folder import TrainingError, read_metrics_csv
+from detector.train import seed_everything, train
 
 
 @pytest.fixture(scope="module")
