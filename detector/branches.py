@@ -195,10 +195,13 @@ class MultiBranchFasterRCNN(nn.Module):
         ]
 
     def train(self, mode: bool = True) -> MultiBranchFasterRCNN:
-        """Earlier branches stay in eval mode: they never train."""
+        """Earlier branches stay in eval mode: they never train. An earlier RPN that the last
+        branch uses still works in training mode for it (training-mode proposal counts), frozen
+        as it is."""
         super().train(mode)
         for branch in self.branches[:-1]:
             branch.eval()
+        self.rpn.training = mode
         return self
 
     def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):

@@ -170,7 +170,8 @@ class ModelConfig:
     # pipeline, or coco: its 80 named classes) instead of replacing its classes: best.pt is one
     # model, earlier classes first, whose earlier-class detections are exactly the earlier
     # detector's. Its whole trunk (backbone + FPN) is shared and stays frozen; the new classes get
-    # their own RPN + RoI heads (docs/adding-classes.md).
+    # their own RPN + RoI heads, or with freeze_rpn their own RoI heads on the earlier RPN
+    # (docs/adding-classes.md).
     keep_classes: bool = False
 
 

@@ -815,6 +815,7 @@ def _multi_branch_from_checkpoint(checkpoint: dict[str, Any]) -> MultiBranchFast
         heads = NamedLabelsRoIHeads.from_heads(plain.roi_heads, labels) if labels else None
         branches.append(Branch(plain.rpn, heads or plain.roi_heads))
         trunk = trunk or plain
+    _check_shared_rpns(records, checkpoint["model"], Path(checkpoint.get("path", "checkpoint")))
     share_rpns(branches, records)
     frozen_batchnorm(trunk.backbone)
     model = MultiBranchFasterRCNN(trunk.transform, trunk.backbone, branches, records)
@@ -825,10 +826,32 @@ def _multi_branch_from_checkpoint(checkpoint: dict[str, Any]) -> MultiBranchFast
     return model.eval()
 
 
+def _check_shared_rpns(records: list[BranchRecord], state: dict[str, Any], path: Path) -> None:
+    """A branch that uses an earlier branch's RPN must name an earlier branch, and the file must
+    hold that RPN's tensors under both names, equal (strict loading would let the later win)."""
+    for k, record in enumerate(records):
+        j = record.rpn_from
+        if j is None:
+            continue
+        if not 0 <= j < k:
+            raise WeightsError(
+                f"{path}: branch {k + 1} says it uses the RPN of branch {j + 1}, which is not an "
+                "earlier branch: the file is damaged or was edited; use the checkpoint the run wrote"
+            )
+        mine, theirs = f"branches.{k}.rpn.", f"branches.{j}.rpn."
+        for key in [key for key in state if key.startswith(mine)]:
+            other = state.get(theirs + key[len(mine) :])
+            if other is None or not torch.equal(other, state[key]):
+                raise WeightsError(
+                    f"{path}: branch {k + 1} uses the RPN of branch {j + 1}, but tensor {key} "
+                    "differs from that RPN's: the file is damaged or was edited"
+                )
+
+
 def _merged_branches(
     base: MultiBranchFasterRCNN, new: MultiBranchFasterRCNN
 ) -> tuple[list[Branch], list[BranchRecord]]:
-    """``base``'s branches then ``new``'s; a new branch whose RPN is bit-identical to a base
+    """``base``'s branches then ``new``'s; a new branch whose RPN is bit-identical to an earlier
     branch's (trained with model.freeze_rpn) uses that one, so it runs once."""
     branches, records = list(base.branches), list(base.records)
     for branch, record in zip(new.branches, new.records, strict=True):
@@ -836,7 +859,7 @@ def _merged_branches(
         if record.rpn_from is not None:  # shared within new: now counted after base's branches
             owner = record.rpn_from + len(base.branches)
         else:
-            same = [k for k, b in enumerate(base.branches) if same_rpn(b.rpn, branch.rpn)]
+            same = [k for k, b in enumerate(branches) if same_rpn(b.rpn, branch.rpn)]
             owner = same[0] if same else None
         if owner is not None:
             owner = records[owner].rpn_from if records[owner].rpn_from is not None else owner

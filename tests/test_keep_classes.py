@@ -277,7 +277,7 @@ def test_feature_cache_trains_the_new_branch(sets, base_ckpt, tmp_path, caplog):
         state["branches.1.roi_heads.box_head.fc6.weight"], start["roi_heads.box_head.fc6.weight"]
     ), "the new branch trained"
     for key in start:
-        if key.startswith("rpn."):  # frozen RPN: the new branch's copy did not move
+        if key.startswith("rpn."):  # frozen RPN: the one the new branch uses did not move
             assert torch.equal(state[f"branches.1.{key}"], start[key]), key
     assert_earlier_classes_identical(
         base, merged, real_images(sets)[:6], len(base_checkpoint["class_names"])
@@ -331,6 +331,24 @@ def test_frozen_rpn_branch_uses_the_earlier_rpn_once_and_detects_as_with_a_copy(
     with pytest.raises(ValueError, match="rpn_from=0"):
         MultiBranchFasterRCNN(copies.transform, copies.backbone, list(copies.branches),
                               [copies.records[0], BranchRecord(["x"], None, "x", rpn_from=0)])  # fmt: skip
+
+
+def test_shared_rpn_trains_in_training_mode_and_a_damaged_file_is_refused(shared_rpn_run, tmp_path):
+    merged, checkpoint = load_model(shared_rpn_run.run_dir / "best.pt")
+    merged.train()
+    assert merged.rpn.training, "training-mode proposal counts for the branch that trains"
+    assert not merged.branches[0].roi_heads.training and merged.roi_heads.training
+    key = next(k for k in checkpoint["model"] if k.startswith("branches.1.rpn."))
+    edited = {k: v for k, v in checkpoint.items() if k != "format"}
+    edited["model"] = {**checkpoint["model"], key: checkpoint["model"][key] + 1}
+    save_checkpoint(tmp_path / "edited.pt", edited)
+    with pytest.raises(WeightsError, match=f"tensor {key} differs"):
+        load_model(tmp_path / "edited.pt")
+    edited = {k: v for k, v in checkpoint.items() if k != "format"}
+    edited["branches"] = [checkpoint["branches"][0], {**checkpoint["branches"][1], "rpn_from": 1}]
+    save_checkpoint(tmp_path / "later.pt", edited)
+    with pytest.raises(WeightsError, match="branch 2 says it uses the RPN of branch 2"):
+        load_model(tmp_path / "later.pt")
 
 
 def test_frozen_rpn_refuses_other_proposal_counts_and_chains_to_the_first_rpn(
