@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import io
 import logging
 import os
@@ -361,22 +362,31 @@ def declare_output_shapes(proto: onnx.ModelProto, batch: int, detections: int) -
 
 
 @contextlib.contextmanager
-def _stdout_to_debug_log(what: str) -> Iterator[None]:
-    """Send what C++ code prints on file descriptor 1 to the debug log.
+def _console_to_debug_log(what: str) -> Iterator[None]:
+    """Send what C++ code prints on file descriptors 1 and 2 to the debug log.
 
     onnxsim prints a "failed to run ... skip" line for every node whose value depends on the
-    frame (anchors, NMS sizes): expected for this graph, and hundreds of lines on the console.
+    frame (anchors, NMS sizes): expected for this graph, and hundreds of lines on the console
+    (on stdout, or on stderr for a static graph). Its failures are exceptions, logged by the
+    caller.
     """
+    libc = ctypes.CDLL(None)
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    libc.fflush(None)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
     with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 1)
+        for fd in saved:
+            os.dup2(captured.fileno(), fd)
         try:
             yield
         finally:
             sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
+            sys.stderr.flush()
+            libc.fflush(None)  # C stdio buffers what it prints when the fd is not a terminal
+            for fd, copy_of_fd in saved.items():
+                os.dup2(copy_of_fd, fd)
+                os.close(copy_of_fd)
             captured.seek(0)
             lines = captured.read().decode("utf-8", "replace").splitlines()
     if lines:
@@ -389,7 +399,7 @@ def simplify(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     import onnxsim
 
     try:
-        with _stdout_to_debug_log("onnxsim"):
+        with _console_to_debug_log("onnxsim"):
             simplified, ok = onnxsim.simplify(proto)
     except Exception as e:  # onnxsim raises plain RuntimeErrors from its C++ core
         log.warning(
