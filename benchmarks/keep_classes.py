@@ -35,6 +35,7 @@ Results: benchmarks/results/keep_classes_cpu.json, updated after every stage.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -322,11 +323,34 @@ def _latency_models(arch: str, min_size: int, max_size: int, proposals: int):
     return first.eval(), second.eval(), merged.eval()
 
 
+def _timed_row(runs: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Median wall and process CPU ms of each run (one warm-up, then ``repeats`` interleaved
+    rounds), and the merged models' cost over the sum of the two one-branch models."""
+    import statistics
+
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            tic, cpu_tic = time.perf_counter(), time.process_time()
+            run()
+            times[name].append(time.perf_counter() - tic)
+            cpu[name].append(time.process_time() - cpu_tic)
+    ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+    cpu_ms = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
+    row: dict[str, Any] = {"ms": ms, "cpu_ms": cpu_ms, "repeats": repeats}
+    for key in ("merged", "merged_shared_rpn"):
+        row[f"{key}_over_sum"] = round(ms[key] / (ms["first"] + ms["second"]), 3)
+        row[f"cpu_{key}_over_sum"] = round(cpu_ms[key] / (cpu_ms["first"] + cpu_ms["second"]), 3)
+    return row
+
+
 def run_latency(repeats: int, threads: int) -> None:
     """PyTorch eager, CPU, one 600x800 frame, median of ``repeats`` interleaved runs: wall time
     and this process's CPU time (on a loaded machine the CPU time is the steadier measure of
     the work a frame needs; with one thread it is that work)."""
-    import statistics
 
     import torch
 
@@ -337,26 +361,10 @@ def run_latency(repeats: int, threads: int) -> None:
         models = {"first": first, "second": second, "merged": merged,
                   "merged_shared_rpn": _shared_rpn(merged)}  # fmt: skip
         frame = [torch.rand(3, 600, 800)]
-        times: dict[str, list[float]] = {k: [] for k in models}
-        cpu: dict[str, list[float]] = {k: [] for k in models}
         with torch.inference_mode():
-            for model in models.values():
-                model(frame)  # warm-up
-            for _ in range(repeats):
-                for name, model in models.items():
-                    tic, cpu_tic = time.perf_counter(), time.process_time()
-                    model(frame)
-                    times[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
-        ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
-        cpu_ms = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
-        row = {"arch": arch, "min_size": min_size, "max_size": max_size,
-               "proposals": proposals, "ms": ms, "cpu_ms": cpu_ms, "repeats": repeats}  # fmt: skip
-        for key in ("merged", "merged_shared_rpn"):
-            row[f"{key}_over_sum"] = round(ms[key] / (ms["first"] + ms["second"]), 3)
-            row[f"cpu_{key}_over_sum"] = round(
-                cpu_ms[key] / (cpu_ms["first"] + cpu_ms["second"]), 3
-            )
+            runs = {name: functools.partial(model, frame) for name, model in models.items()}
+            row = {"arch": arch, "min_size": min_size, "max_size": max_size,
+                   "proposals": proposals, **_timed_row(runs, repeats)}  # fmt: skip
         log.info("latency %s", row)
         rows.append(row)
     results = load_results()
@@ -408,7 +416,6 @@ def run_ort_latency(repeats: int, threads: int) -> None:
     """CPU ONNX Runtime, one 600x800 uint8 BGR frame, median of ``repeats`` interleaved runs of
     each exported graph (``detector.export.export_model``, batch 1, raw input, dynamic size, not
     simplified, no parity: random weights) of the two one-branch models and their merged model."""
-    import statistics
     import tempfile
 
     import numpy as np
@@ -429,24 +436,10 @@ def run_ort_latency(repeats: int, threads: int) -> None:
                 export_model(model, out, class_names=list(names), parity=False,
                              simplify_graph=False)  # fmt: skip
                 sessions[name] = _ort_session(out, threads)
-                sessions[name].run(None, {"images": frame})  # warm-up
-            times: dict[str, list[float]] = {k: [] for k in sessions}
-            cpu: dict[str, list[float]] = {k: [] for k in sessions}
-            for _ in range(repeats):
-                for name, session in sessions.items():
-                    tic, cpu_tic = time.perf_counter(), time.process_time()
-                    session.run(None, {"images": frame})
-                    times[name].append(time.perf_counter() - tic)
-                    cpu[name].append(time.process_time() - cpu_tic)
-            ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
-            cpu_ms = {k: round(1000 * statistics.median(v), 1) for k, v in cpu.items()}
+            runs = {name: functools.partial(session.run, None, {"images": frame})
+                    for name, session in sessions.items()}  # fmt: skip
             row = {"arch": arch, "min_size": min_size, "max_size": max_size,
-                   "proposals": proposals, "ms": ms, "cpu_ms": cpu_ms, "repeats": repeats}  # fmt: skip
-            for key in ("merged", "merged_shared_rpn"):
-                row[f"{key}_over_sum"] = round(ms[key] / (ms["first"] + ms["second"]), 3)
-                row[f"cpu_{key}_over_sum"] = round(
-                    cpu_ms[key] / (cpu_ms["first"] + cpu_ms["second"]), 3
-                )
+                   "proposals": proposals, **_timed_row(runs, repeats)}  # fmt: skip
             log.info("ort latency %s", row)
             rows.append(row)
     ORT_RESULTS.parent.mkdir(parents=True, exist_ok=True)
